@@ -1,0 +1,61 @@
+"""Default experiment: the dates task (human-readable dates -> ISO) with a Bahdanau attention RNN.
+
+`python train.py` runs this. Every field can be overridden on the command line, e.g.
+`python train.py --config.num_train_steps=500 --config.model_hparams.hidden_dim=64`.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    # Data (see data/input_pipeline.py).
+    config.dataset = "dates"
+    config.data_dir = config_dict.placeholder(
+        str
+    )  # None: the TFDS default (~/tensorflow_datasets).
+    config.manual_dir = config_dict.placeholder(str)  # Local copy of downloadable data (Multi30k).
+    config.tokenizer = "char"  # "char" | "sentencepiece".
+    config.vocab_size = 8000  # SentencePiece only.
+    config.sp_model_type = "unigram"  # "unigram" | "bpe".
+    config.shared_vocab = True
+    config.tokenizer_dir = config_dict.placeholder(str)  # None: <workdir>/tokenizer.
+    config.max_len = (
+        64  # Training pairs longer than this (tokens, either side) are dropped and counted.
+    )
+    config.batch_size = 64  # Sentences per batch (when tokens_per_batch == 0).
+    config.tokens_per_batch = 0  # > 0: batch by tokens instead of sentences.
+    config.eval_batch_size = 128
+
+    # Model (see models/registry.py for the defaults these override).
+    config.model = "attention_rnn"
+    config.model_hparams = ml_collections.ConfigDict(
+        {"cell": "gru", "embed_dim": 64, "hidden_dim": 128, "attention_dim": 64}
+    )
+
+    # Optimization.
+    config.num_train_steps = 3000
+    config.learning_rate = 3e-3
+    config.warmup_steps = 200
+    config.schedule = "cosine"  # "cosine" | "rsqrt" | "constant".
+    config.weight_decay = 0.0
+    config.grad_clip_norm = 1.0
+    config.label_smoothing = 0.0
+
+    # Evaluation, logging, checkpoints.
+    config.log_every = 50
+    config.eval_every = 500
+    config.num_eval_examples = 1000  # Validation examples decoded at each eval (0 = all).
+    config.num_samples_to_log = 3
+    config.eval_metric = "exact_match"  # Selects the best checkpoint: "exact_match" | "bleu".
+    config.max_decode_len = 16  # Target tokens generated at most (EOS included).
+    config.decode = "greedy"  # Decoder used for validation during training.
+    config.beam_size = 4
+    config.alpha = 0.6
+    config.length_penalty = "gnmt"
+    config.checkpoint_every = 500
+    config.keep_checkpoints = 3
+    return config

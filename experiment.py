@@ -1,0 +1,326 @@
+"""What train.py and eval.py share: a run's config, model, optimizer, loss, decoders, metrics, checkpoints.
+
+A run lives in a workdir:
+  config.json          the full config (train.py writes it; eval.py and resumes read it)
+  tokenizer/           the run's tokenizers
+  checkpoints/<step>/  periodic checkpoints (params, optimizer state, step, data-iterator state)
+  best/<step>/         the params with the best validation metric
+  metrics.jsonl        one JSON object per line: {"step", "split", metric: value, ...}
+  learning_curves.png
+"""
+
+import functools
+import json
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import sacrebleu
+
+import decoding
+from data import tokenizers
+from models import registry
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+class RunError(Exception):
+    """A problem with a run's workdir, config or checkpoint; its message is one line saying the fix."""
+
+
+# ----------------------------------------------------------------------------------------- config
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+
+
+def load_config(workdir: Path) -> ml_collections.ConfigDict:
+    path = Path(workdir) / CONFIG_FILE
+    if not Path(workdir).is_dir():
+        raise RunError(
+            f"no run at {workdir}: train one first with `python train.py --workdir {workdir}`"
+        )
+    if not path.is_file():
+        raise RunError(
+            f"{path} is missing: {workdir} is not a seqzoo run directory (train.py writes it)"
+        )
+    try:
+        return ml_collections.ConfigDict(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+        raise RunError(f"{path} is not valid JSON ({e}); restore it or retrain") from None
+
+
+# The fields that define what a checkpoint contains: a resumed run must agree on them.
+_IDENTITY_FIELDS = ("model", "model_hparams", "dataset", "tokenizer", "vocab_size", "shared_vocab")
+
+
+def check_same_experiment(
+    config: ml_collections.ConfigDict, saved: ml_collections.ConfigDict, workdir
+):
+    for field in _IDENTITY_FIELDS:
+        new, old = config.get(field), saved.get(field)
+        if isinstance(new, ml_collections.ConfigDict):
+            new = new.to_dict()
+        if isinstance(old, ml_collections.ConfigDict):
+            old = old.to_dict()
+        if new != old:
+            raise RunError(
+                f"{workdir} holds a run with {field}={old!r}, not {new!r}: "
+                "use another --workdir or the run's own config"
+            )
+
+
+# ------------------------------------------------------------------------------------------ model
+
+
+def create_model(config: ml_collections.ConfigDict, src_vocab_size: int, tgt_vocab_size: int):
+    hparams = dict(config.get("model_hparams", {}))
+    return registry.create_model(
+        config.model, src_vocab_size=src_vocab_size, tgt_vocab_size=tgt_vocab_size, **hparams
+    )
+
+
+def init_params(model, config: ml_collections.ConfigDict):
+    """Initial params from `config.seed` (shapes only depend on the model, so tiny dummy inputs)."""
+    rng = jax.random.fold_in(jax.random.key(config.seed), 0)
+    src = jnp.ones((1, 4), jnp.int32)
+    tgt = jnp.ones((1, 4), jnp.int32)
+    return jax.jit(functools.partial(model.init, train=False))(rng, src, tgt)["params"]
+
+
+# ----------------------------------------------------------------------------- optimizer and loss
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warmup to `learning_rate`, then cosine decay to 0, inverse-sqrt decay, or constant."""
+    peak, warmup = config.learning_rate, max(1, config.warmup_steps)
+    if config.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, peak, warmup, max(config.num_train_steps, warmup + 1), end_value=0.0
+        )
+    if config.schedule == "rsqrt":
+        return optax.join_schedules(
+            [
+                optax.linear_schedule(0.0, peak, warmup),
+                lambda step: peak * jnp.sqrt(warmup / (step + warmup)),
+            ],
+            [warmup],
+        )
+    if config.schedule == "constant":
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)], [warmup]
+        )
+    raise RunError(f"unknown schedule {config.schedule!r}: use cosine, rsqrt or constant")
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(config.grad_clip_norm),
+        optax.adamw(
+            learning_rate_schedule(config),
+            b1=0.9,
+            b2=0.98,
+            eps=1e-9,
+            weight_decay=config.weight_decay,
+        ),
+    )
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: float = 0.0):
+    """Token cross-entropy with label smoothing, padding (id 0) masked out.
+
+    Args:
+      logits: float32 `[batch, length, vocab]`.
+      targets: int32 `[batch, length]`, 0 = padding.
+      label_smoothing: probability mass spread uniformly over the other tokens.
+
+    Returns:
+      (sum of per-token losses, number of real tokens). The loss is minus the smoothed target's entropy,
+      so a perfect prediction scores 0 whatever the smoothing.
+    """
+    vocab = logits.shape[-1]
+    confidence = 1.0 - label_smoothing
+    low = label_smoothing / (vocab - 1)
+    soft_targets = jax.nn.one_hot(targets, vocab) * (confidence - low) + low
+    floor = -(confidence * math.log(confidence) + (vocab - 1) * low * math.log(low + 1e-20))
+    losses = optax.softmax_cross_entropy(logits, soft_targets) - floor
+    weights = (targets != tokenizers.PAD_ID).astype(jnp.float32)
+    return jnp.sum(losses * weights), jnp.sum(weights)
+
+
+# --------------------------------------------------------------------------------------- decoding
+
+
+@functools.cache
+def decode_fn(model, decode: str, beam_size: int, max_len: int, length_penalty: str):
+    """A jitted `(params, src [batch, src_len], alpha) -> decoding result` (alpha traced: no recompiles).
+
+    One compiled program per (src shape, decode, beam_size, max_len, length_penalty); cached here so train
+    and eval share them.
+    """
+    if decode not in ("greedy", "beam"):
+        raise RunError(f"unknown decode {decode!r}: use greedy or beam")
+
+    @jax.jit
+    def run(params, src, alpha):
+        variables = {"params": params}
+        memory = model.apply(variables, src, method=model.encode)
+        state = model.apply(variables, memory, max_len, method=model.init_decode_state)
+
+        def step_fn(tokens, state):
+            return model.apply(variables, memory, tokens, state, method=model.decode_step)
+
+        common = dict(
+            bos_id=tokenizers.BOS_ID,
+            eos_id=tokenizers.EOS_ID,
+            batch_size=src.shape[0],
+            max_len=max_len,
+        )
+        if decode == "greedy":
+            return decoding.greedy(step_fn, state, **common)
+        return decoding.beam_search(
+            step_fn,
+            state,
+            beam_size=beam_size,
+            alpha=alpha,
+            length_penalty=length_penalty,
+            **common,
+        )
+
+    return run
+
+
+def best_sequences(result) -> np.ndarray:
+    """`[batch, max_len]` int token ids of the best hypothesis (greedy or beam result)."""
+    sequences = np.asarray(result.sequences)
+    return sequences[:, 0] if sequences.ndim == 3 else sequences
+
+
+# ---------------------------------------------------------------------------------------- metrics
+
+
+def text_metrics(hypotheses: list[str], references: list[str], exact_match: bool) -> dict:
+    """Corpus metrics on detokenized strings.
+
+    bleu: sacreBLEU on cased, detokenized text (the standard, with its signature);
+    bleu_lc_tok: lowercased BLEU on 13a-tokenized text, the convention of Multi30k papers;
+    chrf: sacreBLEU chrF; exact_match: fraction of hypotheses equal to their reference (string equality).
+    """
+    bleu = sacrebleu.metrics.BLEU()
+    bleu_lc = sacrebleu.metrics.BLEU(lowercase=True, tokenize="13a")
+    chrf = sacrebleu.metrics.CHRF()
+    out = {
+        "bleu": bleu.corpus_score(hypotheses, [references]).score,
+        "bleu_signature": str(bleu.get_signature()),
+        "bleu_lc_tok": bleu_lc.corpus_score(hypotheses, [references]).score,
+        "chrf": chrf.corpus_score(hypotheses, [references]).score,
+    }
+    if exact_match:
+        out["exact_match"] = float(np.mean([h == r for h, r in zip(hypotheses, references)]))
+    return out
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+
+def checkpoint_manager(workdir: Path, keep: int) -> ocp.CheckpointManager:
+    """Periodic checkpoints: train state + data-iterator state, the `keep` latest kept."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    return ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints", options=options)
+
+
+def best_manager(workdir: Path, metric: str) -> ocp.CheckpointManager:
+    """The params with the best validation `metric` (higher is better)."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=1, best_fn=lambda m: m[metric], best_mode="max", create=True
+    )
+    return ocp.CheckpointManager(Path(workdir).absolute() / "best", options=options)
+
+
+def restore_params(workdir: Path, params_template):
+    """Params of the best checkpoint, else the latest periodic one; `(params, step, which)`."""
+    workdir = Path(workdir)
+    for which in ("best", "checkpoints"):
+        directory = workdir.absolute() / which
+        if not directory.is_dir():
+            continue
+        with ocp.CheckpointManager(
+            directory, options=ocp.CheckpointManagerOptions(create=False)
+        ) as m:
+            step = m.latest_step() if which == "checkpoints" else m.best_step()
+            if step is None:
+                continue
+            try:
+                if which == "best":
+                    restored = m.restore(step, args=ocp.args.StandardRestore(params_template))
+                    return restored, step, which
+                restored = m.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.PyTreeRestore(
+                            partial_restore=True, item={"params": params_template}
+                        )
+                    ),
+                )
+                return restored["state"]["params"], step, which
+            except Exception as e:  # noqa: BLE001 — any failure to read means a damaged checkpoint
+                raise RunError(
+                    f"checkpoint {directory / str(step)} is corrupt or incompatible "
+                    f"({type(e).__name__}); delete it to fall back to an older one, or retrain"
+                ) from None
+    raise RunError(
+        f"no checkpoint in {workdir}: train first with `python train.py --workdir {workdir}`"
+    )
+
+
+# -------------------------------------------------------------------------------------- reporting
+
+
+def append_metrics(workdir: Path, record: dict) -> None:
+    with open(Path(workdir) / METRICS_FILE, "a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def read_metrics(workdir: Path) -> list[dict]:
+    path = Path(workdir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_learning_curves(workdir: Path, metric: str) -> Path:
+    """Train/validation loss and the validation metric against steps, as `<workdir>/learning_curves.png`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(workdir)
+    train = [r for r in records if r.get("split") == "train"]
+    valid = [r for r in records if r.get("split") == "validation"]
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
+    if train:
+        ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
+    if valid:
+        ax_loss.plot(
+            [r["step"] for r in valid], [r["loss"] for r in valid], "o-", label="validation"
+        )
+        points = [(r["step"], r[metric]) for r in valid if metric in r]
+        if points:
+            ax_metric.plot(*zip(*points), "o-", color="tab:green")
+    ax_loss.set(xlabel="step", ylabel="loss (per token)", title="Loss")
+    ax_loss.legend()
+    ax_metric.set(xlabel="step", ylabel=metric, title=f"Validation {metric}")
+    fig.tight_layout()
+    path = Path(workdir) / "learning_curves.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,224 @@
+r"""Train a seqzoo model.
+
+  python train.py                                   # dates + attention RNN (configs/default.py)
+  python train.py --config configs/multi30k_transformer.py --workdir runs/m30k_tf \
+      --config.num_train_steps=20000
+
+Pointing --workdir at an existing run resumes it from its latest checkpoint (params, optimizer state,
+step and data-iterator state), so an interrupted run ends with exactly the params of an uninterrupted one.
+"""
+
+import functools
+import math
+import sys
+import time
+from pathlib import Path
+
+import grain
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from absl import app, flags, logging
+from flax.training import train_state
+from ml_collections import config_flags
+from tqdm import tqdm
+
+import experiment
+from data import input_pipeline
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", "configs/default.py", "Experiment config file.")
+flags.DEFINE_string("workdir", "runs/default", "Run directory: checkpoints, metrics, plots.")
+
+
+class TrainingDiverged(experiment.RunError):
+    pass
+
+
+def train_step(state, batch, dropout_key, *, label_smoothing):
+    """One optimizer step on a batch; returns (new_state, {"loss_sum", "tokens"})."""
+
+    def loss_fn(params):
+        logits = state.apply_fn(
+            {"params": params},
+            batch["src"],
+            batch["tgt_in"],
+            train=True,
+            rngs={"dropout": dropout_key},
+        )
+        loss_sum, tokens = experiment.cross_entropy(logits, batch["tgt_out"], label_smoothing)
+        return loss_sum / jnp.maximum(tokens, 1.0), (loss_sum, tokens)
+
+    grads, (loss_sum, tokens) = jax.grad(loss_fn, has_aux=True)(state.params)
+    return state.apply_gradients(grads=grads), {"loss_sum": loss_sum, "tokens": tokens}
+
+
+def eval_step(params, batch, *, apply_fn):
+    logits = apply_fn({"params": params}, batch["src"], batch["tgt_in"], train=False)
+    loss_sum, tokens = experiment.cross_entropy(logits, batch["tgt_out"])
+    return {"loss_sum": loss_sum, "tokens": tokens}
+
+
+def evaluate(config, model, params, eval_data, tgt_tokenizer, num_examples):
+    """Validation loss (all examples) and decoding metrics (the first `num_examples`, 0 = all)."""
+    step = jax.jit(functools.partial(eval_step, apply_fn=model.apply))
+    decode = experiment.decode_fn(
+        model, config.decode, config.beam_size, config.max_decode_len, config.length_penalty
+    )
+    limit = num_examples or len(eval_data.references)
+    loss_sum = tokens = 0.0
+    hypotheses = []
+    for batch in eval_data.batches():
+        out = step(params, batch)
+        loss_sum += float(out["loss_sum"])
+        tokens += float(out["tokens"])
+        if len(hypotheses) < limit:
+            result = decode(params, batch["src"], config.alpha)
+            ids = experiment.best_sequences(result)[: batch["num_examples"]]
+            hypotheses.extend(tgt_tokenizer.decode(row.tolist()) for row in ids)
+    hypotheses = hypotheses[:limit]
+    metrics = {"loss": loss_sum / max(tokens, 1.0)}
+    metrics.update(
+        experiment.text_metrics(
+            hypotheses,
+            eval_data.references[:limit],
+            exact_match=config.eval_metric == "exact_match",
+        )
+    )
+    samples = list(zip(eval_data.sources, eval_data.references, hypotheses))
+    return metrics, samples
+
+
+def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None):
+    """Trains `config` in `workdir` (resuming if it holds a run); returns (train state, last metrics).
+
+    `stop_after_steps` stops this process after that many steps without a final save, as a crash
+    would (tests use it to check exact resume).
+    """
+    workdir = Path(workdir)
+    if (workdir / experiment.CONFIG_FILE).exists():
+        experiment.check_same_experiment(config, experiment.load_config(workdir), workdir)
+    if config.get("tokenizer_dir") is None:
+        config.tokenizer_dir = str(workdir / "tokenizer")
+    data = input_pipeline.get_datasets(config)
+    model = experiment.create_model(
+        config, data.src_tokenizer.vocab_size, data.tgt_tokenizer.vocab_size
+    )
+    state = train_state.TrainState.create(
+        apply_fn=model.apply,
+        params=experiment.init_params(model, config),
+        tx=experiment.make_optimizer(config),
+    )
+    train_iter = data.train_iter
+    ckpt = experiment.checkpoint_manager(workdir, config.keep_checkpoints)
+    best = experiment.best_manager(workdir, config.eval_metric)
+    if ckpt.latest_step() is not None:
+        restored = ckpt.restore(
+            ckpt.latest_step(),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(state),
+                data=grain.checkpoint.CheckpointRestore(train_iter),
+            ),
+        )
+        state = restored["state"]
+        logging.info("Resumed %s from step %d.", workdir, int(state.step))
+    experiment.save_config(config, workdir)
+
+    step_fn = jax.jit(
+        functools.partial(train_step, label_smoothing=config.label_smoothing), donate_argnums=0
+    )
+    dropout_root = jax.random.fold_in(jax.random.key(config.seed), 1)
+    start = int(state.step)
+    last_metrics: dict = {}
+    window_loss = window_tokens = 0.0
+    window_start = time.perf_counter()
+    progress = tqdm(
+        total=config.num_train_steps, initial=start, desc="train", dynamic_ncols=True, mininterval=1
+    )
+    for step in range(start + 1, config.num_train_steps + 1):
+        batch = next(train_iter)
+        state, out = step_fn(state, batch, jax.random.fold_in(dropout_root, step))
+        progress.update(1)
+        if stop_after_steps is not None and step - start >= stop_after_steps:
+            break
+        window_loss += out["loss_sum"]  # Device-side sums: no host sync per step.
+        window_tokens += out["tokens"]
+        if step % config.log_every == 0 or step == config.num_train_steps:
+            loss = float(window_loss) / max(float(window_tokens), 1.0)
+            if not math.isfinite(loss):
+                ckpt.wait_until_finished()
+                raise TrainingDiverged(
+                    f"loss is {loss} at step {step}; the last good checkpoint "
+                    f"(step {ckpt.latest_step()}) is kept in {workdir}/checkpoints: "
+                    "lower --config.learning_rate or raise --config.warmup_steps and resume"
+                )
+            record = {
+                "step": step,
+                "split": "train",
+                "loss": loss,
+                "tokens_per_sec": float(window_tokens) / (time.perf_counter() - window_start),
+            }
+            experiment.append_metrics(workdir, record)
+            progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}")
+            window_loss = window_tokens = 0.0
+            window_start = time.perf_counter()
+        is_last = step == config.num_train_steps
+        if step % config.eval_every == 0 or is_last:
+            metrics, samples = evaluate(
+                config,
+                model,
+                state.params,
+                data.eval["validation"],
+                data.tgt_tokenizer,
+                config.num_eval_examples,
+            )
+            experiment.append_metrics(workdir, {"step": step, "split": "validation", **metrics})
+            best.save(step, args=ocp.args.StandardSave(state.params), metrics=metrics)
+            summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+            progress.write(f"step {step} validation: {summary}")
+            for source, reference, hypothesis in samples[: config.num_samples_to_log]:
+                progress.write(f"  src: {source}\n  ref: {reference}\n  hyp: {hypothesis}")
+            last_metrics = metrics
+            experiment.plot_learning_curves(workdir, config.eval_metric)
+        if step % config.checkpoint_every == 0 or is_last:
+            if not all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(state.params)):
+                ckpt.wait_until_finished()
+                raise TrainingDiverged(
+                    f"params are not finite at step {step}; the last good checkpoint "
+                    f"(step {ckpt.latest_step()}) is kept in {workdir}/checkpoints: "
+                    "lower --config.learning_rate and resume"
+                )
+            ckpt.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    data=grain.checkpoint.CheckpointSave(train_iter),
+                ),
+            )
+    progress.close()
+    ckpt.wait_until_finished()
+    best.wait_until_finished()
+    ckpt.close()
+    best.close()
+    return state, last_metrics
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}: use --config.key=value flags")
+    config = FLAGS.config
+    workdir = Path(FLAGS.workdir)
+    try:
+        _, metrics = train_and_evaluate(config, workdir)
+    except experiment.RunError as e:
+        sys.exit(f"error: {e}")
+    print(f"checkpoints: {workdir}/checkpoints (best: {workdir}/best)")
+    print(f"metrics:     {workdir}/{experiment.METRICS_FILE}")
+    print(f"plot:        {workdir}/learning_curves.png")
+    final = {k: v for k, v in metrics.items() if isinstance(v, float)}
+    print("validation:  " + ", ".join(f"{k} {v:.4g}" for k, v in final.items()))
+    print(f"next:        python eval.py --workdir {workdir}")
+
+
+if __name__ == "__main__":
+    app.run(main)
