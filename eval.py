@@ -1,0 +1,415 @@
+r"""Evaluate a trained run: decode a split, score it, analyse beam-search errors, plot attention.
+
+  python eval.py --workdir runs/default                       # beam 4 on the test split
+  python eval.py --workdir runs/default --decode greedy --split validation
+  python eval.py --workdir runs/default --sweep               # greedy vs beam 1/2/4/8, +- length norm
+  python eval.py --workdir runs/default --error_analysis      # search error or model error?
+  python eval.py --workdir runs/default --plot_attention 4    # attention heatmaps (PNG)
+  echo "3 May 1979" | python eval.py --workdir runs/default --input -
+
+Loads the best checkpoint (else the latest), writes hypotheses line by line as they are decoded, and a
+JSON report (default `<workdir>/eval_<split>.json`).
+"""
+
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+import decoding
+import experiment
+from data import input_pipeline, tokenizers
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", "runs/default", "Run directory written by train.py.")
+flags.DEFINE_enum("split", "test", ["validation", "test"], "Split to evaluate.")
+flags.DEFINE_enum("decode", "beam", ["greedy", "beam"], "Search.")
+flags.DEFINE_integer("beam_size", 4, "Beam width B.")
+flags.DEFINE_float("alpha", 0.6, "Length-normalization exponent.")
+flags.DEFINE_enum("length_penalty", "gnmt", ["gnmt", "average", "none"], "Length normalization.")
+flags.DEFINE_integer(
+    "max_decode_len", None, "Generated tokens at most (default: the run's config)."
+)
+flags.DEFINE_integer("batch_size", None, "Sentences per decode batch (default: the run's config).")
+flags.DEFINE_integer("num_examples", 0, "Evaluate only the first N examples (0 = all).")
+flags.DEFINE_string("report", None, "JSON report path (default <workdir>/eval_<split>.json).")
+flags.DEFINE_string("output", None, "Hypotheses file (default <workdir>/hypotheses_<split>.txt).")
+flags.DEFINE_bool("sweep", False, "Table of quality and speed for greedy and beam 1, 2, 4, 8.")
+flags.DEFINE_bool("error_analysis", False, "Beam-search error analysis against the references.")
+flags.DEFINE_integer("plot_attention", 0, "Write attention heatmaps for the first N examples.")
+flags.DEFINE_string("input", None, "Translate the lines of this file ('-' = stdin) instead.")
+
+
+class Run:
+    """A trained run loaded for evaluation: config, tokenizers, model and params."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = Path(workdir)
+        self.config = experiment.load_config(self.workdir)
+        tokenizer_dir = self.config.get("tokenizer_dir") or str(self.workdir / "tokenizer")
+        self.src_tokenizer, self.tgt_tokenizer = tokenizers.load_pair(tokenizer_dir)
+        self.model = experiment.create_model(
+            self.config, self.src_tokenizer.vocab_size, self.tgt_tokenizer.vocab_size
+        )
+        template = jax.eval_shape(lambda: experiment.init_params(self.model, self.config))
+        self.params, self.step, self.checkpoint = experiment.restore_params(self.workdir, template)
+
+
+def notice(message: str) -> None:
+    print(f"notice: {message}", file=sys.stderr)
+
+
+def decode_batches(run: Run, batches, *, decode, beam_size, alpha, length_penalty, max_len, sink):
+    """Decodes `batches` in order; returns (best sequences [n, max_len], results, timing).
+
+    Each hypothesis is passed to `sink(line)` as soon as its batch is done, so a failure later loses
+    nothing already decoded. Timing excludes compilation: a batch whose shape is new is run twice and
+    the second run is timed.
+    """
+    fn = experiment.decode_fn(run.model, decode, beam_size, max_len, length_penalty)
+    seen_shapes, sequences, results = set(), [], []
+    decode_seconds = compile_seconds = 0.0
+    for batch in batches:
+        src = batch["src"]
+        if src.shape not in seen_shapes:
+            start = time.perf_counter()
+            jax.block_until_ready(fn(run.params, src, alpha))
+            compile_seconds += time.perf_counter() - start
+            seen_shapes.add(src.shape)
+        start = time.perf_counter()
+        result = jax.block_until_ready(fn(run.params, src, alpha))
+        decode_seconds += time.perf_counter() - start
+        n = batch["num_examples"]
+        best = experiment.best_sequences(result)[:n]
+        for row in best:
+            sink(run.tgt_tokenizer.decode(row.tolist()))
+        sequences.append(best)
+        results.append(jax.tree.map(lambda x, n=n: np.asarray(x)[:n], result))
+    timing = {"decode_seconds": decode_seconds, "warmup_seconds": compile_seconds}
+    return np.concatenate(sequences), results, timing
+
+
+def evaluate_split(
+    run: Run, eval_data, *, decode, beam_size, alpha, length_penalty, max_len, output
+):
+    """Decodes a split, writing hypotheses to `output`; returns the report dict (and sequences)."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with open(output, "w") as f:
+
+        def sink(line):
+            f.write(line + "\n")
+            f.flush()
+
+        sequences, results, timing = decode_batches(
+            run,
+            eval_data.batches(),
+            decode=decode,
+            beam_size=beam_size,
+            alpha=alpha,
+            length_penalty=length_penalty,
+            max_len=max_len,
+            sink=sink,
+        )
+    hypotheses = output.read_text().splitlines()
+    references = eval_data.references[: len(hypotheses)]
+    report = {
+        "decode": decode,
+        "beam_size": beam_size if decode == "beam" else 1,
+        "alpha": alpha,
+        "length_penalty": length_penalty,
+        "max_decode_len": max_len,
+        "num_examples": len(hypotheses),
+        **experiment.text_metrics(
+            hypotheses, references, exact_match=run.config.eval_metric == "exact_match"
+        ),
+        "sentences_per_sec": len(hypotheses) / max(timing["decode_seconds"], 1e-9),
+        **timing,
+    }
+    return report, sequences
+
+
+@functools.cache
+def _score_fn(model, length_penalty: str):
+    @jax.jit
+    def run_score(params, src, targets, alpha):
+        variables = {"params": params}
+        memory = model.apply(variables, src, method=model.encode)
+        state = model.apply(variables, memory, targets.shape[1], method=model.init_decode_state)
+
+        def step_fn(tokens, state):
+            return model.apply(variables, memory, tokens, state, method=model.decode_step)
+
+        return decoding.score(
+            step_fn,
+            state,
+            targets,
+            bos_id=tokenizers.BOS_ID,
+            eos_id=tokenizers.EOS_ID,
+            alpha=alpha,
+            length_penalty=length_penalty,
+        )
+
+    return run_score
+
+
+def run_error_analysis(run: Run, eval_data, sequences, *, alpha, length_penalty, beam_size):
+    """The course's analysis: score y* and ŷ under the same normalization and blame search or model."""
+    score = _score_fn(run.model, length_penalty)
+    ref_scores, hyp_scores, references = [], [], []
+    offset = 0
+    for batch in eval_data.batches():
+        n = min(batch["num_examples"], len(sequences) - offset)
+        if n <= 0:
+            break
+        hyps = np.zeros((batch["src"].shape[0], sequences.shape[1]), np.int32)
+        hyps[:n] = sequences[offset : offset + n]
+        ref_scores.append(
+            np.asarray(score(run.params, batch["src"], batch["tgt_out"], alpha).scores)[:n]
+        )
+        hyp_scores.append(
+            np.asarray(score(run.params, batch["src"], jnp.asarray(hyps), alpha).scores)[:n]
+        )
+        references.extend(batch["tgt_out"][:n].tolist())
+        offset += n
+    width = max(len(r) for r in references)
+    references = np.array([r + [0] * (width - len(r)) for r in references], np.int32)
+    report = decoding.error_analysis(
+        references,
+        np.concatenate(ref_scores),
+        sequences[: len(references)],
+        np.concatenate(hyp_scores),
+        eos_id=tokenizers.EOS_ID,
+    )
+    print(decoding.format_error_analysis(report, detokenize=run.tgt_tokenizer.decode))
+    del beam_size
+    report.pop("records", None)
+    return report
+
+
+def run_sweep(run: Run, eval_data, *, alpha, max_len, workdir):
+    """Greedy and beam 1, 2, 4, 8, each with (GNMT, alpha) and without length normalization."""
+    settings = [("greedy", 1, "none")]
+    for beam_size in (1, 2, 4, 8):
+        settings += [("beam", beam_size, "gnmt"), ("beam", beam_size, "none")]
+    rows = []
+    for decode, beam_size, length_penalty in settings:
+        report, _ = evaluate_split(
+            run,
+            eval_data,
+            decode=decode,
+            beam_size=beam_size,
+            alpha=alpha if length_penalty != "none" else 0.0,
+            length_penalty=length_penalty,
+            max_len=max_len,
+            output=workdir / "sweep" / f"{decode}{beam_size}_{length_penalty}.txt",
+        )
+        rows.append(report)
+    metric = "exact_match" if run.config.eval_metric == "exact_match" else "bleu"
+    print(f"{'decode':<8}{'beam':>5}  {'length norm':<12}{metric:>12}{'BLEU':>8}{'sent/s':>10}")
+    for r in rows:
+        print(
+            f"{r['decode']:<8}{r['beam_size']:>5}  {r['length_penalty']:<12}"
+            f"{r[metric]:>12.4f}{r['bleu']:>8.2f}{r['sentences_per_sec']:>10.1f}"
+        )
+    return rows
+
+
+def translate_lines(run: Run, lines, *, decode, beam_size, alpha, length_penalty, max_len, sink):
+    """Translates user text, one sentence per line; empty lines are skipped and over-long ones
+    truncated, each with a notice on stderr. Output lines stay aligned with input lines (an empty
+    input line gives an empty output line)."""
+    limit = run.config.max_len
+    pending: list[tuple[int, list[int]]] = []
+    outputs: dict[int, str] = {}
+    next_to_write = 0
+
+    def flush(force=False):
+        nonlocal next_to_write, pending
+        batch_size = FLAGS.batch_size or run.config.eval_batch_size
+        while pending and (force or len(pending) >= batch_size):
+            chunk, pending = pending[:batch_size], pending[batch_size:]
+            batches = input_pipeline.source_batches([ids for _, ids in chunk], batch_size)
+            hyps: list[str] = []
+            decode_batches(
+                run,
+                batches,
+                decode=decode,
+                beam_size=beam_size,
+                alpha=alpha,
+                length_penalty=length_penalty,
+                max_len=max_len,
+                sink=hyps.append,
+            )
+            for (index, _), hyp in zip(chunk, hyps, strict=True):
+                outputs[index] = hyp
+        while next_to_write in outputs:
+            sink(outputs.pop(next_to_write))
+            next_to_write += 1
+
+    for number, line in enumerate(lines):
+        text = line.rstrip("\n").strip()
+        if not text:
+            notice(f"line {number + 1} is empty: skipped")
+            outputs[number] = ""
+            flush()
+            continue
+        ids = run.src_tokenizer.encode(text)
+        if len(ids) > limit:
+            notice(f"line {number + 1} has {len(ids)} tokens: truncated to {limit}")
+            ids = ids[:limit]
+        pending.append((number, ids))
+        flush()
+    flush(force=True)
+
+
+def plot_attention(run: Run, eval_data, sequences, count: int, directory: Path) -> list[Path]:
+    """Heatmaps of attention over source tokens for each generated token, one PNG per example."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    batch = next(iter(eval_data.batches()))
+    count = min(count, batch["num_examples"], len(sequences))
+    hyps = np.asarray(sequences[:count])
+    lengths = np.asarray(decoding.scoring.sequence_lengths(hyps, tokenizers.EOS_ID))
+    tgt_in = np.zeros_like(hyps)
+    tgt_in[:, 0] = tokenizers.BOS_ID
+    tgt_in[:, 1:] = hyps[:, :-1]
+    tgt_in = np.where(np.arange(hyps.shape[1]) < lengths[:, None], tgt_in, 0)
+    src = batch["src"][:count]
+    _, state = run.model.apply(
+        {"params": run.params}, src, tgt_in, train=False, mutable=["intermediates"]
+    )
+    maps = attention_maps(state["intermediates"])
+    for i in range(count):
+        src_len = int((src[i] != 0).sum())
+        src_tokens = run.src_tokenizer.pieces(src[i, :src_len].tolist())
+        tgt_tokens = run.tgt_tokenizer.pieces(hyps[i, : lengths[i]].tolist())
+        panels = [(name, m[i]) for name, m in maps]
+        fig, axes = plt.subplots(
+            1,
+            len(panels),
+            figsize=(max(4, 0.35 * src_len) * len(panels), max(3, 0.35 * len(tgt_tokens))),
+            squeeze=False,
+        )
+        for ax, (name, weights) in zip(axes[0], panels, strict=True):
+            ax.imshow(weights[: len(tgt_tokens), :src_len], cmap="viridis", vmin=0, vmax=1)
+            ax.set_xticks(range(src_len), src_tokens, rotation=90, fontsize=7)
+            ax.set_yticks(range(len(tgt_tokens)), tgt_tokens, fontsize=7)
+            ax.set_title(name, fontsize=8)
+        fig.tight_layout()
+        path = directory / f"attention_{i}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def attention_maps(intermediates) -> list[tuple[str, np.ndarray]]:
+    """Every sown attention array as (name, `[batch, tgt_len, src_len]`), heads split out."""
+    maps = []
+    flat = jax.tree_util.tree_flatten_with_path(intermediates)[0]
+    for path, value in flat:
+        name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        if "attention" not in name or "self" in name:
+            continue
+        value = np.asarray(value)
+        if value.ndim == 3:
+            maps.append((name, value))
+        elif value.ndim == 4:
+            maps.extend((f"{name} head {h}", value[:, h]) for h in range(value.shape[1]))
+    return maps
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    try:
+        evaluate(Path(FLAGS.workdir))
+    except experiment.RunError as e:
+        sys.exit(f"error: {e}")
+
+
+def evaluate(workdir: Path) -> dict | None:
+    run = Run(workdir)
+    config = run.config
+    max_len = FLAGS.max_decode_len or config.max_decode_len
+    if FLAGS.beam_size < 1:
+        raise experiment.RunError(f"--beam_size={FLAGS.beam_size}: use a beam of 1 or more")
+    search = dict(
+        decode=FLAGS.decode,
+        beam_size=FLAGS.beam_size,
+        alpha=FLAGS.alpha,
+        length_penalty=FLAGS.length_penalty,
+        max_len=max_len,
+    )
+    if FLAGS.input:
+        stream = sys.stdin if FLAGS.input == "-" else open_input(FLAGS.input)
+        out = open(FLAGS.output, "w") if FLAGS.output else sys.stdout
+        with out:
+
+            def sink(line):
+                out.write(line + "\n")
+                out.flush()
+
+            translate_lines(run, stream, sink=sink, **search)
+        return None
+
+    eval_data = input_pipeline.get_eval_data(
+        config, FLAGS.split, run.src_tokenizer, run.tgt_tokenizer, batch_size=FLAGS.batch_size
+    )
+    if FLAGS.num_examples:
+        eval_data = eval_data.head(FLAGS.num_examples)
+    output = Path(FLAGS.output or workdir / f"hypotheses_{FLAGS.split}.txt")
+    report, sequences = evaluate_split(run, eval_data, output=output, **search)
+    report = {"split": FLAGS.split, "checkpoint": f"{run.checkpoint}/{run.step}", **report}
+    print(
+        f"{FLAGS.split}: "
+        + ", ".join(f"{k} {v:.4g}" for k, v in report.items() if isinstance(v, float))
+    )
+    print(f"hypotheses: {output}")
+    if FLAGS.sweep:
+        report["sweep"] = run_sweep(
+            run, eval_data, alpha=FLAGS.alpha, max_len=max_len, workdir=workdir
+        )
+    if FLAGS.error_analysis:
+        if FLAGS.decode != "beam":
+            notice("error analysis compares with the beam output: run with --decode beam")
+        report["error_analysis"] = run_error_analysis(
+            run,
+            eval_data,
+            sequences,
+            alpha=FLAGS.alpha,
+            length_penalty=FLAGS.length_penalty,
+            beam_size=FLAGS.beam_size,
+        )
+    if FLAGS.plot_attention:
+        paths = plot_attention(
+            run, eval_data, sequences, FLAGS.plot_attention, workdir / "attention"
+        )
+        report["attention_plots"] = [str(p) for p in paths]
+        print(f"attention plots: {paths[0].parent}")
+    report_path = Path(FLAGS.report or workdir / f"eval_{FLAGS.split}.json")
+    report_path.write_text(json.dumps(report, indent=2, default=float) + "\n")
+    print(f"report: {report_path}")
+    return report
+
+
+def open_input(path: str):
+    try:
+        return open(path, encoding="utf-8")
+    except OSError as e:
+        raise experiment.RunError(f"cannot read --input {path}: {e.strerror}") from None
+
+
+if __name__ == "__main__":
+    app.run(main)
