@@ -1,0 +1,23 @@
+"""Decoding on a step function and a state pytree, never on a model (see README "Design").
+
+`step_fn(tokens [N] int32, state) -> (logits [N, vocab], new_state)`; every leaf of `state` has the N
+rows first. Length normalization and the length T are defined in `decoding.length_penalty`.
+"""
+
+from decoding.beam_search import BeamSearchResult, beam_search
+from decoding.error_analysis import error_analysis, format_error_analysis
+from decoding.greedy import DecodeResult, greedy
+from decoding.sampling import sample
+from decoding.scoring import ScoreResult, score
+
+__all__ = [
+    "BeamSearchResult",
+    "DecodeResult",
+    "ScoreResult",
+    "beam_search",
+    "error_analysis",
+    "format_error_analysis",
+    "greedy",
+    "sample",
+    "score",
+]

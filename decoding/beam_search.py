@@ -1,0 +1,202 @@
+"""Beam search in one `jax.lax.while_loop`, vectorized over sentences and beams.
+
+Each sentence keeps two sets of `beam_size` hypotheses:
+- alive: prefixes that may still grow. Each step extends every alive prefix by every token, and the
+  `beam_size` best extensions by log-probability (one `lax.top_k` over `beam x vocab` candidates, EOS
+  extensions included) are kept;
+- finished: the n-best complete hypotheses by normalized score. An extension that picks EOS, or that
+  reaches `max_len`, leaves the alive set for good and competes for the n-best; a finished hypothesis is
+  never extended, and leaves the n-best only for a better one.
+
+An EOS extension takes a place among the `beam_size` best, as in the classic algorithm (and in Marian
+and OpenNMT), so `beam_size=1` is exactly greedy decoding; the alive set fills up again at the next step.
+
+Ranking uses `log P(y|x) / penalty(T)` (see `decoding.length_penalty`), T counting EOS; a hypothesis that
+reaches `max_len` without EOS is finished with T = max_len and ranked by the same score. `min_len` is the
+least number of tokens before EOS. Pad and BOS are never generated. Masks restrict the search without
+renormalizing, so returned log-probabilities are the model's own and equal `decoding.score`'s.
+
+A sentence stops when no alive hypothesis can beat the worst of its n-best: an alive prefix of length t
+and log-probability lp <= 0 can only lose probability, so no completion scores above
+`lp / max(penalty(t + 1), penalty(max_len))` (the penalty is monotonic in T, for either sign of alpha).
+The loop stops when every sentence has stopped, at `max_len` at the latest. A stopped sentence is frozen,
+so what it returns does not depend on the other sentences of the batch.
+
+Empty n-best slots (fewer than `beam_size` distinct hypotheses exist) have score and log-probability
+-inf, `valid` False, length 0 and all-pad tokens: -inf with `jnp.where`, never a finite sentinel that a
+length penalty could turn into a winner.
+"""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from decoding import common
+from decoding import length_penalty as lp_lib
+
+
+class BeamSearchResult(NamedTuple):
+    """The n-best hypotheses of each sentence, best first.
+
+    sequences: int32 `[batch, beam, max_len]`, y_1 .. y_T (EOS included), 0 after.
+    scores: float32 `[batch, beam]`, the normalized score used for ranking; -inf for empty slots.
+    log_probs: float32 `[batch, beam]`, log P(y|x), the unnormalized sum; -inf for empty slots.
+    lengths: int32 `[batch, beam]`, T (EOS counted; max_len when cut without EOS); 0 for empty slots.
+    token_log_probs: float32 `[batch, beam, max_len]`, log P(y_t|y_<t, x) of each token, 0 after T.
+    valid: bool `[batch, beam]`, False for empty slots.
+    """
+
+    sequences: jax.Array
+    scores: jax.Array
+    log_probs: jax.Array
+    lengths: jax.Array
+    token_log_probs: jax.Array
+    valid: jax.Array
+
+
+class _Hypotheses(NamedTuple):
+    """A set of `beam` hypotheses per sentence (arrays `[batch, beam, ...]`)."""
+
+    tokens: jax.Array  # int32 [batch, beam, max_len]
+    token_log_probs: jax.Array  # float32 [batch, beam, max_len]
+    log_probs: jax.Array  # float32 [batch, beam], -inf for no hypothesis
+    scores: jax.Array  # float32 [batch, beam], normalized (finished set only; -inf when alive)
+    lengths: jax.Array  # int32 [batch, beam]
+
+
+def _take(hyps: _Hypotheses, index: jax.Array) -> _Hypotheses:
+    """The hypotheses at `index [batch, k]` (into each sentence's beam axis)."""
+    return jax.tree.map(
+        lambda x: jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1),
+        hyps,
+    )
+
+
+def beam_search(
+    step_fn,
+    init_state: Any,
+    *,
+    bos_id: int,
+    eos_id: int,
+    batch_size: int,
+    beam_size: int,
+    max_len: int,
+    alpha: float | jax.Array = 0.6,
+    length_penalty: str = "gnmt",
+    min_len: int = 0,
+) -> BeamSearchResult:
+    """The `beam_size`-best hypotheses of each sentence under `length_penalty`.
+
+    Args:
+      step_fn: `step_fn(tokens [N] int32, state) -> (logits [N, vocab], new_state)`, N = batch x beam;
+        row n belongs to sentence n // beam. Models close it over their encoder memory (which keeps the
+        sentence batch); only `state` is reordered between beams.
+      init_state: pytree, every leaf `[batch, ...]`: the decoder state before BOS. It is repeated once
+        to `[batch x beam, ...]`.
+      bos_id, eos_id: token ids (Python ints, inside the vocabulary).
+      batch_size, beam_size, max_len: static shapes; one compilation per triple. max_len is the most
+        tokens generated per hypothesis, EOS included.
+      alpha: length-penalty exponent, traced (changing it does not recompile).
+      length_penalty: "gnmt", "average" or "none" (static).
+      min_len: EOS is blocked before this many tokens have been generated (static, < max_len).
+
+    Returns:
+      A `BeamSearchResult`. Usable under an outer `jax.jit` with the static arguments fixed.
+
+    Raises:
+      ValueError: a bad static argument, an id outside the vocabulary, or a state or step function
+        whose shapes do not fit, before anything is traced.
+    """
+    common.check_positive(batch_size=batch_size, beam_size=beam_size, max_len=max_len)
+    lp_lib.check_kind(length_penalty)
+    if not common.is_int(min_len) or not 0 <= min_len < max_len:
+        raise ValueError(f"min_len={min_len!r} must be an int in [0, max_len={max_len})")
+    common.check_batch(init_state, batch_size)
+    batch, beam, rows = batch_size, beam_size, batch_size * beam_size
+    vocab = common.probe_step_fn(step_fn, init_state, rows)
+    common.check_token_ids(vocab, bos_id=bos_id, eos_id=eos_id)
+    alpha = jnp.asarray(alpha, jnp.float32)
+    max_penalty = lp_lib.penalty(max_len, alpha, length_penalty)
+    positions = jnp.arange(max_len)
+    row_base = jnp.arange(batch)[:, None] * beam  # [batch, 1], the first row of each sentence
+
+    def empty(first_log_prob: float) -> _Hypotheses:
+        log_probs = jnp.full((batch, beam), -jnp.inf).at[:, 0].set(first_log_prob)
+        return _Hypotheses(
+            tokens=jnp.zeros((batch, beam, max_len), jnp.int32),
+            token_log_probs=jnp.zeros((batch, beam, max_len), jnp.float32),
+            log_probs=log_probs,
+            scores=jnp.full((batch, beam), -jnp.inf),
+            lengths=jnp.zeros((batch, beam), jnp.int32),
+        )
+
+    def cond(carry):
+        step, _, _, _, _, done = carry
+        return (step < max_len) & ~jnp.all(done)
+
+    def body(carry):
+        step, tokens, state, alive, finished, done = carry
+        logits, new_state = step_fn(tokens, state)
+        log_probs = common.log_probs(logits).reshape(batch, beam, vocab)
+        allowed = common.search_mask(
+            log_probs, bos_id=bos_id, eos_id=eos_id, block_eos=step < min_len
+        )
+        # One top-k over every extension of every alive prefix of a sentence.
+        candidates = (alive.log_probs[:, :, None] + allowed).reshape(batch, beam * vocab)
+        top_log_probs, top_index = jax.lax.top_k(candidates, beam)  # [batch, beam]
+        parent, token = top_index // vocab, top_index % vocab
+        token_log_prob = jnp.take_along_axis(log_probs.reshape(batch, -1), top_index, axis=1)
+        length = step + 1
+        at_step = positions == step
+        parents = _take(alive, parent)
+        extended = _Hypotheses(
+            tokens=jnp.where(at_step, token[..., None], parents.tokens),
+            token_log_probs=jnp.where(at_step, token_log_prob[..., None], parents.token_log_probs),
+            log_probs=top_log_probs,
+            scores=lp_lib.normalize(top_log_probs, length, alpha, length_penalty),
+            lengths=jnp.full((batch, beam), length, jnp.int32),
+        )
+        ends = (token == eos_id) | (length == max_len)
+
+        # Finished: merge the new complete hypotheses into the n-best (old ones first, so ties keep them).
+        merged = jax.tree.map(
+            lambda old, new: jnp.concatenate([old, new], axis=1),
+            finished,
+            extended._replace(scores=jnp.where(ends, extended.scores, -jnp.inf)),
+        )
+        finished = _take(merged, jax.lax.top_k(merged.scores, beam)[1])
+
+        # Alive: the extensions that did not end; a stopped sentence keeps no alive hypothesis.
+        alive_log_probs = jnp.where(ends, -jnp.inf, top_log_probs)
+        bound = jnp.max(alive_log_probs, axis=1) / jnp.maximum(
+            lp_lib.penalty(length + 1, alpha, length_penalty), max_penalty
+        )
+        done = done | (bound <= finished.scores[:, -1])
+        alive = extended._replace(
+            log_probs=jnp.where(done[:, None], -jnp.inf, alive_log_probs),
+            scores=jnp.full((batch, beam), -jnp.inf),
+        )
+        if beam > 1:  # reorder the decoder state: row b * beam + k continues its parent's row
+            rows_from = (row_base + parent).reshape(rows)
+            new_state = jax.tree.map(lambda x: jnp.take(x, rows_from, axis=0), new_state)
+        return step + 1, token.reshape(rows), new_state, alive, finished, done
+
+    carry = (
+        jnp.int32(0),
+        jnp.full((rows,), bos_id, jnp.int32),
+        common.repeat_rows(init_state, beam),
+        empty(0.0),  # one alive hypothesis (BOS) per sentence, so no duplicates at the first step
+        empty(-jnp.inf),
+        jnp.zeros((batch,), bool),
+    )
+    finished = jax.lax.while_loop(cond, body, carry)[4]
+    valid = finished.scores > -jnp.inf
+    return BeamSearchResult(
+        sequences=jnp.where(valid[..., None], finished.tokens, common.PAD_ID),
+        scores=finished.scores,
+        log_probs=jnp.where(valid, finished.log_probs, -jnp.inf),
+        lengths=jnp.where(valid, finished.lengths, 0),
+        token_log_probs=jnp.where(valid[..., None], finished.token_log_probs, 0.0),
+        valid=valid,
+    )

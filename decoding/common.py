@@ -1,0 +1,121 @@
+"""What every decoder shares: argument checks, probing the step function, the search's token mask.
+
+A step function is `step_fn(tokens [N] int32, state) -> (logits [N, vocab], new_state)`; every leaf of
+`state` has the `N` rows first and `new_state` has exactly the structure, shapes and dtypes of `state`.
+"""
+
+import numbers
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+# The project's padding id (README "Special ids"): never generated, and the filler after EOS.
+PAD_ID = 0
+
+
+def is_int(value: Any) -> bool:
+    """True for a Python or numpy integer (not a bool, not an array)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_positive(**fields: Any) -> None:
+    """Raises a one-line ValueError for the first field that is not a positive integer."""
+    for field, value in fields.items():
+        if not is_int(value) or value < 1:
+            raise ValueError(f"{field}={value!r} must be a positive integer")
+
+
+def check_batch(state: Any, batch_size: int, what: str = "init_state") -> None:
+    """Raises a one-line ValueError unless every leaf of `state` has `batch_size` rows first."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+        shape = jnp.shape(leaf)
+        if not shape or shape[0] != batch_size:
+            raise ValueError(
+                f"{what}{jax.tree_util.keystr(path)} has shape {shape}: every leaf must have "
+                f"the batch ({batch_size}) as its leading dimension"
+            )
+
+
+def probe_step_fn(step_fn, state: Any, rows: int) -> int:
+    """Checks `step_fn` on `rows` rows without running it; returns the vocabulary size.
+
+    `state` gives the structure, trailing shapes and dtypes of the state (its leading dimension is
+    replaced by `rows`). Raises a one-line ValueError when the logits are not `[rows, vocab]` floats or
+    the new state differs from the state in structure, shape or dtype (a `lax.while_loop` carry must
+    keep its type).
+    """
+    state_in = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct((rows, *jnp.shape(x)[1:]), jnp.result_type(x)), state
+    )
+    tokens = jax.ShapeDtypeStruct((rows,), jnp.int32)
+    out = jax.eval_shape(step_fn, tokens, state_in)
+    if not isinstance(out, tuple) or len(out) != 2:
+        raise ValueError(
+            f"step_fn must return a pair (logits, new_state), got {type(out).__name__}"
+        )
+    logits, state_out = out
+    if (
+        not hasattr(logits, "shape")
+        or len(logits.shape) != 2
+        or logits.shape[0] != rows
+        or not jnp.issubdtype(logits.dtype, jnp.floating)
+    ):
+        got = getattr(logits, "shape", type(logits).__name__)
+        raise ValueError(f"step_fn must return float logits [{rows}, vocab] first, got {got}")
+    if jax.tree.structure(state_out) != jax.tree.structure(state_in):
+        raise ValueError(
+            "step_fn must return a new state with the same pytree structure as its input state, "
+            f"got {jax.tree.structure(state_out)} for {jax.tree.structure(state_in)}"
+        )
+    for (path, x), y in zip(
+        jax.tree_util.tree_leaves_with_path(state_in), jax.tree.leaves(state_out), strict=True
+    ):
+        if (x.shape, x.dtype) != (y.shape, y.dtype):
+            raise ValueError(
+                f"step_fn changed state{jax.tree_util.keystr(path)} from {x.dtype}{list(x.shape)} "
+                f"to {y.dtype}{list(y.shape)}: the new state must keep every shape and dtype"
+            )
+    return logits.shape[1]
+
+
+def check_token_ids(vocab_size: int, **ids: Any) -> None:
+    """Raises a one-line ValueError unless each id is an int in [1, vocab_size) and all differ.
+
+    Id 0 is padding, which the decoders never feed as BOS nor treat as EOS.
+    """
+    for name, value in ids.items():
+        if not is_int(value):
+            raise ValueError(f"{name}={value!r} must be an int token id")
+        if not PAD_ID < value < vocab_size:
+            raise ValueError(
+                f"{name}={value} is outside the vocabulary: use an id in [1, {vocab_size}) "
+                f"(the step function's logits have {vocab_size} entries; {PAD_ID} is padding)"
+            )
+    if len(set(ids.values())) < len(ids):
+        raise ValueError(f"{', '.join(ids)} must be different ids, got {ids}")
+
+
+def log_probs(logits: jax.Array) -> jax.Array:
+    """The model's float32 log-probabilities `log_softmax(logits)`, same shape `[..., vocab]`."""
+    return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+
+
+def search_mask(
+    log_probs: jax.Array, *, bos_id: int, eos_id: int, block_eos: jax.Array | bool = False
+) -> jax.Array:
+    """`log_probs [..., vocab]` with pad and BOS (and EOS where `block_eos`) set to -inf.
+
+    The search never picks a -inf token. The mask is not renormalized: a hypothesis' log-probability
+    stays the model's own, so it equals what `decoding.score` computes for the same tokens.
+    """
+    ids = jnp.arange(log_probs.shape[-1])
+    banned = (ids == PAD_ID) | (ids == bos_id) | ((ids == eos_id) & block_eos)
+    return jnp.where(banned, -jnp.inf, log_probs)
+
+
+def repeat_rows(state: Any, times: int) -> Any:
+    """Every leaf `[batch, ...]` repeated to `[batch * times, ...]`; row n comes from row n // times."""
+    if times == 1:
+        return state
+    return jax.tree.map(lambda x: jnp.repeat(x, times, axis=0), state)

@@ -1,0 +1,119 @@
+"""Greedy decoding, and the one-path decoding loop that greedy and sampling share."""
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from decoding import common
+
+
+class DecodeResult(NamedTuple):
+    """One hypothesis per sentence (greedy or sampled).
+
+    sequences: int32 `[batch, max_len]`, y_1 .. y_T (EOS included), 0 after.
+    log_probs: float32 `[batch]`, log P(y|x) under the model (temperature 1, no truncation).
+    lengths: int32 `[batch]`, T (EOS counted; max_len when cut without EOS).
+    token_log_probs: float32 `[batch, max_len]`, log P(y_t|y_<t, x) of each token, 0 after T.
+    """
+
+    sequences: jax.Array
+    log_probs: jax.Array
+    lengths: jax.Array
+    token_log_probs: jax.Array
+
+
+# choose(step int32 [], log_probs [batch, vocab] with pad/BOS at -inf, running log P [batch]) -> [batch]
+Chooser = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def decode_path(
+    step_fn,
+    init_state: Any,
+    choose: Chooser,
+    *,
+    bos_id: int,
+    eos_id: int,
+    batch_size: int,
+    max_len: int,
+) -> DecodeResult:
+    """Decodes one token per step with `choose` until every sentence has EOS or `max_len` tokens.
+
+    Args:
+      step_fn: `step_fn(tokens [batch] int32, state) -> (logits [batch, vocab], new_state)`.
+      init_state: pytree, every leaf `[batch, ...]`.
+      choose: picks the next tokens, see `Chooser`; it never sees pad or BOS as possible.
+      bos_id, eos_id, batch_size, max_len: as in `decoding.beam_search`.
+
+    Raises:
+      ValueError: a bad static argument, an id outside the vocabulary, or a state or step function
+        whose shapes do not fit.
+    """
+    common.check_positive(batch_size=batch_size, max_len=max_len)
+    common.check_batch(init_state, batch_size)
+    vocab = common.probe_step_fn(step_fn, init_state, batch_size)
+    common.check_token_ids(vocab, bos_id=bos_id, eos_id=eos_id)
+    positions = jnp.arange(max_len)
+
+    def cond(carry):
+        step, *_, ended = carry
+        return (step < max_len) & ~jnp.all(ended)
+
+    def body(carry):
+        step, tokens, state, out, ended = carry
+        logits, state = step_fn(tokens, state)
+        log_probs = common.log_probs(logits)
+        allowed = common.search_mask(log_probs, bos_id=bos_id, eos_id=eos_id)
+        token = jnp.where(ended, common.PAD_ID, choose(step, allowed, out.log_probs))
+        token_log_prob = jnp.where(
+            ended, 0.0, jnp.take_along_axis(log_probs, token[:, None], axis=1)[:, 0]
+        )
+        at_step = positions == step
+        out = DecodeResult(
+            sequences=jnp.where(at_step, token[:, None], out.sequences),
+            log_probs=out.log_probs + token_log_prob,
+            lengths=jnp.where(ended, out.lengths, step + 1),
+            token_log_probs=jnp.where(at_step, token_log_prob[:, None], out.token_log_probs),
+        )
+        return step + 1, token, state, out, ended | (token == eos_id)
+
+    out = DecodeResult(
+        sequences=jnp.zeros((batch_size, max_len), jnp.int32),
+        log_probs=jnp.zeros((batch_size,), jnp.float32),
+        lengths=jnp.zeros((batch_size,), jnp.int32),
+        token_log_probs=jnp.zeros((batch_size, max_len), jnp.float32),
+    )
+    carry = (
+        jnp.int32(0),
+        jnp.full((batch_size,), bos_id, jnp.int32),
+        init_state,
+        out,
+        jnp.zeros((batch_size,), bool),
+    )
+    return jax.lax.while_loop(cond, body, carry)[3]
+
+
+def _argmax(step: jax.Array, log_probs: jax.Array, running: jax.Array) -> jax.Array:
+    # argmax of running + log_probs, not of log_probs alone: the same float sums beam search ranks,
+    # so a near-tie rounds the same way and beam_size=1 returns exactly these tokens.
+    del step
+    return jnp.argmax(running[:, None] + log_probs, axis=-1).astype(jnp.int32)
+
+
+def greedy(
+    step_fn, init_state: Any, *, bos_id: int, eos_id: int, batch_size: int, max_len: int
+) -> DecodeResult:
+    """The most probable next token at every step (never pad or BOS), until EOS or `max_len`.
+
+    Args and raises as `decode_path`; `step_fn` gets N = batch rows. Usable under an outer `jax.jit`.
+    """
+    return decode_path(
+        step_fn,
+        init_state,
+        _argmax,
+        bos_id=bos_id,
+        eos_id=eos_id,
+        batch_size=batch_size,
+        max_len=max_len,
+    )

@@ -1,0 +1,341 @@
+"""decoding/beam_search.py against brute force, greedy and `decoding.score`, on model-free step functions."""
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import decoding
+
+BOS, EOS = 1, 2
+ROWS = 1009  # rows of the random logit tables, indexed by a hash of the prefix
+
+
+def make_step_fn(table):
+    """A step function whose logits depend on the whole prefix, through both leaves of its state.
+
+    state: `h` int32 `[N]`, a hash of the prefix; `recent` int32 `[N, 3]`, the last three tokens. A
+    beam reorder that mixes up rows (of either leaf) changes the logits that follow.
+    """
+
+    def step_fn(tokens, state):
+        h = (state["h"] * 31 + tokens + 1) % ROWS
+        recent = jnp.concatenate([state["recent"][:, 1:], tokens[:, None]], axis=1)
+        return table[(h + 7 * recent[:, 0]) % ROWS], {"h": h, "recent": recent}
+
+    return step_fn
+
+
+def init_state(sentence_ids):
+    """The state before BOS of the given sentences (each id starts its own hash)."""
+    ids = jnp.asarray(sentence_ids, jnp.int32)
+    return {"h": ids * 17 + 3, "recent": jnp.zeros((len(ids), 3), jnp.int32)}
+
+
+def random_table(seed, vocab, bias=None):
+    table = 2.0 * jax.random.normal(jax.random.key(seed), (ROWS, vocab))
+    return table if bias is None else table + jnp.asarray(bias, jnp.float32)
+
+
+TRACES = {"beam": 0}
+
+
+@functools.partial(jax.jit, static_argnames=("beam_size", "max_len", "length_penalty", "min_len"))
+def run_beam(table, state, alpha, *, beam_size, max_len, length_penalty="gnmt", min_len=0):
+    TRACES["beam"] += 1
+    return decoding.beam_search(
+        make_step_fn(table),
+        state,
+        bos_id=BOS,
+        eos_id=EOS,
+        batch_size=state["h"].shape[0],
+        beam_size=beam_size,
+        max_len=max_len,
+        alpha=alpha,
+        length_penalty=length_penalty,
+        min_len=min_len,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("length_penalty",))
+def run_score(table, state, targets, alpha, *, length_penalty):
+    return decoding.score(
+        make_step_fn(table),
+        state,
+        targets,
+        bos_id=BOS,
+        eos_id=EOS,
+        alpha=alpha,
+        length_penalty=length_penalty,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("max_len",))
+def run_greedy(table, state, *, max_len):
+    return decoding.greedy(
+        make_step_fn(table),
+        state,
+        bos_id=BOS,
+        eos_id=EOS,
+        batch_size=state["h"].shape[0],
+        max_len=max_len,
+    )
+
+
+def all_sequences(vocab, max_len):
+    """Every hypothesis the search may return: `[n, max_len]`, content tokens 3.., EOS-ended or cut."""
+    content = range(EOS + 1, vocab)
+    rows = []
+    for length in range(1, max_len + 1):
+        for body in itertools.product(content, repeat=length - 1):
+            rows.append([*body, EOS] + [0] * (max_len - length))
+    rows.extend(list(body) for body in itertools.product(content, repeat=max_len))
+    return np.array(rows, np.int32)
+
+
+def rescore(table, result, sentence_ids, alpha, length_penalty):
+    """`decoding.score` of every returned hypothesis, arrays `[batch, beam, ...]`."""
+    batch, beam, max_len = result.sequences.shape
+    state = init_state(np.repeat(sentence_ids, beam))
+    targets = result.sequences.reshape(batch * beam, max_len)
+    scored = run_score(table, state, targets, alpha, length_penalty=length_penalty)
+    return jax.tree.map(lambda x: np.asarray(x).reshape(batch, beam, *x.shape[1:]), scored)
+
+
+def brute_force(table, sentence_id, sequences, alpha, length_penalty):
+    """Normalized scores of `sequences [n, max_len]` for one sentence, as numpy `[n]`."""
+    state = init_state(np.full(len(sequences), sentence_id))
+    return np.asarray(
+        run_score(table, state, sequences, alpha, length_penalty=length_penalty).scores
+    )
+
+
+PENALTIES = [("none", 0.0), ("average", 1.0), ("gnmt", 0.6)]
+
+
+@pytest.mark.parametrize("length_penalty, alpha", PENALTIES)
+def test_a_beam_wider_than_the_search_space_returns_every_hypothesis_in_exact_order(
+    length_penalty, alpha
+):
+    # vocab 5 (two content tokens) and max_len 5: 63 hypotheses, and never more than 48 candidates
+    # per step, so a beam of 64 prunes nothing: it must return all 63, ranked like brute force.
+    table, sentences = random_table(0, 5), [0, 1, 2]
+    result = run_beam(
+        table, init_state(sentences), alpha, beam_size=64, max_len=5, length_penalty=length_penalty
+    )
+    everything = all_sequences(5, 5)
+    for b, sentence in enumerate(sentences):
+        exact = brute_force(table, sentence, everything, alpha, length_penalty)
+        order = np.argsort(-exact)
+        assert np.all(np.diff(exact[order]) < 0), "ties would make the order ambiguous"
+        np.testing.assert_array_equal(result.valid[b], np.arange(64) < 63)
+        np.testing.assert_array_equal(result.sequences[b, :63], everything[order])
+        np.testing.assert_allclose(result.scores[b, :63], exact[order], rtol=1e-5)
+        # The slot no hypothesis fills is empty, whatever the length penalty.
+        assert result.scores[b, 63] == -np.inf and result.log_probs[b, 63] == -np.inf
+        assert result.lengths[b, 63] == 0 and not np.any(result.sequences[b, 63])
+
+
+@pytest.mark.parametrize(
+    "length_penalty, alpha",
+    [*PENALTIES, ("average", 0.5), ("average", -0.5), ("gnmt", 2.0), ("gnmt", -1.0)],
+)
+def test_early_termination_never_drops_an_n_best_hypothesis(length_penalty, alpha):
+    # One content token: a single alive prefix and two candidates per step, so a beam of 2 never
+    # prunes and only the stopping rule can lose a hypothesis; the 2-best must be exactly brute
+    # force's, for every penalty and sign of alpha (the bound must hold for each).
+    table, sentences = random_table(1, 4, bias=[0, 0, 0, 3.0]), list(range(64))
+    result = run_beam(
+        table, init_state(sentences), alpha, beam_size=2, max_len=8, length_penalty=length_penalty
+    )
+    everything = all_sequences(4, 8)
+    for b, sentence in enumerate(sentences):
+        exact = brute_force(table, sentence, everything, alpha, length_penalty)
+        best = np.argsort(-exact)[:2]
+        np.testing.assert_array_equal(result.sequences[b], everything[best])
+        np.testing.assert_allclose(result.scores[b], exact[best], rtol=1e-5)
+
+
+@pytest.mark.parametrize("beam_size", [1, 2, 5])
+def test_n_best_are_distinct_sorted_and_scored_like_decoding_score(beam_size):
+    table, sentences, alpha = random_table(2, 7), [0, 1, 2, 3], 0.8
+    result = run_beam(table, init_state(sentences), alpha, beam_size=beam_size, max_len=6)
+    assert result.sequences.shape == (4, beam_size, 6) and result.sequences.dtype == jnp.int32
+    assert result.token_log_probs.shape == (4, beam_size, 6)
+    assert np.all(result.valid)
+    assert np.all(np.diff(result.scores, axis=1) <= 0)
+    for b in range(4):
+        assert len({tuple(row) for row in np.asarray(result.sequences[b])}) == beam_size
+    scored = rescore(table, result, sentences, alpha, "gnmt")
+    np.testing.assert_allclose(result.scores, scored.scores, rtol=1e-5)
+    np.testing.assert_allclose(result.log_probs, scored.log_probs, rtol=1e-5)
+    np.testing.assert_array_equal(result.lengths, scored.lengths)
+    np.testing.assert_allclose(result.token_log_probs, scored.token_log_probs, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(result.log_probs, result.token_log_probs.sum(-1), rtol=1e-5)
+    # EOS (if any) is the last token and only padding follows it.
+    positions = np.arange(6)
+    within = positions < np.asarray(result.lengths)[..., None]
+    assert not np.any(np.asarray(result.sequences)[~within])
+    assert np.all(
+        np.asarray(result.sequences)[within & (positions < result.lengths[..., None] - 1)]
+    )
+    eos_at = np.asarray(result.sequences) == EOS
+    assert np.all(eos_at.sum(-1) <= 1)
+    ended = eos_at.any(-1)
+    assert np.all(np.asarray(result.lengths)[~ended] == 6)
+
+
+def test_empty_slots_are_invalid_and_minus_inf():
+    # vocab 4, max_len 2: only "eos", "a eos" and "a a" exist; the other 2 slots must stay empty even
+    # with a length penalty that divides by T^3.
+    result = run_beam(
+        random_table(3, 4),
+        init_state([0, 1]),
+        3.0,
+        beam_size=5,
+        max_len=2,
+        length_penalty="average",
+    )
+    np.testing.assert_array_equal(result.valid, [[True] * 3 + [False] * 2] * 2)
+    assert np.all(np.isfinite(result.scores[:, :3]))
+    assert np.all(result.scores[:, 3:] == -np.inf) and np.all(result.log_probs[:, 3:] == -np.inf)
+    assert not np.any(result.sequences[:, 3:]) and not np.any(result.lengths[:, 3:])
+    assert not np.any(result.token_log_probs[:, 3:])
+    for b in range(2):
+        got = {tuple(row) for row in np.asarray(result.sequences[b, :3])}
+        assert got == {(EOS, 0), (3, EOS), (3, 3)}
+
+
+def test_beam_size_one_is_greedy():
+    table, sentences = random_table(4, 9, bias=[0, 0, 1.0] + [0] * 6), list(range(12))
+    beam = run_beam(table, init_state(sentences), 0.6, beam_size=1, max_len=7)
+    greedy = run_greedy(table, init_state(sentences), max_len=7)
+    assert len(set(np.asarray(greedy.lengths).tolist())) > 1, "the test needs varied lengths"
+    np.testing.assert_array_equal(beam.sequences[:, 0], greedy.sequences)
+    np.testing.assert_array_equal(beam.lengths[:, 0], greedy.lengths)
+    np.testing.assert_allclose(beam.log_probs[:, 0], greedy.log_probs, rtol=1e-6)
+    np.testing.assert_allclose(beam.token_log_probs[:, 0], greedy.token_log_probs, rtol=1e-6)
+
+
+def test_a_sentence_decodes_the_same_alone_and_in_any_batch():
+    table = random_table(2, 7)
+    batch = run_beam(table, init_state([5, 6, 7, 8]), 0.8, beam_size=5, max_len=6)
+    other = run_beam(table, init_state([9, 7, 10, 11]), 0.8, beam_size=5, max_len=6)
+    alone = run_beam(table, init_state([7]), 0.8, beam_size=5, max_len=6)
+    for result, row in ((batch, 2), (other, 1)):
+        for got, want in zip(result, alone, strict=True):
+            np.testing.assert_array_equal(got[row], want[0])
+
+
+def test_min_len_blocks_eos_and_pad_and_bos_are_never_generated():
+    # EOS, pad and BOS are the likeliest tokens of this table.
+    table, sentences = random_table(5, 6, bias=[4.0, 4.0, 3.0, 0, 0, 0]), list(range(6))
+    free = run_beam(table, init_state(sentences), 0.6, beam_size=4, max_len=7)
+    held = run_beam(table, init_state(sentences), 0.6, beam_size=4, max_len=7, min_len=3)
+    assert np.any(free.lengths < 4), "without min_len some hypotheses must end before 4 tokens"
+    assert np.all(held.valid) and np.all(held.lengths >= 4)
+    assert not np.any(held.sequences[:, :, :3] == EOS)
+    for result in (free, held):
+        within = np.arange(7) < np.asarray(result.lengths)[..., None]
+        assert not np.any(np.isin(np.asarray(result.sequences)[within], [0, BOS]))
+    # Blocking EOS does not renormalize: the scores are still the model's.
+    scored = rescore(table, held, sentences, 0.6, "gnmt")
+    np.testing.assert_allclose(held.scores, scored.scores, rtol=1e-5)
+
+
+def test_alpha_and_table_are_traced_and_only_shapes_recompile():
+    state, table = init_state([0, 1]), random_table(6, 6)
+    kwargs = dict(beam_size=3, max_len=4, length_penalty="average")
+    results = [run_beam(table, state, 0.0, **kwargs)]
+    traced = TRACES["beam"]
+    results += [run_beam(table, state, alpha, **kwargs) for alpha in (0.5, 1.0, 2.0)]
+    run_beam(random_table(7, 6), state, 1.0, **kwargs)
+    assert TRACES["beam"] == traced, "changing alpha or the table must not retrace"
+    assert not all(np.array_equal(results[0].scores, r.scores) for r in results[1:])
+    run_beam(table, state, 1.0, **dict(kwargs, max_len=5))
+    assert TRACES["beam"] == traced + 1, "a new max_len is a new program"
+
+
+def test_the_loop_stops_once_no_alive_hypothesis_can_win():
+    steps = []
+
+    @jax.jit
+    def run(table, state):
+        step_fn = make_step_fn(table)
+
+        def counted(tokens, state):
+            jax.debug.callback(lambda: steps.append(1))
+            return step_fn(tokens, state)
+
+        return decoding.beam_search(
+            counted,
+            state,
+            bos_id=BOS,
+            eos_id=EOS,
+            batch_size=2,
+            beam_size=2,
+            max_len=20,
+            alpha=0.0,
+            length_penalty="none",
+        )
+
+    # EOS is by far the likeliest token: every hypothesis after the first few is worse than the
+    # 2-best already finished.
+    result = run(random_table(8, 5, bias=[0, 0, 6.0, 0, 0]), init_state([0, 1]))
+    jax.block_until_ready(result)
+    assert np.all(result.valid) and np.all(result.lengths <= 3)
+    assert 2 <= len(steps) <= 4
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(beam_size=0), "beam_size=0 must be a positive integer"),
+        (dict(max_len=0), "max_len=0 must be a positive integer"),
+        (dict(beam_size=2.0), "beam_size=2.0 must be a positive integer"),
+        (dict(eos_id=5), r"eos_id=5 is outside the vocabulary: use an id in \[1, 5\)"),
+        (dict(bos_id=-1), "bos_id=-1 is outside the vocabulary"),
+        (dict(bos_id=EOS), "bos_id, eos_id must be different ids"),
+        (dict(length_penalty="wu"), "length_penalty='wu' is not supported"),
+        (dict(min_len=4), r"min_len=4 must be an int in \[0, max_len=4\)"),
+        (dict(batch_size=3), r"init_state\['h'\] has shape \(2,\)"),
+    ],
+)
+def test_bad_arguments_raise_one_line_value_errors(change, message):
+    kwargs = dict(
+        bos_id=BOS, eos_id=EOS, batch_size=2, beam_size=2, max_len=4, length_penalty="gnmt"
+    )
+    with pytest.raises(ValueError, match=message) as error:
+        decoding.beam_search(
+            make_step_fn(random_table(0, 5)), init_state([0, 1]), **{**kwargs, **change}
+        )
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "step_fn, message",
+    [
+        (
+            lambda tokens, state: (jnp.zeros((4, 5)), {"h": state["h"][:, None]}),
+            r"step_fn changed state\['h'\] from int32\[4\] to int32\[4, 1\]",
+        ),
+        (lambda tokens, state: jnp.zeros((4, 5)), "step_fn must return a pair"),
+        (lambda tokens, state: (jnp.zeros((4, 5, 1)), state), r"float logits \[4, vocab\]"),
+        (lambda tokens, state: ({"h": state["h"]}, state), r"float logits \[4, vocab\]"),
+    ],
+)
+def test_a_step_function_that_does_not_fit_is_rejected(step_fn, message):
+    with pytest.raises(ValueError, match=message) as error:
+        decoding.beam_search(
+            step_fn,
+            {"h": jnp.zeros(2, jnp.int32)},
+            bos_id=BOS,
+            eos_id=EOS,
+            batch_size=2,
+            beam_size=2,
+            max_len=3,
+        )
+    assert "\n" not in str(error.value)

@@ -1,0 +1,100 @@
+"""decoding/greedy.py against a step-by-step numpy reference, on a model-free step function."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import decoding
+
+BOS, EOS = 1, 2
+ROWS = 101
+
+
+def make_step_fn(table):
+    """Logits `table[h]` where `h` int32 `[N]` (the state) hashes the whole prefix."""
+
+    def step_fn(tokens, h):
+        h = (h * 31 + tokens + 1) % ROWS
+        return table[h], h
+
+    return step_fn
+
+
+def reference_greedy(table, h, max_len):
+    """Greedy decoding of one sentence in plain numpy: (tokens, token log-probs)."""
+    table = np.asarray(table, np.float64)
+    token, tokens, token_log_probs = BOS, [], []
+    while len(tokens) < max_len and token != EOS:
+        h = (h * 31 + token + 1) % ROWS
+        log_probs = table[h] - np.log(np.sum(np.exp(table[h])))
+        allowed = log_probs.copy()
+        allowed[[0, BOS]] = -np.inf
+        token = int(np.argmax(allowed))
+        tokens.append(token)
+        token_log_probs.append(log_probs[token])
+    return tokens, token_log_probs
+
+
+@functools.partial(jax.jit, static_argnames=("max_len",))
+def run_greedy(table, h, *, max_len):
+    return decoding.greedy(
+        make_step_fn(table), h, bos_id=BOS, eos_id=EOS, batch_size=h.shape[0], max_len=max_len
+    )
+
+
+# pad and BOS are the likeliest tokens, and EOS likely enough for varied lengths.
+TABLE = 2.0 * jax.random.normal(jax.random.key(0), (ROWS, 8)) + jnp.array([5.0, 5.0, 1.0] + [0] * 5)
+
+
+def test_greedy_matches_the_step_by_step_reference():
+    h = jnp.arange(16, dtype=jnp.int32) * 5
+    result = run_greedy(TABLE, h, max_len=6)
+    assert result.sequences.shape == (16, 6) and result.sequences.dtype == jnp.int32
+    lengths = []
+    for b in range(16):
+        tokens, token_log_probs = reference_greedy(TABLE, int(h[b]), 6)
+        lengths.append(len(tokens))
+        np.testing.assert_array_equal(result.sequences[b], tokens + [0] * (6 - len(tokens)))
+        assert result.lengths[b] == len(tokens)
+        np.testing.assert_allclose(result.token_log_probs[b, : len(tokens)], token_log_probs, 1e-5)
+        assert not np.any(result.token_log_probs[b, len(tokens) :])
+        np.testing.assert_allclose(result.log_probs[b], sum(token_log_probs), rtol=1e-5)
+    assert min(lengths) < 6 and max(lengths) == 6, "the test needs EOS-ended and cut sentences"
+    assert not np.any(np.isin(result.sequences, [BOS])), "BOS is never generated"
+
+
+def test_greedy_stops_when_every_sentence_has_ended():
+    steps = []
+
+    @jax.jit
+    def run(table, h):
+        step_fn = make_step_fn(table)
+
+        def counted(tokens, h):
+            jax.debug.callback(lambda: steps.append(1))
+            return step_fn(tokens, h)
+
+        return decoding.greedy(counted, h, bos_id=BOS, eos_id=EOS, batch_size=3, max_len=50)
+
+    eos_table = TABLE.at[:, EOS].add(3.0)
+    result = jax.block_until_ready(run(eos_table, jnp.array([0, 1, 2], jnp.int32)))
+    assert len(steps) == int(np.max(result.lengths)) < 50
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(max_len=0), "max_len=0 must be a positive integer"),
+        (dict(batch_size=4), r"init_state has shape \(3,\): every leaf must have the batch \(4\)"),
+        (dict(eos_id=8), r"eos_id=8 is outside the vocabulary: use an id in \[1, 8\)"),
+        (dict(bos_id=0), "bos_id=0 is outside the vocabulary"),
+    ],
+)
+def test_bad_arguments_raise_one_line_value_errors(change, message):
+    kwargs = dict(bos_id=BOS, eos_id=EOS, batch_size=3, max_len=4)
+    with pytest.raises(ValueError, match=message) as error:
+        decoding.greedy(make_step_fn(TABLE), jnp.zeros(3, jnp.int32), **{**kwargs, **change})
+    assert "\n" not in str(error.value)
