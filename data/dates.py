@@ -1,0 +1,143 @@
+"""`dates`: human-readable dates to ISO `YYYY-MM-DD`, the classic attention exercise, as a TFDS builder.
+
+Each example is a date drawn with Faker between 1900-01-01 and 2099-12-31 and written by Babel in
+one of many CLDR patterns of one of six locales ("3 May 1979", "Thursday, May 3, 1979", "03.05.79",
+"3 mai 1979", "jueves, 3 de mayo de 1979", ...); the target is the same date in ISO form. The
+patterns are chosen so that a source names exactly one date: two-digit years appear only for
+1950-2049 ("03.05.79" is 1979, "03.05.31" is 2031) and the only numeric day-month orders are
+`M/d/yy` (US, unpadded, two-digit year), `dd/MM/y` (four-digit year) and `dd.MM.yy`/`dd.MM.y`.
+
+Sources are unique across all splits (no overlap between train, validation and test), and the data is
+a pure function of the builder version, the seed below and the split sizes of the config.
+
+    import tensorflow_datasets as tfds
+    from data import dates  # registers the builder
+    tfds.builder("dates/tiny", data_dir=..., file_format="array_record").download_and_prepare()
+"""
+
+import dataclasses
+import datetime
+
+import babel.dates
+import faker
+import tensorflow_datasets as tfds
+
+FIRST_DATE = datetime.date(1900, 1, 1)
+LAST_DATE = datetime.date(2099, 12, 31)
+TWO_DIGIT_YEARS = (1950, 2049)  # the only years written with a two-digit-year pattern
+SEED = 1979  # part of the dataset's definition: changing it means a new builder version
+
+# CLDR date patterns per locale (https://unicode.org/reports/tr35/tr35-dates.html).
+FORMATS: dict[str, tuple[str, ...]] = {
+    "en_US": (
+        "d MMM y",
+        "d MMMM y",
+        "dd MMM y",
+        "MMM d, y",
+        "MMMM d, y",
+        "EEE, MMM d, y",
+        "EEEE, MMMM d, y",
+        "M/d/yy",
+    ),
+    "en_GB": ("d MMMM y", "EEE d MMM y", "EEEE d MMMM y", "dd/MM/y"),
+    "fr_FR": ("d MMM y", "d MMMM y", "EEE d MMM y", "EEEE d MMMM y", "dd/MM/y"),
+    "de_DE": ("d. MMM y", "d. MMMM y", "EEEE, d. MMMM y", "dd.MM.y", "dd.MM.yy"),
+    "es_ES": ("d MMM y", "d 'de' MMMM 'de' y", "EEEE, d 'de' MMMM 'de' y"),
+    "it_IT": ("d MMM y", "d MMMM y", "EEEE d MMMM y"),
+}
+
+
+def has_two_digit_year(pattern: str) -> bool:
+    """Whether a CLDR pattern writes the year with two digits (`yy`)."""
+    return "yy" in pattern and "yyy" not in pattern
+
+
+_ALL_CHOICES = tuple((locale, pattern) for locale, ps in FORMATS.items() for pattern in ps)
+_FOUR_DIGIT_CHOICES = tuple((loc, p) for loc, p in _ALL_CHOICES if not has_two_digit_year(p))
+
+
+def format_source(date: datetime.date, locale: str, pattern: str) -> str:
+    """The human-readable form of `date` in `locale` with CLDR `pattern`."""
+    return babel.dates.format_date(date, pattern, locale=locale)
+
+
+def generate(count: int, seed: int = SEED) -> list[dict[str, str]]:
+    """`count` examples with distinct sources: dicts of `source`, `target`, `locale`, `format`.
+
+    Deterministic in (count, seed); a prefix of the list for `count + k` equals the list for `count`.
+    """
+    fake = faker.Faker()
+    fake.seed_instance(seed)
+    examples, seen = [], set()
+    while len(examples) < count:
+        date = fake.date_between_dates(FIRST_DATE, LAST_DATE)
+        two_digit_ok = TWO_DIGIT_YEARS[0] <= date.year <= TWO_DIGIT_YEARS[1]
+        locale, pattern = fake.random.choice(_ALL_CHOICES if two_digit_ok else _FOUR_DIGIT_CHOICES)
+        source = format_source(date, locale, pattern)
+        if source in seen:
+            continue
+        seen.add(source)
+        examples.append(
+            {"source": source, "target": date.isoformat(), "locale": locale, "format": pattern}
+        )
+    return examples
+
+
+@dataclasses.dataclass(eq=False)
+class DatesConfig(tfds.core.BuilderConfig):
+    """Split sizes of a `dates` variant."""
+
+    train_size: int = 50_000
+    validation_size: int = 1_000
+    test_size: int = 2_000
+
+
+class Dates(tfds.core.GeneratorBasedBuilder):
+    """Human-readable dates (many formats, six locales) to ISO `YYYY-MM-DD`."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    BUILDER_CONFIGS = [
+        DatesConfig(
+            name="default",
+            description="50,000 train / 1,000 validation / 2,000 test: enough for >=99.5% "
+            "exact match with an attention model.",
+        ),
+        DatesConfig(
+            name="tiny",
+            description="2,000 / 200 / 200, for tests and quick runs.",
+            train_size=2_000,
+            validation_size=200,
+            test_size=200,
+        ),
+    ]
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        text = tfds.features.Text()
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=__doc__.split("\n\n")[0],
+            features=tfds.features.FeaturesDict(
+                {"source": text, "target": text, "locale": text, "format": text}
+            ),
+            supervised_keys=("source", "target"),
+            disable_shuffling=True,
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # nothing to download
+        config = self.builder_config
+        sizes = {
+            "test": config.test_size,
+            "validation": config.validation_size,
+            "train": config.train_size,
+        }
+        examples = generate(sum(sizes.values()))
+        splits, start = {}, 0
+        for split, size in sizes.items():  # test first: it stays fixed when train grows
+            splits[split] = self._generate_examples(examples[start : start + size])
+            start += size
+        return splits
+
+    def _generate_examples(self, examples):
+        yield from enumerate(examples)

@@ -1,0 +1,132 @@
+"""`get_datasets(config)`: tokenizers, the training iterator and evaluation batches for a run.
+
+    data = get_datasets(config)
+    it = data.train.iterator()              # grain DatasetIterator; checkpoint it with orbax
+    batch = next(it)                        # {"src", "tgt_in", "tgt_out"}: int32 numpy arrays
+    shapes = data.train.batch_shapes()      # every global batch shape, to warm up jit
+    for batch in data.eval["validation"].batches: ...   # plus "mask"; .sources / .references
+    text = data.tgt_tokenizer.decode(ids)
+
+Config fields: `dataset`, `data_dir`, `manual_dir`, `tokenizer` ("char" | "sentencepiece"),
+`vocab_size`, `sp_model_type` ("unigram" | "bpe"), `shared_vocab`, `tokenizer_dir`, `max_len`,
+`batch_size`, `tokens_per_batch`, `seed`; optional `eval_batch_size` (default: batch_size) and
+`num_buckets` (default 4). `max_len` bounds every array length: a training example is dropped when
+its source + EOS or BOS + target is longer; evaluation examples are truncated instead (the
+reference strings stay whole).
+"""
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+from absl import logging
+
+from data import datasets, pipeline, tokenizers
+
+EVAL_SPLITS = ("validation", "test")
+DEFAULT_TOKENIZER_DIR = Path.home() / ".cache" / "seqzoo" / "tokenizers"
+
+
+@dataclasses.dataclass(frozen=True)
+class Datasets:
+    """Everything a run reads: see the module docstring."""
+
+    train: pipeline.TrainPipeline  # .iterator(shard_index, shard_count), .batch_shapes()
+    eval: dict[str, pipeline.EvalData]  # the dataset's splits among EVAL_SPLITS
+    src_tokenizer: tokenizers.Tokenizer
+    tgt_tokenizer: tokenizers.Tokenizer
+    stats: dict[str, int]
+
+
+def build_tokenizers(
+    config, sources: Sequence[str], targets: Sequence[str]
+) -> tuple[tokenizers.Tokenizer, tokenizers.Tokenizer]:
+    """(source, target) tokenizers trained on the training texts, one shared or one per side."""
+    options = dict(
+        cache_dir=config.tokenizer_dir or DEFAULT_TOKENIZER_DIR,
+        vocab_size=config.vocab_size,
+        model_type=config.sp_model_type,
+    )
+    if config.shared_vocab:
+        shared = tokenizers.build(config.tokenizer, [*sources, *targets], **options)
+        return shared, shared
+    src = tokenizers.build(config.tokenizer, sources, **options)
+    return src, tokenizers.build(config.tokenizer, targets, **options)
+
+
+def tokenize(
+    src_tokenizer: tokenizers.Tokenizer,
+    tgt_tokenizer: tokenizers.Tokenizer,
+    sources: Sequence[str],
+    targets: Sequence[str],
+) -> pipeline.Tokenized:
+    return pipeline.Tokenized.from_lists(
+        [src_tokenizer.encode(s) for s in sources], [tgt_tokenizer.encode(t) for t in targets]
+    )
+
+
+def get_datasets(config, *, batch_multiple: int = 1) -> Datasets:
+    """Loads (preparing if needed) `config.dataset`, builds tokenizers and batches.
+
+    Args:
+      config: an ml_collections ConfigDict with the fields in the module docstring.
+      batch_multiple: every global batch size is a multiple of this (pass `jax.device_count()`).
+        With `tokens_per_batch`, batch sizes are rounded down to it; `batch_size` and
+        `eval_batch_size` must be multiples of it (eval_batch_size is rounded up).
+
+    Raises:
+      DataError: bad dataset name, paths or files (one-line message).
+      ValueError: inconsistent batch settings (one-line message).
+    """
+    if config.max_len < 2:
+        raise ValueError(f"max_len must be >= 2 (a token and EOS), got {config.max_len}")
+    where = dict(data_dir=config.data_dir, manual_dir=config.manual_dir)
+    sources, targets = datasets.load(config.dataset, "train", **where).columns()
+    src_tokenizer, tgt_tokenizer = build_tokenizers(config, sources, targets)
+    train = pipeline.TrainPipeline(
+        tokenize(src_tokenizer, tgt_tokenizer, sources, targets),
+        max_len=config.max_len,
+        batch_size=config.batch_size,
+        tokens_per_batch=config.tokens_per_batch,
+        batch_multiple=batch_multiple,
+        num_buckets=config.get("num_buckets", pipeline.DEFAULT_NUM_BUCKETS),
+        seed=config.seed,
+    )
+    stats = {
+        "train_examples": len(sources),
+        "train_kept": train.num_examples,
+        "train_dropped": train.num_dropped,
+    }
+    logging.info(
+        "%s train: kept %d of %d examples, dropped %d longer than max_len=%d tokens",
+        config.dataset,
+        train.num_examples,
+        len(sources),
+        train.num_dropped,
+        config.max_len,
+    )
+    eval_batch_size = config.get("eval_batch_size") or config.batch_size
+    eval_batch_size = -(-eval_batch_size // batch_multiple) * batch_multiple
+    evals = {}
+    available = datasets.split_names(config.dataset, data_dir=config.data_dir)
+    for split in (s for s in EVAL_SPLITS if s in available):
+        sources, references = datasets.load(config.dataset, split, **where).columns()
+        evals[split] = pipeline.make_eval_data(
+            tokenize(src_tokenizer, tgt_tokenizer, sources, references),
+            sources,
+            references,
+            buckets=train.buckets,
+            batch_size=eval_batch_size,
+            max_len=config.max_len,
+        )
+        stats[f"{split}_examples"] = len(sources)
+        stats[f"{split}_truncated"] = evals[split].num_truncated
+    logging.info(
+        "%s batches: train shapes %s, %d batches per epoch; eval batch size %d; stats %s",
+        config.dataset,
+        [tuple(s) for s in train.batch_shapes()],
+        train.batches_per_epoch,
+        eval_batch_size,
+        stats,
+    )
+    return Datasets(train, evals, src_tokenizer, tgt_tokenizer, stats)

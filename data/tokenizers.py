@@ -1,0 +1,227 @@
+"""Tokenizers with fixed special ids: SentencePiece (unigram or BPE) and characters.
+
+Every tokenizer has `vocab_size`, `encode(text) -> list[int]` (no BOS/EOS added),
+`decode(ids) -> str` (stops at the first EOS, drops PAD and BOS), `save(directory)`; `load(directory)`
+reads either kind back. Ids 0-3 are PAD, BOS, EOS, UNK in both kinds.
+
+SentencePiece is trained with byte fallback, identity normalization and whitespace kept as is, so
+`decode(encode(text)) == text` for any text: BLEU is computed on the real strings, and characters
+unseen in training become bytes rather than UNK. `build` trains a tokenizer once per (training text,
+options) and caches it in a directory named by their hash.
+"""
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import sentencepiece as spm
+
+from data import DataError
+
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+NUM_SPECIAL = 4
+UNK_TEXT = "\u2047"  # "⁇", what SentencePiece decodes UNK to
+KINDS = ("char", "sentencepiece")
+SP_MODEL_TYPES = ("unigram", "bpe")
+SP_SEED = 0
+SP_MAX_SENTENCES = 2_000_000  # SentencePiece samples this many sentences from larger corpora
+SP_NUM_THREADS = 8  # fixed, not the core count: the trained model depends on it
+_META = "tokenizer.json"
+_SP_MODEL = "spm.model"
+_CACHE_FORMAT = 1  # bump when training changes, so old caches are not reused
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Iterable[int]) -> str: ...
+
+    def save(self, directory: str | os.PathLike) -> None: ...
+
+
+def content_ids(ids: Iterable[int]) -> list[int]:
+    """`ids` up to the first EOS, without PAD and BOS (accepts lists and numpy arrays)."""
+    out = []
+    for i in map(int, ids):
+        if i == EOS_ID:
+            break
+        if i not in (PAD_ID, BOS_ID):
+            out.append(i)
+    return out
+
+
+class CharTokenizer:
+    """One id per character; characters outside the vocabulary map to UNK."""
+
+    kind = "char"
+
+    def __init__(self, chars: Sequence[str]):
+        """`chars`: the vocabulary after the four special ids (id 4 is `chars[0]`)."""
+        self.chars = tuple(chars)
+        self._ids = {c: i for i, c in enumerate(self.chars, start=NUM_SPECIAL)}
+        self.vocab_size = NUM_SPECIAL + len(self.chars)
+
+    @classmethod
+    def train(cls, texts: Iterable[str]) -> "CharTokenizer":
+        """The vocabulary of every character in `texts`, sorted."""
+        chars = set()
+        for text in texts:
+            chars.update(text)
+        return cls(sorted(chars))
+
+    def encode(self, text: str) -> list[int]:
+        return [self._ids.get(c, UNK_ID) for c in text]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        n = len(self.chars)
+        return "".join(
+            self.chars[i - NUM_SPECIAL] if NUM_SPECIAL <= i < NUM_SPECIAL + n else UNK_TEXT
+            for i in content_ids(ids)
+        )
+
+    def save(self, directory: str | os.PathLike) -> None:
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        meta = {"kind": self.kind, "chars": list(self.chars)}
+        (path / _META).write_text(json.dumps(meta, ensure_ascii=False))
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece model (unigram or BPE) trained with the fixed special ids."""
+
+    kind = "sentencepiece"
+
+    def __init__(self, model_proto: bytes):
+        self.model_proto = model_proto
+        self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.vocab_size = self._sp.get_piece_size()
+        specials = [self._sp.pad_id(), self._sp.bos_id(), self._sp.eos_id(), self._sp.unk_id()]
+        if specials != [PAD_ID, BOS_ID, EOS_ID, UNK_ID]:
+            raise DataError(
+                f"SentencePiece model has special ids pad/bos/eos/unk={specials}, not 0/1/2/3: "
+                "train it with SentencePieceTokenizer.train"
+            )
+
+    @classmethod
+    def train(
+        cls, texts: Iterable[str], *, vocab_size: int, model_type: str = "unigram"
+    ) -> "SentencePieceTokenizer":
+        """Trains on `texts` (deterministic: SentencePiece's sampling is seeded)."""
+        if model_type not in SP_MODEL_TYPES:
+            raise DataError(
+                f"unknown sp_model_type {model_type!r}: use one of {', '.join(SP_MODEL_TYPES)}"
+            )
+        spm.set_random_generator_seed(SP_SEED)
+        model = io.BytesIO()
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(texts),
+                model_writer=model,
+                vocab_size=vocab_size,
+                model_type=model_type,
+                pad_id=PAD_ID,
+                bos_id=BOS_ID,
+                eos_id=EOS_ID,
+                unk_id=UNK_ID,
+                byte_fallback=True,
+                character_coverage=1.0,
+                normalization_rule_name="identity",
+                remove_extra_whitespaces=False,
+                input_sentence_size=SP_MAX_SENTENCES,
+                shuffle_input_sentence=True,
+                num_threads=SP_NUM_THREADS,
+                minloglevel=2,
+            )
+        except RuntimeError as e:
+            reason = str(e).split("] ")[-1].splitlines()[0]
+            raise DataError(
+                f"cannot train a SentencePiece vocabulary of {vocab_size} pieces on this text: "
+                f"{reason} (change vocab_size)"
+            ) from None
+        return cls(model.getvalue())
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = [i if 0 <= i < self.vocab_size else UNK_ID for i in content_ids(ids)]
+        return self._sp.decode(ids)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / _SP_MODEL).write_bytes(self.model_proto)
+        (path / _META).write_text(json.dumps({"kind": self.kind, "model": _SP_MODEL}))
+
+
+def load(directory: str | os.PathLike) -> Tokenizer:
+    """The tokenizer saved in `directory` by `save`."""
+    path = Path(directory)
+    try:
+        meta = json.loads((path / _META).read_text())
+        if meta["kind"] == CharTokenizer.kind:
+            return CharTokenizer(meta["chars"])
+        return SentencePieceTokenizer((path / meta["model"]).read_bytes())
+    except (OSError, ValueError, KeyError) as e:
+        raise DataError(
+            f"no readable tokenizer in {path} ({type(e).__name__}: {e}): point to a directory "
+            "written by Tokenizer.save, or delete it to retrain"
+        ) from None
+
+
+def _train(kind: str, texts: Sequence[str], vocab_size: int | None, model_type: str) -> Tokenizer:
+    if kind == "char":
+        return CharTokenizer.train(texts)
+    if not vocab_size or vocab_size <= NUM_SPECIAL:
+        raise DataError(f"vocab_size {vocab_size} is too small for sentencepiece: use e.g. 8000")
+    return SentencePieceTokenizer.train(texts, vocab_size=vocab_size, model_type=model_type)
+
+
+def build(
+    kind: str,
+    texts: Sequence[str],
+    *,
+    cache_dir: str | os.PathLike,
+    vocab_size: int | None = None,
+    model_type: str = "unigram",
+) -> Tokenizer:
+    """A tokenizer of `kind` ("char" or "sentencepiece") trained on `texts`, cached in `cache_dir`.
+
+    The cache entry is `cache_dir/<kind>-<hash of (options, texts)>`: the same texts and options
+    load the saved tokenizer instead of training again (concurrent builders are safe: each writes a
+    temporary directory and renames it). `vocab_size` and `model_type` apply to SentencePiece.
+    """
+    if kind not in KINDS:
+        raise DataError(f"unknown tokenizer {kind!r}: use one of {', '.join(KINDS)}")
+    options = {"kind": kind, "format": _CACHE_FORMAT}
+    if kind == "sentencepiece":
+        options.update(vocab_size=vocab_size, model_type=model_type)
+    digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
+    for text in texts:
+        digest.update(text.encode("utf-8") + b"\0")
+    directory = Path(cache_dir) / f"{kind}-{digest.hexdigest()[:16]}"
+    if (directory / _META).exists():
+        return load(directory)
+    tokenizer = _train(kind, texts, vocab_size, model_type)
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
+        tokenizer.save(tmp)
+        try:
+            os.rename(tmp, directory)
+        except OSError:  # another process saved it first; theirs is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:
+        raise DataError(
+            f"cannot write tokenizer to {directory} ({e.strerror or e}): set a writable "
+            "tokenizer_dir"
+        ) from None
+    return tokenizer

@@ -1,0 +1,118 @@
+"""Shared session fixtures: a prepared TFDS data_dir, Multi30k's raw files, data configs.
+
+- `tfds_data_dir`: a session TFDS data_dir with `dates/tiny` prepared.
+- `multi30k_dir`: the raw Multi30k directory (`$SEQZOO_MULTI30K_DIR`, else
+  `<repo>/../shared/data/multi30k`); skips the test without it, fails it under CI.
+- `multi30k_data_dir`: `tfds_data_dir` with `multi30k/en-de` prepared too (once per session).
+- `tokenizer_dir`: a session tokenizer cache, so each tokenizer is trained once per session.
+- `dates_config()` / `multi30k_config()`: fresh ConfigDicts for `input_pipeline.get_datasets`.
+- `dates_data` / `multi30k_data`: `get_datasets` of those configs, built once per session.
+"""
+
+import os
+from pathlib import Path
+
+import ml_collections
+import pytest
+
+from data import datasets, input_pipeline, multi30k
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tfds_data_dir(tmp_path_factory) -> Path:
+    data_dir = tmp_path_factory.mktemp("tfds")
+    datasets.prepare(datasets.builder("dates/tiny", data_dir=data_dir))
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def multi30k_dir() -> Path:
+    env = os.environ.get(multi30k.ENV_VAR)
+    directory = Path(env) if env else REPO.parent / "shared" / "data" / "multi30k"
+    missing = multi30k.missing_files(directory, multi30k.LANGUAGES) if directory.is_dir() else []
+    if directory.is_dir() and not missing:
+        return directory
+    reason = (
+        f"Multi30k raw files not found in {directory} ({', '.join(missing) or 'no directory'}): "
+        f"set {multi30k.ENV_VAR} to a directory holding {{train,val,test_2016_flickr}}."
+        f"{{en,de,fr}}.gz, from {multi30k.DOWNLOAD_URL.format(file='<split>.<lang>.gz')}"
+    )
+    if os.environ.get("CI"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def multi30k_data_dir(tfds_data_dir, multi30k_dir) -> Path:
+    builder = datasets.builder("multi30k/en-de", data_dir=tfds_data_dir, manual_dir=multi30k_dir)
+    datasets.prepare(builder)
+    return tfds_data_dir
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tokenizers")
+
+
+def data_config(**fields) -> ml_collections.ConfigDict:
+    """A `get_datasets` config: small defaults, overridden by `fields`."""
+    config = dict(
+        dataset="dates/tiny",
+        data_dir=None,
+        manual_dir=None,
+        tokenizer="char",
+        vocab_size=1000,
+        sp_model_type="bpe",
+        shared_vocab=False,
+        tokenizer_dir=None,
+        max_len=48,
+        batch_size=32,
+        tokens_per_batch=0,
+        seed=0,
+        eval_batch_size=32,
+    )
+    config.update(fields)
+    return ml_collections.ConfigDict(config)
+
+
+def dates_fields(data_dir, tokenizer_dir) -> dict:
+    return {"data_dir": str(data_dir), "tokenizer_dir": str(tokenizer_dir)}
+
+
+def multi30k_fields(data_dir, raw_dir, tokenizer_dir) -> dict:
+    """multi30k/en-de with separate 1000-piece BPE vocabularies."""
+    return {
+        "dataset": "multi30k/en-de",
+        "data_dir": str(data_dir),
+        "manual_dir": str(raw_dir),
+        "tokenizer": "sentencepiece",
+        "tokenizer_dir": str(tokenizer_dir),
+        "max_len": 64,
+    }
+
+
+@pytest.fixture
+def dates_config(tfds_data_dir, tokenizer_dir):
+    """A factory: `dates_config(**overrides)` -> ConfigDict for dates/tiny with characters."""
+    fields = dates_fields(tfds_data_dir, tokenizer_dir)
+    return lambda **overrides: data_config(**{**fields, **overrides})
+
+
+@pytest.fixture
+def multi30k_config(multi30k_data_dir, multi30k_dir, tokenizer_dir):
+    """A factory: `multi30k_config(**overrides)` -> ConfigDict for multi30k/en-de."""
+    fields = multi30k_fields(multi30k_data_dir, multi30k_dir, tokenizer_dir)
+    return lambda **overrides: data_config(**{**fields, **overrides})
+
+
+@pytest.fixture(scope="session")
+def dates_data(tfds_data_dir, tokenizer_dir) -> input_pipeline.Datasets:
+    return input_pipeline.get_datasets(data_config(**dates_fields(tfds_data_dir, tokenizer_dir)))
+
+
+@pytest.fixture(scope="session")
+def multi30k_data(multi30k_data_dir, multi30k_dir, tokenizer_dir) -> input_pipeline.Datasets:
+    fields = multi30k_fields(multi30k_data_dir, multi30k_dir, tokenizer_dir)
+    return input_pipeline.get_datasets(data_config(**fields))
