@@ -1,0 +1,73 @@
+"""Pieces shared by the model families: special ids, masks, RNN cells, masked softmax, validation."""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+
+CELLS = ("gru", "lstm")
+
+
+def check_choice(field: str, value: Any, choices: tuple) -> None:
+    """Raises a one-line ValueError unless `value` is one of `choices`."""
+    if value not in choices:
+        raise ValueError(f"{field}={value!r} is not supported: use one of {', '.join(choices)}")
+
+
+def check_positive(**fields: int) -> None:
+    """Raises a one-line ValueError for the first field that is not a positive integer."""
+    for field, value in fields.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{field}={value!r} must be a positive integer")
+
+
+def check_rate(**fields: float) -> None:
+    """Raises a one-line ValueError for the first dropout rate outside [0, 1)."""
+    for field, value in fields.items():
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{field}={value!r} must be in [0, 1)")
+
+
+def padding_mask(tokens: jax.Array) -> jax.Array:
+    """`[batch, length]` bool, True at real tokens (id != PAD_ID)."""
+    return tokens != PAD_ID
+
+
+def beams_per_sentence(batch_size: int, num_rows: int) -> int:
+    """Beam width of a decode step: `num_rows = batch_size x beam` rows, row n in sentence n // beam."""
+    if num_rows % batch_size:
+        raise ValueError(
+            f"decode_step got {num_rows} rows for a memory of {batch_size} sentences: "
+            "the rows must be the sentences times the beam width ([batch, beam] flattened)"
+        )
+    return num_rows // batch_size
+
+
+def rnn_cell(kind: str, features: int, dtype: Any, param_dtype: Any) -> nn.RNNCellBase:
+    """A GRU or (fused-gate) LSTM cell; `cell(carry, x [batch, in]) -> (carry, h [batch, features])`."""
+    if kind == "gru":
+        return nn.GRUCell(features, dtype=dtype, param_dtype=param_dtype)
+    return nn.OptimizedLSTMCell(features, dtype=dtype, param_dtype=param_dtype)
+
+
+def cell_hidden(kind: str, carry: Any) -> jax.Array:
+    """The hidden state `h [batch, features]` inside a cell's carry (an LSTM carry is `(c, h)`)."""
+    return carry[1] if kind == "lstm" else carry
+
+
+def carry_from_hidden(kind: str, hidden: jax.Array) -> Any:
+    """A cell carry whose hidden state is `hidden [batch, features]` (an LSTM's memory cell starts at 0)."""
+    return (jnp.zeros_like(hidden), hidden) if kind == "lstm" else hidden
+
+
+def masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
+    """float32 softmax over the last axis, exactly 0 where `mask` (broadcastable) is False.
+
+    Masked scores become the most negative float32, not -inf, so a row with no unmasked position gives
+    a uniform distribution instead of NaN.
+    """
+    scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores, axis=-1)

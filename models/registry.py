@@ -1,0 +1,102 @@
+"""Model names -> (Linen module class, default hyperparameters), and a constructor that checks overrides.
+
+The defaults suit the dates task and Multi30k on a CPU; configs override any of them by name.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from models.attention_rnn import AttentionRNN
+from models.seq2seq_rnn import Seq2SeqRNN
+from models.transformer import Transformer
+
+MODELS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
+    "seq2seq_rnn": (
+        Seq2SeqRNN,
+        {"cell": "gru", "embed_dim": 128, "hidden_dim": 256, "num_layers": 2, "dropout_rate": 0.1},
+    ),
+    "attention_rnn": (
+        AttentionRNN,
+        {
+            "cell": "gru",
+            "embed_dim": 128,
+            "hidden_dim": 256,
+            "num_layers": 1,
+            "attention": "bahdanau",
+            "attention_dim": 256,
+            "dropout_rate": 0.1,
+        },
+    ),
+    "transformer": (
+        Transformer,
+        {
+            "d_model": 256,
+            "num_heads": 4,
+            "num_encoder_layers": 3,
+            "num_decoder_layers": 3,
+            "ffn_dim": 1024,
+            "dropout_rate": 0.1,
+            "attention_dropout_rate": 0.1,
+            "pre_ln": True,
+            "share_embeddings": False,
+            "tie_output": True,
+            "activation": "relu",
+            "max_len": 256,
+        },
+    ),
+}
+
+_DTYPE_FIELDS = ("dtype", "param_dtype")
+
+
+def _lookup(name: str) -> tuple[type[nn.Module], dict[str, Any]]:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}: use one of {', '.join(MODELS)}")
+    return MODELS[name]
+
+
+def hparam_names(name: str) -> tuple[str, ...]:
+    """Every hyperparameter `create_model` accepts for `name` (dtype and param_dtype included)."""
+    module_class, _ = _lookup(name)
+    fixed = {"src_vocab_size", "tgt_vocab_size", "parent", "name"}
+    return tuple(f.name for f in dataclasses.fields(module_class) if f.name not in fixed)
+
+
+def default_hparams(name: str) -> dict[str, Any]:
+    """A copy of the default hyperparameters of model `name`."""
+    return dict(_lookup(name)[1])
+
+
+def create_model(name: str, *, src_vocab_size: int, tgt_vocab_size: int, **overrides) -> nn.Module:
+    """The Linen module `name` with its default hyperparameters updated by `overrides`.
+
+    `dtype` and `param_dtype` may be given as strings ("bfloat16"). Raises a one-line ValueError for an
+    unknown model or hyperparameter, listing the valid ones, or for an invalid value.
+    """
+    module_class, defaults = _lookup(name)
+    valid = hparam_names(name)
+    unknown = sorted(set(overrides) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"unknown hyperparameter(s) {', '.join(unknown)} for model {name!r}: "
+            f"use {', '.join(valid)}"
+        )
+    hparams = {**defaults, **overrides}
+    for field in _DTYPE_FIELDS:
+        if field in hparams:
+            try:
+                hparams[field] = jnp.dtype(hparams[field]).type
+            except TypeError:
+                raise ValueError(
+                    f"{field}={hparams[field]!r} is not a dtype: use e.g. float32 or bfloat16"
+                ) from None
+    return module_class(src_vocab_size=src_vocab_size, tgt_vocab_size=tgt_vocab_size, **hparams)
+
+
+def count_params(params: Any) -> int:
+    """Number of scalars in a parameter pytree (or in a `{"params": ...}` variables dict)."""
+    return sum(int(leaf.size) for leaf in jax.tree.leaves(params))

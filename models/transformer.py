@@ -1,0 +1,442 @@
+"""Encoder-decoder Transformer (Vaswani et al., 2017) with a KV cache for incremental decoding.
+
+Embeddings scaled by sqrt(d_model) plus sinusoidal positions; multi-head self-attention in the encoder,
+causal self-attention and encoder-decoder attention in the decoder; position-wise FFN; residual
+connections with LayerNorm before (pre-LN) or after (post-LN, the paper's) each sublayer; dropout on
+sublayer outputs, embeddings, FFN activations and attention weights; optional shared source/target
+embeddings and output projection tied to the target embedding.
+
+Attention is written here with flax's projections (`nn.DenseGeneral`) rather than taken from
+`nn.MultiHeadDotProductAttention`, whose decode cache breaks the decoding contract: it keeps a *scalar*
+`cache_index` in a mutable collection (state leaves must have the N = batch x beam rows first, so beam
+search can reorder them with one gather) and recomputes the cross-attention keys/values from the encoder
+output at every step. Here `encode` computes each decoder layer's cross-attention K/V once, with the
+sentence batch first, `decode_step` broadcasts them over the beams of each sentence (the beams of a
+sentence are just more queries against the same keys), and the self-attention cache is preallocated in
+`init_decode_state` and written in place with `lax.dynamic_update_slice`. The teacher-forced and the
+incremental paths call the same `MultiHeadAttention` modules, so they share parameters and agree to
+float rounding.
+"""
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from models import common
+
+ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu}
+
+
+def sinusoidal_positions(max_len: int, d_model: int) -> np.ndarray:
+    """float32 `[max_len, d_model]`: PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(same)."""
+    positions = np.arange(max_len, dtype=np.float64)[:, None]
+    inv_freq = 10000.0 ** (-np.arange(0, d_model, 2, dtype=np.float64) / d_model)
+    table = np.zeros((max_len, d_model), np.float64)
+    table[:, 0::2] = np.sin(positions * inv_freq)
+    table[:, 1::2] = np.cos(positions * inv_freq)
+    return table.astype(np.float32)
+
+
+class MultiHeadAttention(nn.Module):
+    """Scaled dot-product attention with `num_heads` heads; keys/values projected separately (`kv`) so
+    they can be computed once and cached.
+
+    Queries `[batch, q_len, d_model]` attend over keys/values `[batch, kv_len, heads, head_dim]` of the
+    same leading `batch`; beams of a sentence are passed as extra query positions of that sentence.
+    """
+
+    d_model: int
+    num_heads: int
+    dropout_rate: float
+    dtype: Any
+    param_dtype: Any
+
+    def setup(self):
+        head_dim = self.d_model // self.num_heads
+        dense = dict(
+            kernel_init=nn.initializers.xavier_uniform(),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+        self.query = nn.DenseGeneral((self.num_heads, head_dim), **dense)
+        self.key = nn.DenseGeneral((self.num_heads, head_dim), **dense)
+        self.value = nn.DenseGeneral((self.num_heads, head_dim), **dense)
+        self.out = nn.DenseGeneral(self.d_model, axis=(-2, -1), **dense)
+        self.dropout = nn.Dropout(self.dropout_rate)
+
+    def kv(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Keys and values `[batch, len, heads, head_dim]` of `x [batch, len, d_model]`."""
+        return self.key(x), self.value(x)
+
+    def __call__(
+        self, x: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array, train: bool
+    ) -> tuple[jax.Array, jax.Array]:
+        """Args:
+          x: queries `[batch, q_len, d_model]`.
+          keys, values: `[batch, kv_len, heads, head_dim]`.
+          mask: bool, broadcastable to `[batch, heads, q_len, kv_len]`, True where attention is allowed.
+
+        Returns:
+          (output `[batch, q_len, d_model]`, float32 weights `[batch, heads, q_len, kv_len]` before
+          attention dropout).
+        """
+        query = self.query(x) * keys.shape[-1] ** -0.5
+        weights = common.masked_softmax(jnp.einsum("bqhd,bkhd->bhqk", query, keys), mask)
+        dropped = self.dropout(weights, deterministic=not train).astype(self.dtype)
+        return self.out(jnp.einsum("bhqk,bkhd->bqhd", dropped, values)), weights
+
+
+class FeedForward(nn.Module):
+    """Position-wise FFN: Dense(ffn_dim) -> activation -> dropout -> Dense(d_model)."""
+
+    d_model: int
+    ffn_dim: int
+    activation: str
+    dropout_rate: float
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        dense = dict(
+            kernel_init=nn.initializers.xavier_uniform(),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+        x = ACTIVATIONS[self.activation](nn.Dense(self.ffn_dim, name="inner", **dense)(x))
+        x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+        return nn.Dense(self.d_model, name="outer", **dense)(x)
+
+
+class Sublayers(nn.Module):
+    """Shared machinery of encoder and decoder layers: residual + LayerNorm (pre or post) around each
+    sublayer, dropout on the sublayer output."""
+
+    d_model: int
+    num_heads: int
+    ffn_dim: int
+    activation: str
+    dropout_rate: float
+    attention_dropout_rate: float
+    pre_ln: bool
+    dtype: Any
+    param_dtype: Any
+
+    def setup(self):
+        self.residual_dropout = nn.Dropout(self.dropout_rate)
+
+    def attention(self) -> MultiHeadAttention:
+        return MultiHeadAttention(
+            self.d_model, self.num_heads, self.attention_dropout_rate, self.dtype, self.param_dtype
+        )
+
+    def feed_forward(self) -> FeedForward:
+        return FeedForward(
+            self.d_model,
+            self.ffn_dim,
+            self.activation,
+            self.dropout_rate,
+            self.dtype,
+            self.param_dtype,
+        )
+
+    def layer_norm(self) -> nn.LayerNorm:
+        return nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def residual(self, x: jax.Array, norm: nn.LayerNorm, sublayer, train: bool):
+        """`x + drop(f(LN(x)))` (pre-LN) or `LN(x + drop(f(x)))` (post-LN); `sublayer` returns
+        `(output, aux)` and `aux` is passed through."""
+        y, aux = sublayer(norm(x) if self.pre_ln else x)
+        x = x + self.residual_dropout(y, deterministic=not train)
+        return (x if self.pre_ln else norm(x)), aux
+
+
+class EncoderLayer(Sublayers):
+    def setup(self):
+        super().setup()
+        self.self_attention = self.attention()
+        self.ffn = self.feed_forward()
+        self.norm1, self.norm2 = self.layer_norm(), self.layer_norm()
+
+    def __call__(self, x: jax.Array, mask: jax.Array, train: bool) -> jax.Array:
+        """x `[batch, src_len, d_model]`, mask bool `[batch, 1, 1, src_len]` -> `[batch, src_len, d_model]`."""
+
+        def attend(h):
+            return self.self_attention(h, *self.self_attention.kv(h), mask, train)
+
+        x, _ = self.residual(x, self.norm1, attend, train)
+        x, _ = self.residual(x, self.norm2, lambda h: (self.ffn(h, train), None), train)
+        return x
+
+
+class DecoderLayer(Sublayers):
+    def setup(self):
+        super().setup()
+        self.self_attention = self.attention()
+        self.cross_attention = self.attention()
+        self.ffn = self.feed_forward()
+        self.norm1, self.norm2, self.norm3 = self.layer_norm(), self.layer_norm(), self.layer_norm()
+
+    def __call__(
+        self,
+        x: jax.Array,
+        self_kv,
+        self_mask: jax.Array,
+        cross_kv: tuple[jax.Array, jax.Array],
+        cross_mask: jax.Array,
+        train: bool,
+    ) -> tuple[jax.Array, Any, jax.Array]:
+        """One decoder layer, teacher-forced or incremental.
+
+        Args:
+          x: `[rows, q_len, d_model]` (teacher-forced: rows = batch; incremental: rows = N, q_len = 1).
+          self_kv: a function `(k, v) -> (keys, values)` from the new positions' keys/values
+            `[rows, q_len, heads, head_dim]` to the ones to attend over (themselves, or the updated cache).
+          self_mask: bool, broadcastable to `[rows, heads, q_len, kv_len]`.
+          cross_kv: this layer's encoder keys/values `[batch, src_len, heads, head_dim]` (sentence batch).
+          cross_mask: bool `[batch, 1, 1, src_len]`.
+
+        Returns:
+          (`[rows, q_len, d_model]`, the attended self keys/values, float32 cross-attention weights
+          `[batch, heads, rows // batch * q_len, src_len]`).
+        """
+
+        def attend_self(h):
+            keys, values = self_kv(*self.self_attention.kv(h))
+            out, _ = self.self_attention(h, keys, values, self_mask, train)
+            return out, (keys, values)
+
+        def attend_source(h):
+            # Rows of the same sentence (its beams) become extra query positions of that sentence.
+            rows, q_len, _ = h.shape
+            batch = cross_mask.shape[0]
+            beam = common.beams_per_sentence(batch, rows)
+            grouped = h.reshape(batch, beam * q_len, self.d_model)
+            out, weights = self.cross_attention(grouped, *cross_kv, cross_mask, train)
+            return out.reshape(h.shape), weights
+
+        x, kv = self.residual(x, self.norm1, attend_self, train)
+        x, weights = self.residual(x, self.norm2, attend_source, train)
+        x, _ = self.residual(x, self.norm3, lambda h: (self.ffn(h, train), None), train)
+        return x, kv, weights
+
+
+class Transformer(nn.Module):
+    """Encoder-decoder Transformer.
+
+    Attributes:
+      src_vocab_size, tgt_vocab_size: vocabulary sizes (id 0 is padding).
+      d_model: model width; num_heads must divide it.
+      num_heads: attention heads.
+      num_encoder_layers, num_decoder_layers: stack depths.
+      ffn_dim: inner size of the position-wise FFN.
+      dropout_rate: dropout on embeddings, sublayer outputs and FFN activations.
+      attention_dropout_rate: dropout on attention weights.
+      pre_ln: LayerNorm before each sublayer (plus a final one per stack) if True, after the residual
+        sum (the original post-LN) if False.
+      share_embeddings: one embedding table for source and target (needs equal vocabulary sizes).
+      tie_output: the output projection is the target embedding transposed.
+      activation: "relu" or "gelu".
+      max_len: longest source, target or decoded sequence (size of the positional table).
+      dtype: computation dtype (e.g. jnp.bfloat16 on accelerators); logits are always float32.
+      param_dtype: parameter dtype.
+    """
+
+    src_vocab_size: int
+    tgt_vocab_size: int
+    d_model: int = 256
+    num_heads: int = 4
+    num_encoder_layers: int = 3
+    num_decoder_layers: int = 3
+    ffn_dim: int = 1024
+    dropout_rate: float = 0.1
+    attention_dropout_rate: float = 0.1
+    pre_ln: bool = True
+    share_embeddings: bool = False
+    tie_output: bool = True
+    activation: str = "relu"
+    max_len: int = 256
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        common.check_positive(
+            src_vocab_size=self.src_vocab_size,
+            tgt_vocab_size=self.tgt_vocab_size,
+            d_model=self.d_model,
+            num_heads=self.num_heads,
+            num_encoder_layers=self.num_encoder_layers,
+            num_decoder_layers=self.num_decoder_layers,
+            ffn_dim=self.ffn_dim,
+            max_len=self.max_len,
+        )
+        common.check_rate(
+            dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate
+        )
+        common.check_choice("activation", self.activation, tuple(ACTIVATIONS))
+        if self.d_model % self.num_heads or self.d_model % 2:
+            raise ValueError(
+                f"d_model={self.d_model} must be even and divisible by num_heads={self.num_heads}"
+            )
+        if self.share_embeddings and self.src_vocab_size != self.tgt_vocab_size:
+            raise ValueError(
+                f"share_embeddings needs equal vocabularies, got src {self.src_vocab_size} and tgt "
+                f"{self.tgt_vocab_size}: use a shared vocabulary or share_embeddings=False"
+            )
+        super().__post_init__()
+
+    def setup(self):
+        dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        # Std d_model^-1/2, so the sqrt(d_model)-scaled embeddings start with unit variance.
+        embed_init = nn.initializers.normal(stddev=self.d_model**-0.5)
+        self.tgt_embed = nn.Embed(
+            self.tgt_vocab_size, self.d_model, embedding_init=embed_init, **dtypes
+        )
+        self.src_embed = (
+            self.tgt_embed
+            if self.share_embeddings
+            else nn.Embed(self.src_vocab_size, self.d_model, embedding_init=embed_init, **dtypes)
+        )
+        layer = dict(
+            d_model=self.d_model,
+            num_heads=self.num_heads,
+            ffn_dim=self.ffn_dim,
+            activation=self.activation,
+            dropout_rate=self.dropout_rate,
+            attention_dropout_rate=self.attention_dropout_rate,
+            pre_ln=self.pre_ln,
+            **dtypes,
+        )
+        self.encoder_layers = [EncoderLayer(**layer) for _ in range(self.num_encoder_layers)]
+        self.decoder_layers = [DecoderLayer(**layer) for _ in range(self.num_decoder_layers)]
+        if self.pre_ln:
+            self.encoder_norm = nn.LayerNorm(**dtypes)
+            self.decoder_norm = nn.LayerNorm(**dtypes)
+        if not self.tie_output:
+            self.output = nn.Dense(self.tgt_vocab_size, **dtypes)
+        self.dropout = nn.Dropout(self.dropout_rate)
+        self.positions = sinusoidal_positions(self.max_len, self.d_model)
+
+    def _check_length(self, what: str, length: int) -> None:
+        if length > self.max_len:
+            raise ValueError(
+                f"{what} length {length} exceeds max_len={self.max_len}: raise the model's max_len"
+            )
+
+    def _embed(self, embed: nn.Embed, tokens: jax.Array, positions: jax.Array, train: bool):
+        """`[..., d_model]` = sqrt(d_model) * E[tokens] + PE[positions], then dropout."""
+        x = embed(tokens) * math.sqrt(self.d_model) + jnp.asarray(self.positions)[positions]
+        return self.dropout(x.astype(self.dtype), deterministic=not train)
+
+    def _logits(self, x: jax.Array) -> jax.Array:
+        if self.pre_ln:
+            x = self.decoder_norm(x)
+        logits = self.tgt_embed.attend(x) if self.tie_output else self.output(x)
+        return logits.astype(jnp.float32)
+
+    def __call__(self, src: jax.Array, tgt_in: jax.Array, train: bool = False) -> jax.Array:
+        """Teacher-forced logits; sows each decoder layer's cross-attention weights
+        `[batch, heads, tgt_len, src_len]` as `intermediates/cross_attention_<layer>`.
+
+        Args:
+          src: int32 `[batch, src_len]`, 0-padded.
+          tgt_in: int32 `[batch, tgt_len]` (BOS y1 .. y_{T-1}).
+          train: enables dropout (needs the 'dropout' rng).
+
+        Returns:
+          float32 logits `[batch, tgt_len, tgt_vocab_size]`.
+        """
+        memory = self.encode(src, train=train)
+        tgt_len = tgt_in.shape[1]
+        self._check_length("target", tgt_len)
+        x = self._embed(self.tgt_embed, tgt_in, jnp.arange(tgt_len), train)
+        causal = nn.make_causal_mask(tgt_in, dtype=jnp.bool_)  # [batch, 1, tgt_len, tgt_len]
+        for i, layer in enumerate(self.decoder_layers):
+            x, _, weights = layer(
+                x, lambda k, v: (k, v), causal, memory["cross_kv"][i], memory["mask"], train
+            )
+            self.sow("intermediates", f"cross_attention_{i}", weights)
+        return self._logits(x)
+
+    def encode(self, src: jax.Array, train: bool = False) -> dict:
+        """Runs the encoder and every decoder layer's cross-attention key/value projection, once.
+
+        Args:
+          src: int32 `[batch, src_len]`, 0-padded.
+
+        Returns:
+          dict of `cross_kv`: per decoder layer (keys, values) `[batch, src_len, heads, head_dim]`, and
+          `mask`: bool `[batch, 1, 1, src_len]`, True at real tokens.
+        """
+        self._check_length("source", src.shape[1])
+        mask = common.padding_mask(src)[:, None, None, :]
+        x = self._embed(self.src_embed, src, jnp.arange(src.shape[1]), train)
+        for layer in self.encoder_layers:
+            x = layer(x, mask, train)
+        if self.pre_ln:
+            x = self.encoder_norm(x)
+        cross_kv = tuple(layer.cross_attention.kv(x) for layer in self.decoder_layers)
+        return {"cross_kv": cross_kv, "mask": mask}
+
+    def init_decode_state(self, memory: dict, max_len: int) -> dict:
+        """Empty self-attention KV cache for `max_len` decoded tokens.
+
+        Returns:
+          dict of `pos`: int32 `[batch]` zeros (the next position), and `cache`: per decoder layer
+          (keys, values) `[batch, max_len, heads, head_dim]` in the computation dtype.
+        """
+        self._check_length("decode", max_len)
+        batch = memory["mask"].shape[0]
+        shape = (batch, max_len, self.num_heads, self.d_model // self.num_heads)
+        cache = tuple(
+            (jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
+            for _ in self.decoder_layers
+        )
+        return {"pos": jnp.zeros((batch,), jnp.int32), "cache": cache}
+
+    def decode_step(self, memory: dict, tokens: jax.Array, state: dict) -> tuple[jax.Array, dict]:
+        """One incremental decoder step; sows each layer's cross-attention weights `[N, heads, src_len]`.
+
+        All rows advance in lockstep (the decoding library feeds every row one token per step), so the
+        new keys/values are written into the cache at the shared position `pos[0]` with one
+        `dynamic_update_slice`; past positions are never recomputed.
+
+        Args:
+          memory: from `encode`, sentence batch first; broadcast over the beams of each sentence.
+          tokens: int32 `[N]`, the previous token of each row (N = batch x beam, row n in sentence
+            n // beam).
+          state: `pos` int32 `[N]` and `cache` leaves `[N, max_len, heads, head_dim]`.
+
+        Returns:
+          (float32 logits `[N, tgt_vocab_size]`, new state with `pos + 1` and the cache written at `pos`).
+        """
+        pos = state["pos"]
+        rows = tokens.shape[0]
+        cache_len = state["cache"][0][0].shape[1]
+        x = self._embed(self.tgt_embed, tokens[:, None], pos[:, None], train=False)
+        self_mask = (jnp.arange(cache_len)[None, :] <= pos[:, None])[:, None, None, :]
+        write = (0, pos[0], 0, 0)
+        new_cache = []
+        for i, (layer, (cache_k, cache_v)) in enumerate(
+            zip(self.decoder_layers, state["cache"], strict=True)
+        ):
+
+            def update_cache(k, v, cache_k=cache_k, cache_v=cache_v):
+                return (
+                    jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), write),
+                    jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), write),
+                )
+
+            x, kv, weights = layer(
+                x, update_cache, self_mask, memory["cross_kv"][i], memory["mask"], train=False
+            )
+            new_cache.append(kv)
+            # [batch, heads, beam, src_len] -> [N, heads, src_len]
+            weights = jnp.swapaxes(weights, 1, 2).reshape(rows, self.num_heads, -1)
+            self.sow("intermediates", f"cross_attention_{i}", weights)
+        logits = self._logits(x[:, 0])
+        return logits, {"pos": pos + 1, "cache": tuple(new_cache)}

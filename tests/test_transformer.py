@@ -1,0 +1,199 @@
+"""models/transformer.py: positions, embeddings, attention weights, KV cache and options (the common
+interface is checked for every model in test_registry.py)."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from models.transformer import Transformer, sinusoidal_positions
+
+# Four examples: trailing source padding, targets of different lengths (BOS=1, EOS=2, pad=0).
+SRC = jnp.array(
+    [[5, 6, 7, 8, 9, 0], [4, 10, 3, 0, 0, 0], [7, 7, 8, 0, 0, 0], [9, 4, 5, 6, 0, 0]], jnp.int32
+)
+TGT_IN = jnp.array(
+    [[1, 4, 5, 6, 7, 0], [1, 8, 9, 0, 0, 0], [1, 10, 11, 12, 0, 0], [1, 6, 5, 4, 3, 12]], jnp.int32
+)
+TGT_OUT = jnp.array(
+    [[4, 5, 6, 7, 2, 0], [8, 9, 2, 0, 0, 0], [10, 11, 12, 2, 0, 0], [6, 5, 4, 3, 12, 2]], jnp.int32
+)
+SRC_MASK = np.asarray(SRC != 0)
+TINY = dict(
+    d_model=32,
+    num_heads=4,
+    num_encoder_layers=2,
+    num_decoder_layers=2,
+    ffn_dim=64,
+    dropout_rate=0.0,
+    attention_dropout_rate=0.0,
+    max_len=16,
+)
+BEAM = 2
+
+
+@functools.cache
+def tiny():
+    """(model, variables, jitted forward returning the sown intermediates) of a tiny Transformer."""
+    model = Transformer(11, 13, **TINY)
+    variables = jax.jit(model.init)(jax.random.key(0), SRC, TGT_IN)
+    forward = jax.jit(functools.partial(model.apply, variables, mutable=["intermediates"]))
+    return model, variables, forward
+
+
+def param_tree(**overrides):
+    model = Transformer(13, 13, **{**TINY, **overrides})
+    return jax.eval_shape(model.init, jax.random.key(0), SRC, TGT_IN)["params"]
+
+
+def test_positional_encoding_is_the_sin_cos_formula():
+    max_len, d_model = 50, 16
+    table = sinusoidal_positions(max_len, d_model)
+    assert table.shape == (max_len, d_model) and table.dtype == np.float32
+    for pos in range(max_len):
+        for i in range(d_model // 2):
+            angle = pos / 10000 ** (2 * i / d_model)
+            assert table[pos, 2 * i] == pytest.approx(math.sin(angle), abs=1e-6)
+            assert table[pos, 2 * i + 1] == pytest.approx(math.cos(angle), abs=1e-6)
+
+
+def test_embeddings_are_scaled_by_sqrt_d_model_plus_positions():
+    model, variables, _ = tiny()
+    tokens, positions = jnp.array([[4, 7, 2]]), jnp.array([0, 5, 9])
+    embedded = model.apply(
+        variables,
+        tokens,
+        positions,
+        method=lambda m, t, p: m._embed(m.tgt_embed, t, p, train=False),
+    )
+    table = np.asarray(variables["params"]["tgt_embed"]["embedding"])
+    expected = (
+        table[[4, 7, 2]] * math.sqrt(TINY["d_model"]) + sinusoidal_positions(16, 32)[[0, 5, 9]]
+    )
+    np.testing.assert_allclose(embedded[0], expected, atol=1e-5)
+
+
+def test_cross_attention_weights_per_layer_are_distributions_over_real_source_positions():
+    model, _, forward = tiny()
+    _, sown = forward(SRC, TGT_IN)
+    for layer in range(TINY["num_decoder_layers"]):
+        weights = np.asarray(sown["intermediates"][f"cross_attention_{layer}"][0])
+        assert weights.shape == (4, TINY["num_heads"], 6, 6)
+        assert np.all(weights >= 0)
+        np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-6)
+        padded = np.broadcast_to(~SRC_MASK[:, None, None, :], weights.shape)
+        assert np.all(weights[padded] == 0)
+
+
+def test_kv_cache_is_preallocated_and_filled_in_place_with_beams_sharing_the_memory():
+    model, variables, forward = tiny()
+    _, sown = forward(SRC, TGT_IN)
+    memory = model.apply(variables, SRC, method=model.encode)
+    max_len, head_dim = 8, TINY["d_model"] // TINY["num_heads"]
+    state = model.apply(variables, memory, max_len, method=model.init_decode_state)
+    assert state["pos"].dtype == jnp.int32 and state["pos"].shape == (4,)
+    for keys, values in state["cache"]:
+        assert keys.shape == values.shape == (4, max_len, TINY["num_heads"], head_dim)
+    # Cross-attention keys/values are computed once, per sentence, not per beam.
+    for keys, values in memory["cross_kv"]:
+        assert keys.shape == values.shape == (4, 6, TINY["num_heads"], head_dim)
+
+    state = jax.tree.map(lambda x: jnp.repeat(x, BEAM, axis=0), state)
+    step = jax.jit(
+        functools.partial(model.apply, method=model.decode_step, mutable=["intermediates"])
+    )
+    for t in range(3):
+        (_, state), step_sown = step(variables, memory, jnp.repeat(TGT_IN[:, t], BEAM), state)
+        for layer in range(TINY["num_decoder_layers"]):
+            weights = np.asarray(step_sown["intermediates"][f"cross_attention_{layer}"][0])
+            assert weights.shape == (4 * BEAM, TINY["num_heads"], 6)
+            expected = np.asarray(sown["intermediates"][f"cross_attention_{layer}"][0])[:, :, t]
+            np.testing.assert_allclose(weights[::BEAM], expected, atol=1e-5)
+            np.testing.assert_allclose(weights[1::BEAM], expected, atol=1e-5)
+    np.testing.assert_array_equal(state["pos"], 3)
+    for keys, values in state["cache"]:
+        assert np.all(np.abs(keys[:, :3]).sum(axis=(2, 3)) > 0)
+        assert np.all(keys[:, 3:] == 0) and np.all(values[:, 3:] == 0)
+
+
+def test_output_and_embedding_sharing_options_change_the_parameters():
+    tied = param_tree()
+    assert "output" not in tied and "src_embed" in tied and "tgt_embed" in tied
+    assert "output" in param_tree(tie_output=False)
+    assert "src_embed" not in param_tree(share_embeddings=True)
+
+
+def test_pre_ln_adds_a_final_norm_per_stack_post_ln_does_not():
+    assert {"encoder_norm", "decoder_norm"} <= set(param_tree(pre_ln=True))
+    assert not {"encoder_norm", "decoder_norm"} & set(param_tree(pre_ln=False))
+
+
+def test_pre_ln_and_post_ln_compute_different_functions_of_the_same_parameters():
+    model, variables, forward = tiny()
+    post_ln = Transformer(11, 13, **{**TINY, "pre_ln": False})
+    params = {k: v for k, v in variables["params"].items() if not k.endswith("_norm")}
+    logits_post = jax.jit(post_ln.apply)({"params": params}, SRC, TGT_IN)
+    assert not np.allclose(logits_post, forward(SRC, TGT_IN)[0], atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "src, tgt_in, message",
+    [
+        (jnp.ones((1, 17), jnp.int32), TGT_IN[:1], "source length 17"),
+        (SRC[:1], jnp.ones((1, 17), jnp.int32), "target length 17"),
+    ],
+)
+def test_sequences_longer_than_max_len_raise(src, tgt_in, message):
+    model, variables, _ = tiny()
+    with pytest.raises(
+        ValueError, match=f"{message} exceeds max_len=16: raise the model's max_len"
+    ):
+        jax.eval_shape(model.apply, variables, src, tgt_in)
+
+
+def test_decoding_longer_than_max_len_raises():
+    model, variables, _ = tiny()
+    memory = jax.eval_shape(functools.partial(model.apply, method=model.encode), variables, SRC)
+    with pytest.raises(ValueError, match="decode length 17 exceeds max_len=16"):
+        model.apply(variables, memory, 17, method=model.init_decode_state)
+
+
+def test_decode_step_rejects_rows_that_are_not_sentences_times_beams():
+    model, variables, _ = tiny()
+    memory = jax.eval_shape(functools.partial(model.apply, method=model.encode), variables, SRC)
+    state = model.apply(variables, memory, 4, method=model.init_decode_state)
+    state = jax.tree.map(lambda x: x[:3], state)
+    with pytest.raises(ValueError, match="decode_step got 3 rows for a memory of 4 sentences"):
+        jax.eval_shape(
+            functools.partial(model.apply, method=model.decode_step),
+            variables,
+            memory,
+            jnp.ones((3,), jnp.int32),
+            state,
+        )
+
+
+def test_overfits_four_examples():
+    model, variables, _ = tiny()
+    optimizer = optax.adam(3e-3)
+
+    def loss_fn(params):
+        logits = model.apply({"params": params}, SRC, TGT_IN)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, TGT_OUT)
+        return jnp.sum(losses * (TGT_OUT != 0)) / jnp.sum(TGT_OUT != 0)
+
+    @jax.jit
+    def train_step(params, opt_state):
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = optimizer.update(grads, opt_state)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    params = variables["params"]
+    opt_state = optimizer.init(params)
+    for _ in range(200):
+        params, opt_state, loss = train_step(params, opt_state)
+    assert loss < 0.05
