@@ -18,9 +18,8 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 import decoding
 import experiment
@@ -52,8 +51,8 @@ class Run:
     def __init__(self, workdir: Path):
         self.workdir = Path(workdir)
         self.config = experiment.load_config(self.workdir)
-        tokenizer_dir = self.config.get("tokenizer_dir") or str(self.workdir / "tokenizer")
-        self.src_tokenizer, self.tgt_tokenizer = tokenizers.load_pair(tokenizer_dir)
+        self.src_tokenizer = tokenizers.load(self.workdir / experiment.SRC_TOKENIZER)
+        self.tgt_tokenizer = tokenizers.load(self.workdir / experiment.TGT_TOKENIZER)
         self.model = experiment.create_model(
             self.config, self.src_tokenizer.vocab_size, self.tgt_tokenizer.vocab_size
         )
@@ -85,12 +84,12 @@ def decode_batches(run: Run, batches, *, decode, beam_size, alpha, length_penalt
         start = time.perf_counter()
         result = jax.block_until_ready(fn(run.params, src, alpha))
         decode_seconds += time.perf_counter() - start
-        n = batch["num_examples"]
-        best = experiment.best_sequences(result)[:n]
+        mask = batch["mask"]
+        best = experiment.best_sequences(result)[mask]
         for row in best:
             sink(run.tgt_tokenizer.decode(row.tolist()))
         sequences.append(best)
-        results.append(jax.tree.map(lambda x, n=n: np.asarray(x)[:n], result))
+        results.append(jax.tree.map(lambda x, mask=mask: np.asarray(x)[mask], result))
     timing = {"decode_seconds": decode_seconds, "warmup_seconds": compile_seconds}
     return np.concatenate(sequences), results, timing
 
@@ -108,7 +107,7 @@ def evaluate_split(
 
         sequences, results, timing = decode_batches(
             run,
-            eval_data.batches(),
+            eval_data.batches,
             decode=decode,
             beam_size=beam_size,
             alpha=alpha,
@@ -131,7 +130,14 @@ def evaluate_split(
         "sentences_per_sec": len(hypotheses) / max(timing["decode_seconds"], 1e-9),
         **timing,
     }
-    return report, sequences
+    best_scores = np.concatenate([best_score(r) for r in results])
+    return report, sequences, best_scores
+
+
+def best_score(result) -> np.ndarray:
+    """Normalized score of the best hypothesis `[n]` (greedy results: its log-probability)."""
+    scores = getattr(result, "scores", None)
+    return np.asarray(scores)[:, 0] if scores is not None else np.asarray(result.log_probs)
 
 
 @functools.cache
@@ -158,36 +164,30 @@ def _score_fn(model, length_penalty: str):
     return run_score
 
 
-def run_error_analysis(run: Run, eval_data, sequences, *, alpha, length_penalty, beam_size):
-    """The course's analysis: score y* and ŷ under the same normalization and blame search or model."""
+def run_error_analysis(run: Run, eval_data, sequences, scores, *, alpha, length_penalty):
+    """The course's analysis: score y* under the beam's own normalization and compare with ŷ's score.
+
+    Args:
+      sequences: int `[n, max_len]`, the beam's best hypothesis per example.
+      scores: float `[n]`, its normalized score from the beam search.
+    """
     score = _score_fn(run.model, length_penalty)
-    ref_scores, hyp_scores, references = [], [], []
-    offset = 0
-    for batch in eval_data.batches():
-        n = min(batch["num_examples"], len(sequences) - offset)
-        if n <= 0:
-            break
-        hyps = np.zeros((batch["src"].shape[0], sequences.shape[1]), np.int32)
-        hyps[:n] = sequences[offset : offset + n]
-        ref_scores.append(
-            np.asarray(score(run.params, batch["src"], batch["tgt_out"], alpha).scores)[:n]
-        )
-        hyp_scores.append(
-            np.asarray(score(run.params, batch["src"], jnp.asarray(hyps), alpha).scores)[:n]
-        )
-        references.extend(batch["tgt_out"][:n].tolist())
-        offset += n
+    reference_scores, references = [], []
+    for batch in eval_data.batches:
+        mask = batch["mask"]
+        result = score(run.params, batch["src"], batch["tgt_out"], alpha)
+        reference_scores.append(np.asarray(result.scores)[mask])
+        references.extend(batch["tgt_out"][mask].tolist())
     width = max(len(r) for r in references)
     references = np.array([r + [0] * (width - len(r)) for r in references], np.int32)
     report = decoding.error_analysis(
         references,
-        np.concatenate(ref_scores),
-        sequences[: len(references)],
-        np.concatenate(hyp_scores),
+        np.concatenate(reference_scores),
+        sequences,
+        scores,
         eos_id=tokenizers.EOS_ID,
     )
     print(decoding.format_error_analysis(report, detokenize=run.tgt_tokenizer.decode))
-    del beam_size
     report.pop("records", None)
     return report
 
@@ -199,7 +199,7 @@ def run_sweep(run: Run, eval_data, *, alpha, max_len, workdir):
         settings += [("beam", beam_size, "gnmt"), ("beam", beam_size, "none")]
     rows = []
     for decode, beam_size, length_penalty in settings:
-        report, _ = evaluate_split(
+        report, _, _ = evaluate_split(
             run,
             eval_data,
             decode=decode,
@@ -234,7 +234,9 @@ def translate_lines(run: Run, lines, *, decode, beam_size, alpha, length_penalty
         batch_size = FLAGS.batch_size or run.config.eval_batch_size
         while pending and (force or len(pending) >= batch_size):
             chunk, pending = pending[:batch_size], pending[batch_size:]
-            batches = input_pipeline.source_batches([ids for _, ids in chunk], batch_size)
+            batches = input_pipeline.source_batches(
+                run.config, [ids for _, ids in chunk], batch_size
+            )
             hyps: list[str] = []
             decode_batches(
                 run,
@@ -277,8 +279,8 @@ def plot_attention(run: Run, eval_data, sequences, count: int, directory: Path) 
 
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
-    batch = next(iter(eval_data.batches()))
-    count = min(count, batch["num_examples"], len(sequences))
+    batch = eval_data.batches[0]
+    count = min(count, int(batch["mask"].sum()), len(sequences))
     hyps = np.asarray(sequences[:count])
     lengths = np.asarray(decoding.scoring.sequence_lengths(hyps, tokenizers.EOS_ID))
     tgt_in = np.zeros_like(hyps)
@@ -333,9 +335,10 @@ def attention_maps(intermediates) -> list[tuple[str, np.ndarray]]:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
     try:
         evaluate(Path(FLAGS.workdir))
-    except experiment.RunError as e:
+    except (experiment.RunError, ValueError) as e:  # DataError is a ValueError
         sys.exit(f"error: {e}")
 
 
@@ -368,9 +371,9 @@ def evaluate(workdir: Path) -> dict | None:
         config, FLAGS.split, run.src_tokenizer, run.tgt_tokenizer, batch_size=FLAGS.batch_size
     )
     if FLAGS.num_examples:
-        eval_data = eval_data.head(FLAGS.num_examples)
+        eval_data = input_pipeline.head(eval_data, FLAGS.num_examples)
     output = Path(FLAGS.output or workdir / f"hypotheses_{FLAGS.split}.txt")
-    report, sequences = evaluate_split(run, eval_data, output=output, **search)
+    report, sequences, scores = evaluate_split(run, eval_data, output=output, **search)
     report = {"split": FLAGS.split, "checkpoint": f"{run.checkpoint}/{run.step}", **report}
     print(
         f"{FLAGS.split}: "
@@ -388,9 +391,9 @@ def evaluate(workdir: Path) -> dict | None:
             run,
             eval_data,
             sequences,
+            scores,
             alpha=FLAGS.alpha,
             length_penalty=FLAGS.length_penalty,
-            beam_size=FLAGS.beam_size,
         )
     if FLAGS.plot_attention:
         paths = plot_attention(

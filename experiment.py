@@ -2,7 +2,7 @@
 
 A run lives in a workdir:
   config.json          the full config (train.py writes it; eval.py and resumes read it)
-  tokenizer/           the run's tokenizers
+  tokenizer/{src,tgt}/ the run's tokenizers
   checkpoints/<step>/  periodic checkpoints (params, optimizer state, step, data-iterator state)
   best/<step>/         the params with the best validation metric
   metrics.jsonl        one JSON object per line: {"step", "split", metric: value, ...}
@@ -27,6 +27,8 @@ from data import tokenizers
 from models import registry
 
 CONFIG_FILE = "config.json"
+SRC_TOKENIZER = "tokenizer/src"
+TGT_TOKENIZER = "tokenizer/tgt"
 METRICS_FILE = "metrics.jsonl"
 
 

@@ -68,13 +68,13 @@ def evaluate(config, model, params, eval_data, tgt_tokenizer, num_examples):
     limit = num_examples or len(eval_data.references)
     loss_sum = tokens = 0.0
     hypotheses = []
-    for batch in eval_data.batches():
+    for batch in eval_data.batches:
         out = step(params, batch)
         loss_sum += float(out["loss_sum"])
         tokens += float(out["tokens"])
         if len(hypotheses) < limit:
             result = decode(params, batch["src"], config.alpha)
-            ids = experiment.best_sequences(result)[: batch["num_examples"]]
+            ids = experiment.best_sequences(result)[batch["mask"]]
             hypotheses.extend(tgt_tokenizer.decode(row.tolist()) for row in ids)
     hypotheses = hypotheses[:limit]
     metrics = {"loss": loss_sum / max(tokens, 1.0)}
@@ -98,9 +98,15 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None):
     workdir = Path(workdir)
     if (workdir / experiment.CONFIG_FILE).exists():
         experiment.check_same_experiment(config, experiment.load_config(workdir), workdir)
-    if config.get("tokenizer_dir") is None:
-        config.tokenizer_dir = str(workdir / "tokenizer")
     data = input_pipeline.get_datasets(config)
+    stats = data.stats
+    print(
+        f"{config.dataset}: {stats['train_kept']} training pairs, {stats['train_dropped']} dropped "
+        f"as longer than max_len={config.max_len} tokens; batch shapes "
+        f"{[tuple(s) for s in data.train.batch_shapes()]}"
+    )
+    data.src_tokenizer.save(workdir / experiment.SRC_TOKENIZER)
+    data.tgt_tokenizer.save(workdir / experiment.TGT_TOKENIZER)
     model = experiment.create_model(
         config, data.src_tokenizer.vocab_size, data.tgt_tokenizer.vocab_size
     )
@@ -109,7 +115,7 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None):
         params=experiment.init_params(model, config),
         tx=experiment.make_optimizer(config),
     )
-    train_iter = data.train_iter
+    train_iter = data.train.iterator()
     ckpt = experiment.checkpoint_manager(workdir, config.keep_checkpoints)
     best = experiment.best_manager(workdir, config.eval_metric)
     if ckpt.latest_step() is not None:
@@ -206,11 +212,12 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}: use --config.key=value flags")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     config = FLAGS.config
     workdir = Path(FLAGS.workdir)
     try:
         _, metrics = train_and_evaluate(config, workdir)
-    except experiment.RunError as e:
+    except (experiment.RunError, ValueError) as e:  # DataError is a ValueError
         sys.exit(f"error: {e}")
     print(f"checkpoints: {workdir}/checkpoints (best: {workdir}/best)")
     print(f"metrics:     {workdir}/{experiment.METRICS_FILE}")

@@ -19,9 +19,10 @@ import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 from absl import logging
 
-from data import datasets, pipeline, tokenizers
+from data import DataError, datasets, pipeline, tokenizers
 
 EVAL_SPLITS = ("validation", "test")
 DEFAULT_TOKENIZER_DIR = Path.home() / ".cache" / "seqzoo" / "tokenizers"
@@ -130,3 +131,61 @@ def get_datasets(config, *, batch_multiple: int = 1) -> Datasets:
         stats,
     )
     return Datasets(train, evals, src_tokenizer, tgt_tokenizer, stats)
+
+
+def _eval_data(
+    config, data: pipeline.Tokenized, sources, references, batch_size
+) -> pipeline.EvalData:
+    """Ordered eval batches with buckets from this data's own lengths (at most num_buckets + 1)."""
+    src_lengths, tgt_lengths = pipeline.padded_lengths(data)
+    buckets = pipeline.bucket_lengths(
+        src_lengths,
+        tgt_lengths,
+        num_buckets=config.get("num_buckets", pipeline.DEFAULT_NUM_BUCKETS),
+        max_len=config.max_len,
+    )
+    return pipeline.make_eval_data(
+        data, sources, references, buckets=buckets, batch_size=batch_size, max_len=config.max_len
+    )
+
+
+def get_eval_data(
+    config, split: str, src_tokenizer, tgt_tokenizer, *, batch_size: int | None = None
+) -> pipeline.EvalData:
+    """One split of `config.dataset`, tokenized with a trained run's tokenizers (for eval.py)."""
+    available = datasets.split_names(config.dataset, data_dir=config.data_dir)
+    if split not in available:
+        raise DataError(
+            f"{config.dataset} has no split {split!r}: use one of {', '.join(available)}"
+        )
+    where = dict(data_dir=config.data_dir, manual_dir=config.manual_dir)
+    sources, references = datasets.load(config.dataset, split, **where).columns()
+    data = tokenize(src_tokenizer, tgt_tokenizer, sources, references)
+    batch_size = batch_size or config.get("eval_batch_size") or config.batch_size
+    return _eval_data(config, data, sources, references, batch_size)
+
+
+def source_batches(config, src_ids: Sequence[Sequence[int]], batch_size: int) -> list:
+    """Ordered decode batches of already tokenized sources (user input), with `mask` for real rows."""
+    data = pipeline.Tokenized.from_lists(src_ids, [[] for _ in src_ids])
+    blanks = [""] * len(src_ids)
+    return _eval_data(config, data, blanks, blanks, batch_size).batches
+
+
+def head(eval_data: pipeline.EvalData, count: int) -> pipeline.EvalData:
+    """The first `count` examples of `eval_data` (rows past them masked out)."""
+    if count <= 0 or count >= len(eval_data.references):
+        return eval_data
+    batches, seen = [], 0
+    for batch in eval_data.batches:
+        if seen >= count:
+            break
+        keep = np.cumsum(batch["mask"]) + seen <= count
+        batches.append({**batch, "mask": batch["mask"] & keep})
+        seen += int(batch["mask"].sum())
+    return dataclasses.replace(
+        eval_data,
+        batches=batches,
+        sources=eval_data.sources[:count],
+        references=eval_data.references[:count],
+    )

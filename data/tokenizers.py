@@ -27,6 +27,7 @@ from data import DataError
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 NUM_SPECIAL = 4
 UNK_TEXT = "\u2047"  # "⁇", what SentencePiece decodes UNK to
+SPECIAL_NAMES = {PAD_ID: "<pad>", BOS_ID: "<bos>", EOS_ID: "<eos>", UNK_ID: "<unk>"}
 KINDS = ("char", "sentencepiece")
 SP_MODEL_TYPES = ("unigram", "bpe")
 SP_SEED = 0
@@ -43,6 +44,8 @@ class Tokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
 
     def decode(self, ids: Iterable[int]) -> str: ...
+
+    def pieces(self, ids: Iterable[int]) -> list[str]: ...
 
     def save(self, directory: str | os.PathLike) -> None: ...
 
@@ -86,6 +89,14 @@ class CharTokenizer:
             self.chars[i - NUM_SPECIAL] if NUM_SPECIAL <= i < NUM_SPECIAL + n else UNK_TEXT
             for i in content_ids(ids)
         )
+
+    def pieces(self, ids: Iterable[int]) -> list[str]:
+        """The token of each id, specials by name (`<eos>`): axis labels for attention plots."""
+        n = len(self.chars)
+        return [
+            self.chars[i - NUM_SPECIAL] if NUM_SPECIAL <= i < NUM_SPECIAL + n else SPECIAL_NAMES[i]
+            for i in map(int, ids)
+        ]
 
     def save(self, directory: str | os.PathLike) -> None:
         path = Path(directory)
@@ -154,6 +165,10 @@ class SentencePieceTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         ids = [i if 0 <= i < self.vocab_size else UNK_ID for i in content_ids(ids)]
         return self._sp.decode(ids)
+
+    def pieces(self, ids: Iterable[int]) -> list[str]:
+        """The piece of each id (`▁word`, `<eos>`): axis labels for attention plots."""
+        return [self._sp.id_to_piece(i) for i in map(int, ids)]
 
     def save(self, directory: str | os.PathLike) -> None:
         path = Path(directory)
