@@ -11,6 +11,7 @@ Loads the best checkpoint (else the latest), writes hypotheses line by line as t
 JSON report (default `<workdir>/eval_<split>.json`).
 """
 
+import dataclasses
 import functools
 import json
 import sys
@@ -25,24 +26,47 @@ import decoding
 import experiment
 from data import input_pipeline, tokenizers
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", "runs/default", "Run directory written by train.py.")
-flags.DEFINE_enum("split", "test", ["validation", "test"], "Split to evaluate.")
-flags.DEFINE_enum("decode", "beam", ["greedy", "beam"], "Search.")
-flags.DEFINE_integer("beam_size", 4, "Beam width B.")
-flags.DEFINE_float("alpha", 0.6, "Length-normalization exponent.")
-flags.DEFINE_enum("length_penalty", "gnmt", ["gnmt", "average", "none"], "Length normalization.")
-flags.DEFINE_integer(
-    "max_decode_len", None, "Generated tokens at most (default: the run's config)."
-)
-flags.DEFINE_integer("batch_size", None, "Sentences per decode batch (default: the run's config).")
-flags.DEFINE_integer("num_examples", 0, "Evaluate only the first N examples (0 = all).")
-flags.DEFINE_string("report", None, "JSON report path (default <workdir>/eval_<split>.json).")
-flags.DEFINE_string("output", None, "Hypotheses file (default <workdir>/hypotheses_<split>.txt).")
-flags.DEFINE_bool("sweep", False, "Table of quality and speed for greedy and beam 1, 2, 4, 8.")
-flags.DEFINE_bool("error_analysis", False, "Beam-search error analysis against the references.")
-flags.DEFINE_integer("plot_attention", 0, "Write attention heatmaps for the first N examples.")
-flags.DEFINE_string("input", None, "Translate the lines of this file ('-' = stdin) instead.")
+
+@dataclasses.dataclass
+class Options:
+    """What to evaluate and how; the command-line flags of the same names."""
+
+    split: str = "test"
+    decode: str = "beam"
+    beam_size: int = 4
+    alpha: float = 0.6
+    length_penalty: str = "gnmt"
+    max_decode_len: int | None = None  # None: the run's config
+    batch_size: int | None = None  # None: the run's eval_batch_size
+    num_examples: int = 0  # 0: all
+    report: str | None = None  # None: <workdir>/eval_<split>.json
+    output: str | None = None  # None: <workdir>/hypotheses_<split>.txt (stdout with --input)
+    sweep: bool = False
+    error_analysis: bool = False
+    plot_attention: int = 0
+    input: str | None = None
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("workdir", "runs/default", "Run directory written by train.py.")
+    flags.DEFINE_enum("split", "test", ["validation", "test"], "Split to evaluate.")
+    flags.DEFINE_enum("decode", "beam", ["greedy", "beam"], "Search.")
+    flags.DEFINE_integer("beam_size", 4, "Beam width B.")
+    flags.DEFINE_float("alpha", 0.6, "Length-normalization exponent.")
+    flags.DEFINE_enum(
+        "length_penalty", "gnmt", ["gnmt", "average", "none"], "Length normalization."
+    )
+    flags.DEFINE_integer("max_decode_len", None, "Generated tokens at most (default: the run's).")
+    flags.DEFINE_integer("batch_size", None, "Sentences per decode batch (default: the run's).")
+    flags.DEFINE_integer("num_examples", 0, "Evaluate only the first N examples (0 = all).")
+    flags.DEFINE_string("report", None, "JSON report path (default <workdir>/eval_<split>.json).")
+    flags.DEFINE_string(
+        "output", None, "Hypotheses file (default <workdir>/hypotheses_<split>.txt)."
+    )
+    flags.DEFINE_bool("sweep", False, "Table of quality and speed for greedy and beam 1, 2, 4, 8.")
+    flags.DEFINE_bool("error_analysis", False, "Beam-search error analysis against the references.")
+    flags.DEFINE_integer("plot_attention", 0, "Write attention heatmaps for the first N examples.")
+    flags.DEFINE_string("input", None, "Translate the lines of this file ('-' = stdin) instead.")
 
 
 class Run:
@@ -220,7 +244,9 @@ def run_sweep(run: Run, eval_data, *, alpha, max_len, workdir):
     return rows
 
 
-def translate_lines(run: Run, lines, *, decode, beam_size, alpha, length_penalty, max_len, sink):
+def translate_lines(
+    run: Run, lines, *, decode, beam_size, alpha, length_penalty, max_len, batch_size, sink
+):
     """Translates user text, one sentence per line; empty lines are skipped and over-long ones
     truncated, each with a notice on stderr. Output lines stay aligned with input lines (an empty
     input line gives an empty output line)."""
@@ -231,7 +257,6 @@ def translate_lines(run: Run, lines, *, decode, beam_size, alpha, length_penalty
 
     def flush(force=False):
         nonlocal next_to_write, pending
-        batch_size = FLAGS.batch_size or run.config.eval_batch_size
         while pending and (force or len(pending) >= batch_size):
             chunk, pending = pending[:batch_size], pending[batch_size:]
             batches = input_pipeline.source_batches(
@@ -336,72 +361,78 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
+    options = Options(**{f.name: getattr(FLAGS, f.name) for f in dataclasses.fields(Options)})
     try:
-        evaluate(Path(FLAGS.workdir))
+        evaluate(Path(FLAGS.workdir), options)
     except (experiment.RunError, ValueError) as e:  # DataError is a ValueError
         sys.exit(f"error: {e}")
 
 
-def evaluate(workdir: Path) -> dict | None:
+def evaluate(workdir: Path, options: Options) -> dict | None:
+    """Evaluates the run in `workdir` as `options` say; returns the report (None with --input)."""
+    workdir = Path(workdir)
+    if options.beam_size < 1:
+        raise experiment.RunError(f"--beam_size={options.beam_size}: use a beam of 1 or more")
     run = Run(workdir)
     config = run.config
-    max_len = FLAGS.max_decode_len or config.max_decode_len
-    if FLAGS.beam_size < 1:
-        raise experiment.RunError(f"--beam_size={FLAGS.beam_size}: use a beam of 1 or more")
+    max_len = options.max_decode_len or config.max_decode_len
+    batch_size = options.batch_size or config.eval_batch_size
     search = dict(
-        decode=FLAGS.decode,
-        beam_size=FLAGS.beam_size,
-        alpha=FLAGS.alpha,
-        length_penalty=FLAGS.length_penalty,
+        decode=options.decode,
+        beam_size=options.beam_size,
+        alpha=options.alpha,
+        length_penalty=options.length_penalty,
         max_len=max_len,
     )
-    if FLAGS.input:
-        stream = sys.stdin if FLAGS.input == "-" else open_input(FLAGS.input)
-        out = open(FLAGS.output, "w") if FLAGS.output else sys.stdout
-        with out:
+    if options.input:
+        stream = sys.stdin if options.input == "-" else open_input(options.input)
+        out = open(options.output, "w") if options.output else sys.stdout
+        try:
 
             def sink(line):
                 out.write(line + "\n")
                 out.flush()
 
-            translate_lines(run, stream, sink=sink, **search)
+            translate_lines(run, stream, sink=sink, batch_size=batch_size, **search)
+        finally:
+            if out is not sys.stdout:
+                out.close()
         return None
 
     eval_data = input_pipeline.get_eval_data(
-        config, FLAGS.split, run.src_tokenizer, run.tgt_tokenizer, batch_size=FLAGS.batch_size
+        config, options.split, run.src_tokenizer, run.tgt_tokenizer, batch_size=batch_size
     )
-    if FLAGS.num_examples:
-        eval_data = input_pipeline.head(eval_data, FLAGS.num_examples)
-    output = Path(FLAGS.output or workdir / f"hypotheses_{FLAGS.split}.txt")
+    eval_data = input_pipeline.head(eval_data, options.num_examples)
+    output = Path(options.output or workdir / f"hypotheses_{options.split}.txt")
     report, sequences, scores = evaluate_split(run, eval_data, output=output, **search)
-    report = {"split": FLAGS.split, "checkpoint": f"{run.checkpoint}/{run.step}", **report}
+    report = {"split": options.split, "checkpoint": f"{run.checkpoint}/{run.step}", **report}
     print(
-        f"{FLAGS.split}: "
+        f"{options.split}: "
         + ", ".join(f"{k} {v:.4g}" for k, v in report.items() if isinstance(v, float))
     )
     print(f"hypotheses: {output}")
-    if FLAGS.sweep:
+    if options.sweep:
         report["sweep"] = run_sweep(
-            run, eval_data, alpha=FLAGS.alpha, max_len=max_len, workdir=workdir
+            run, eval_data, alpha=options.alpha, max_len=max_len, workdir=workdir
         )
-    if FLAGS.error_analysis:
-        if FLAGS.decode != "beam":
+    if options.error_analysis:
+        if options.decode != "beam":
             notice("error analysis compares with the beam output: run with --decode beam")
         report["error_analysis"] = run_error_analysis(
             run,
             eval_data,
             sequences,
             scores,
-            alpha=FLAGS.alpha,
-            length_penalty=FLAGS.length_penalty,
+            alpha=options.alpha,
+            length_penalty=options.length_penalty,
         )
-    if FLAGS.plot_attention:
+    if options.plot_attention:
         paths = plot_attention(
-            run, eval_data, sequences, FLAGS.plot_attention, workdir / "attention"
+            run, eval_data, sequences, options.plot_attention, workdir / "attention"
         )
         report["attention_plots"] = [str(p) for p in paths]
         print(f"attention plots: {paths[0].parent}")
-    report_path = Path(FLAGS.report or workdir / f"eval_{FLAGS.split}.json")
+    report_path = Path(options.report or workdir / f"eval_{options.split}.json")
     report_path.write_text(json.dumps(report, indent=2, default=float) + "\n")
     print(f"report: {report_path}")
     return report
@@ -415,4 +446,6 @@ def open_input(path: str):
 
 
 if __name__ == "__main__":
+    FLAGS = flags.FLAGS
+    define_flags()
     app.run(main)

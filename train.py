@@ -26,16 +26,13 @@ from tqdm import tqdm
 import experiment
 from data import input_pipeline
 
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", "configs/default.py", "Experiment config file.")
-flags.DEFINE_string("workdir", "runs/default", "Run directory: checkpoints, metrics, plots.")
-
 
 class TrainingDiverged(experiment.RunError):
     pass
 
 
-def train_step(state, batch, dropout_key, *, label_smoothing):
+@functools.partial(jax.jit, static_argnames="label_smoothing", donate_argnums=0)
+def train_step(state, batch, dropout_key, label_smoothing):
     """One optimizer step on a batch; returns (new_state, {"loss_sum", "tokens"})."""
 
     def loss_fn(params):
@@ -53,15 +50,15 @@ def train_step(state, batch, dropout_key, *, label_smoothing):
     return state.apply_gradients(grads=grads), {"loss_sum": loss_sum, "tokens": tokens}
 
 
-def eval_step(params, batch, *, apply_fn):
-    logits = apply_fn({"params": params}, batch["src"], batch["tgt_in"], train=False)
+@functools.partial(jax.jit, static_argnames="model")
+def eval_step(params, batch, model):
+    logits = model.apply({"params": params}, batch["src"], batch["tgt_in"], train=False)
     loss_sum, tokens = experiment.cross_entropy(logits, batch["tgt_out"])
     return {"loss_sum": loss_sum, "tokens": tokens}
 
 
 def evaluate(config, model, params, eval_data, tgt_tokenizer, num_examples):
     """Validation loss (all examples) and decoding metrics (the first `num_examples`, 0 = all)."""
-    step = jax.jit(functools.partial(eval_step, apply_fn=model.apply))
     decode = experiment.decode_fn(
         model, config.decode, config.beam_size, config.max_decode_len, config.length_penalty
     )
@@ -69,7 +66,7 @@ def evaluate(config, model, params, eval_data, tgt_tokenizer, num_examples):
     loss_sum = tokens = 0.0
     hypotheses = []
     for batch in eval_data.batches:
-        out = step(params, batch)
+        out = eval_step(params, {k: batch[k] for k in ("src", "tgt_in", "tgt_out")}, model)
         loss_sum += float(out["loss_sum"])
         tokens += float(out["tokens"])
         if len(hypotheses) < limit:
@@ -119,20 +116,23 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None):
     ckpt = experiment.checkpoint_manager(workdir, config.keep_checkpoints)
     best = experiment.best_manager(workdir, config.eval_metric)
     if ckpt.latest_step() is not None:
-        restored = ckpt.restore(
-            ckpt.latest_step(),
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(state),
-                data=grain.checkpoint.CheckpointRestore(train_iter),
-            ),
-        )
+        try:
+            restored = ckpt.restore(
+                ckpt.latest_step(),
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(state),
+                    data=grain.checkpoint.CheckpointRestore(train_iter),
+                ),
+            )
+        except Exception as e:  # noqa: BLE001 — any failure to read means a damaged checkpoint
+            raise experiment.RunError(
+                f"checkpoint {workdir}/checkpoints/{ckpt.latest_step()} is corrupt or from another "
+                f"config ({type(e).__name__}): delete it to resume from an older one"
+            ) from None
         state = restored["state"]
         logging.info("Resumed %s from step %d.", workdir, int(state.step))
     experiment.save_config(config, workdir)
 
-    step_fn = jax.jit(
-        functools.partial(train_step, label_smoothing=config.label_smoothing), donate_argnums=0
-    )
     dropout_root = jax.random.fold_in(jax.random.key(config.seed), 1)
     start = int(state.step)
     last_metrics: dict = {}
@@ -143,7 +143,8 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None):
     )
     for step in range(start + 1, config.num_train_steps + 1):
         batch = next(train_iter)
-        state, out = step_fn(state, batch, jax.random.fold_in(dropout_root, step))
+        dropout_key = jax.random.fold_in(dropout_root, step)
+        state, out = train_step(state, batch, dropout_key, config.label_smoothing)
         progress.update(1)
         if stop_after_steps is not None and step - start >= stop_after_steps:
             break
@@ -228,4 +229,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    FLAGS = flags.FLAGS
+    config_flags.DEFINE_config_file("config", "configs/default.py", "Experiment config file.")
+    flags.DEFINE_string("workdir", "runs/default", "Run directory: checkpoints, metrics, plots.")
     app.run(main)

@@ -1,0 +1,145 @@
+"""train.py: a tiny dates run end to end, bit-identical reruns, exact resume, divergence, bad runs."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import experiment
+import train
+from configs import tiny_dates
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(data_dir, tokenizer_dir, **overrides):
+    config = tiny_dates.get_config()
+    config.data_dir = str(data_dir)
+    config.tokenizer_dir = str(tokenizer_dir)
+    config.update(overrides)
+    return config
+
+
+def leaves_equal(a, b) -> bool:
+    return all(
+        np.array_equal(np.asarray(x), np.asarray(y))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+
+
+def losses(workdir: Path) -> list[tuple[int, str, float]]:
+    return [(r["step"], r["split"], r["loss"]) for r in experiment.read_metrics(workdir)]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tfds_data_dir, tokenizer_dir):
+    """One uninterrupted 20-step run (checkpoints at 10 and 20); shared by the tests below."""
+    workdir = tmp_path_factory.mktemp("run")
+    state, metrics = train.train_and_evaluate(tiny_config(tfds_data_dir, tokenizer_dir), workdir)
+    return workdir, state, metrics
+
+
+def test_run_writes_checkpoints_metrics_and_plot(tiny_run):
+    workdir, state, metrics = tiny_run
+    assert int(state.step) == 20
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["10", "20"]
+    assert len(list((workdir / "best").iterdir())) == 1  # only the best is kept
+    records = experiment.read_metrics(workdir)
+    assert [r["step"] for r in records if r["split"] == "train"] == [5, 10, 15, 20]
+    validation = [r for r in records if r["split"] == "validation"]
+    assert [r["step"] for r in validation] == [10, 20]
+    assert {"loss", "bleu", "chrf", "exact_match"} <= set(validation[-1])
+    assert metrics["loss"] == validation[-1]["loss"]
+    assert all(np.isfinite(r["loss"]) for r in records)
+    assert (workdir / "learning_curves.png").stat().st_size > 1000
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["model"] == "attention_rnn" and saved["seed"] == 0
+    assert (workdir / "tokenizer" / "src").is_dir() and (workdir / "tokenizer" / "tgt").is_dir()
+
+
+def test_training_lowers_the_loss(tiny_run):
+    workdir, _, _ = tiny_run
+    train_losses = [loss for _, split, loss in losses(workdir) if split == "train"]
+    assert train_losses[-1] < train_losses[0] - 0.3
+
+
+def test_same_seed_is_bit_identical_other_seed_differs(
+    tiny_run, tmp_path, tfds_data_dir, tokenizer_dir
+):
+    workdir, state, _ = tiny_run
+    again, again_metrics = train.train_and_evaluate(
+        tiny_config(tfds_data_dir, tokenizer_dir), tmp_path / "again"
+    )
+    assert losses(tmp_path / "again") == losses(workdir)
+    assert leaves_equal(again.params, state.params)
+
+    other, _ = train.train_and_evaluate(
+        tiny_config(tfds_data_dir, tokenizer_dir, seed=1), tmp_path / "other"
+    )
+    assert losses(tmp_path / "other") != losses(workdir)
+    assert not leaves_equal(other.params, state.params)
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(
+    tiny_run, tmp_path, tfds_data_dir, tokenizer_dir
+):
+    workdir, state, _ = tiny_run
+    config = tiny_config(tfds_data_dir, tokenizer_dir)
+    resumed = tmp_path / "resumed"
+    # "Crash" at step 14: the checkpoint of step 10 survives, steps 11-14 are lost.
+    crashed, _ = train.train_and_evaluate(config, resumed, stop_after_steps=14)
+    assert int(crashed.step) == 14
+    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["10"]
+    final, _ = train.train_and_evaluate(config, resumed)
+    assert int(final.step) == 20
+    assert leaves_equal(final.params, state.params)
+    assert leaves_equal(final.opt_state, state.opt_state)
+
+
+def test_divergence_stops_and_keeps_last_good_checkpoint(
+    tiny_run, tmp_path, tfds_data_dir, tokenizer_dir
+):
+    workdir, _, _ = tiny_run
+    diverging = tmp_path / "diverging"
+    shutil.copytree(workdir, diverging)
+    shutil.rmtree(diverging / "checkpoints" / "20")
+    config = tiny_config(tfds_data_dir, tokenizer_dir, learning_rate=float("nan"))
+    with pytest.raises(train.TrainingDiverged, match=r"loss is nan at step 15.*step 10"):
+        train.train_and_evaluate(config, diverging)
+    assert sorted(p.name for p in (diverging / "checkpoints").iterdir()) == ["10"]
+
+
+def test_corrupt_checkpoint_gives_a_clear_error(tiny_run, tmp_path, tfds_data_dir, tokenizer_dir):
+    workdir, _, _ = tiny_run
+    broken = tmp_path / "broken"
+    shutil.copytree(workdir, broken)
+    for path in (broken / "checkpoints" / "20" / "state").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"garbage")
+    config = tiny_config(tfds_data_dir, tokenizer_dir, num_train_steps=30)
+    with pytest.raises(experiment.RunError, match=r"checkpoints/20 is corrupt"):
+        train.train_and_evaluate(config, broken)
+
+
+def test_workdir_of_another_experiment_is_refused(tiny_run, tfds_data_dir, tokenizer_dir):
+    workdir, _, _ = tiny_run
+    config = tiny_config(tfds_data_dir, tokenizer_dir, model="seq2seq_rnn")
+    with pytest.raises(experiment.RunError, match="holds a run with model='attention_rnn'"):
+        train.train_and_evaluate(config, workdir)
+
+
+def test_command_line_reports_bad_flag_in_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "train.py", "--workdir", str(tmp_path), "--config.no_such_field=1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "no_such_field" in result.stderr
