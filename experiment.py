@@ -92,10 +92,14 @@ def create_model(config: ml_collections.ConfigDict, src_vocab_size: int, tgt_voc
 
 def init_params(model, config: ml_collections.ConfigDict):
     """Initial params from `config.seed` (shapes only depend on the model, so tiny dummy inputs)."""
-    rng = jax.random.fold_in(jax.random.key(config.seed), 0)
+    return _init(model, jax.random.fold_in(jax.random.key(config.seed), 0))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init(model, rng):
     src = jnp.ones((1, 4), jnp.int32)
     tgt = jnp.ones((1, 4), jnp.int32)
-    return jax.jit(functools.partial(model.init, train=False))(rng, src, tgt)["params"]
+    return model.init(rng, src, tgt, train=False)["params"]
 
 
 # ----------------------------------------------------------------------------- optimizer and loss
@@ -124,16 +128,30 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    return optax.chain(
-        optax.clip_by_global_norm(config.grad_clip_norm),
-        optax.adamw(
-            learning_rate_schedule(config),
-            b1=0.9,
-            b2=0.98,
-            eps=1e-9,
-            weight_decay=config.weight_decay,
-        ),
+    """AdamW with global-norm clipping on the configured schedule.
+
+    The same settings give the same (cached) object, so jitted train steps that take it as a static
+    argument are reused across runs in one process (tests) instead of recompiled.
+    """
+    fields = ("learning_rate", "warmup_steps", "num_train_steps", "schedule")
+    return _optimizer(
+        tuple((f, config[f]) for f in fields), config.grad_clip_norm, config.weight_decay
     )
+
+
+@functools.cache
+def _optimizer(schedule_fields, grad_clip_norm, weight_decay) -> optax.GradientTransformation:
+    schedule = learning_rate_schedule(ml_collections.ConfigDict(dict(schedule_fields)))
+    return optax.chain(
+        optax.clip_by_global_norm(grad_clip_norm),
+        optax.adamw(schedule, b1=0.9, b2=0.98, eps=1e-9, weight_decay=weight_decay),
+    )
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    """bool scalar: every element of every leaf of `tree` is finite."""
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: float = 0.0):

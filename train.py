@@ -13,13 +13,15 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import flax
 import grain
 import jax
 import jax.numpy as jnp
+import optax
 import orbax.checkpoint as ocp
 from absl import app, flags, logging
-from flax.training import train_state
 from ml_collections import config_flags
 from tqdm import tqdm
 
@@ -31,12 +33,26 @@ class TrainingDiverged(experiment.RunError):
     pass
 
 
-@functools.partial(jax.jit, static_argnames="label_smoothing", donate_argnums=0)
-def train_step(state, batch, dropout_key, label_smoothing):
-    """One optimizer step on a batch; returns (new_state, {"loss_sum", "tokens"})."""
+@flax.struct.dataclass
+class TrainState:
+    """What a checkpoint holds of training (the model and optimizer are rebuilt from the config)."""
+
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: Any
+    opt_state: Any
+
+
+@functools.partial(
+    jax.jit, static_argnames=("model", "optimizer", "label_smoothing"), donate_argnums=0
+)
+def train_step(state, batch, dropout_key, model, optimizer, label_smoothing):
+    """One optimizer step on a batch; returns (new_state, {"loss_sum", "tokens"}).
+
+    `batch` holds int32 `src [batch, src_len]`, `tgt_in` and `tgt_out` `[batch, tgt_len]`.
+    """
 
     def loss_fn(params):
-        logits = state.apply_fn(
+        logits = model.apply(
             {"params": params},
             batch["src"],
             batch["tgt_in"],
@@ -47,7 +63,9 @@ def train_step(state, batch, dropout_key, label_smoothing):
         return loss_sum / jnp.maximum(tokens, 1.0), (loss_sum, tokens)
 
     grads, (loss_sum, tokens) = jax.grad(loss_fn, has_aux=True)(state.params)
-    return state.apply_gradients(grads=grads), {"loss_sum": loss_sum, "tokens": tokens}
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    state = TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
+    return state, {"loss_sum": loss_sum, "tokens": tokens}
 
 
 @functools.partial(jax.jit, static_argnames="model")
@@ -107,11 +125,9 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None):
     model = experiment.create_model(
         config, data.src_tokenizer.vocab_size, data.tgt_tokenizer.vocab_size
     )
-    state = train_state.TrainState.create(
-        apply_fn=model.apply,
-        params=experiment.init_params(model, config),
-        tx=experiment.make_optimizer(config),
-    )
+    optimizer = experiment.make_optimizer(config)
+    params = experiment.init_params(model, config)
+    state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
     train_iter = data.train.iterator()
     ckpt = experiment.checkpoint_manager(workdir, config.keep_checkpoints)
     best = experiment.best_manager(workdir, config.eval_metric)
@@ -144,7 +160,7 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None):
     for step in range(start + 1, config.num_train_steps + 1):
         batch = next(train_iter)
         dropout_key = jax.random.fold_in(dropout_root, step)
-        state, out = train_step(state, batch, dropout_key, config.label_smoothing)
+        state, out = train_step(state, batch, dropout_key, model, optimizer, config.label_smoothing)
         progress.update(1)
         if stop_after_steps is not None and step - start >= stop_after_steps:
             break
@@ -188,7 +204,7 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None):
             last_metrics = metrics
             experiment.plot_learning_curves(workdir, config.eval_metric)
         if step % config.checkpoint_every == 0 or is_last:
-            if not all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(state.params)):
+            if not experiment.all_finite(state.params):
                 ckpt.wait_until_finished()
                 raise TrainingDiverged(
                     f"params are not finite at step {step}; the last good checkpoint "

@@ -13,6 +13,7 @@ def get_config():
     config = default.get_config()
     config.dataset = "dates/tiny"
     config.batch_size = 16
+    config.num_buckets = 1  # one batch shape: one compilation of the train step
     config.eval_batch_size = 32
     config.model_hparams = ml_collections.ConfigDict(
         {"cell": "gru", "embed_dim": 16, "hidden_dim": 32, "attention_dim": 16}

@@ -85,9 +85,35 @@ class MultiHeadAttention(nn.Module):
           attention dropout).
         """
         query = self.query(x) * keys.shape[-1] ** -0.5
-        weights = common.masked_softmax(jnp.einsum("bqhd,bkhd->bhqk", query, keys), mask)
+        import os
+        V = os.environ.get("ATTN", "0")
+        if V == "0":
+            scores = jnp.einsum("bqhd,bkhd->bhqk", query, keys)
+        elif V in "12":
+            scores = jnp.einsum("bkhd,bqhd->bhqk", keys, query)
+        elif V == "4":
+            scores = jnp.swapaxes(jnp.einsum("bkhd,bqhd->bhkq", keys, query), 2, 3)
+        if V == "3":
+            b, q, h, d = query.shape
+            k = keys.shape[1]
+            eye = jnp.eye(h, dtype=query.dtype)
+            qbd = (query[:, :, :, None, :] * eye[:, :, None]).reshape(b, q * h, h * d)
+            scores = jnp.einsum("bkc,bxc->bkx", keys.reshape(b, k, h * d), qbd)
+            scores = jnp.transpose(scores.reshape(b, k, q, h), (0, 3, 2, 1))
+        weights = common.masked_softmax(scores, mask)
         dropped = self.dropout(weights, deterministic=not train).astype(self.dtype)
-        return self.out(jnp.einsum("bhqk,bkhd->bqhd", dropped, values)), weights
+        if V == "0":
+            out = jnp.einsum("bhqk,bkhd->bqhd", dropped, values)
+        elif V in "14":
+            out = jnp.einsum("bkhd,bhqk->bqhd", values, dropped)
+        elif V == "2":
+            out = jnp.sum(jnp.transpose(dropped, (0, 2, 3, 1))[..., None] * values[:, None], 2)
+        elif V == "3":
+            w = jnp.swapaxes(dropped, 1, 2).reshape(b, q * h, k)
+            full = jnp.einsum("bxk,bkc->bxc", w, values.reshape(b, k, h * d)).reshape(b, q, h * h * d)
+            full = jnp.pad(full, ((0, 0), (0, 0), (0, h * d)))
+            out = full.reshape(b, q, h, (h + 1) * d)[..., :d]
+        return self.out(out), weights
 
 
 class FeedForward(nn.Module):
