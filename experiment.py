@@ -266,39 +266,39 @@ def best_manager(workdir: Path, metric: str) -> ocp.CheckpointManager:
 
 
 def restore_params(workdir: Path, params_template):
-    """Params of the best checkpoint, else the latest periodic one; `(params, step, which)`."""
+    """Params of the best checkpoint, else the latest periodic one; `(params, step, which)`.
+
+    `best/` holds one checkpoint (the best so far), so its latest step is the best step.
+    """
     workdir = Path(workdir)
     for which in ("best", "checkpoints"):
         directory = workdir.absolute() / which
         if not directory.is_dir():
             continue
-        with ocp.CheckpointManager(
-            directory, options=ocp.CheckpointManagerOptions(create=False)
-        ) as m:
-            step = m.latest_step() if which == "checkpoints" else m.best_step()
-            if step is None:
-                continue
-            try:
-                if which == "best":
-                    restored = m.restore(step, args=ocp.args.StandardRestore(params_template))
-                    return restored, step, which
-                restored = m.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.PyTreeRestore(
-                            partial_restore=True, item={"params": params_template}
-                        )
-                    ),
-                )
-                return restored["state"]["params"], step, which
-            except Exception as e:  # noqa: BLE001 — any failure to read means a damaged checkpoint
-                raise RunError(
-                    f"checkpoint {directory / str(step)} is corrupt or incompatible "
-                    f"({type(e).__name__}); delete it to fall back to an older one, or retrain"
-                ) from None
+        step = None
+        try:
+            options = ocp.CheckpointManagerOptions(create=False, read_only=True)
+            with ocp.CheckpointManager(directory, options=options) as manager:
+                step = manager.latest_step()
+                if step is not None:
+                    return _restore_params(manager, step, which, params_template), step, which
+        except Exception as e:  # noqa: BLE001 — any failure to read means a damaged checkpoint
+            where = directory / str(step) if step is not None else directory
+            raise RunError(
+                f"checkpoint {where} is corrupt or incompatible with {workdir / CONFIG_FILE} "
+                f"({type(e).__name__}); delete it to fall back to an older one, or retrain"
+            ) from None
     raise RunError(
         f"no checkpoint in {workdir}: train first with `python train.py --workdir {workdir}`"
     )
+
+
+def _restore_params(manager: ocp.CheckpointManager, step: int, which: str, params_template):
+    if which == "best":
+        return manager.restore(step, args=ocp.args.StandardRestore(params_template))
+    item = {"params": params_template}
+    args = ocp.args.Composite(state=ocp.args.PyTreeRestore(item=item, partial_restore=True))
+    return manager.restore(step, args=args)["state"]["params"]
 
 
 # -------------------------------------------------------------------------------------- reporting

@@ -41,6 +41,48 @@ def sinusoidal_positions(max_len: int, d_model: int) -> np.ndarray:
     return table.astype(np.float32)
 
 
+# Up to this many query rows (queries x heads) per sentence, attention takes its few-query form.
+FEW_QUERY_ROWS = 64
+
+
+def attention_scores(query: jax.Array, keys: jax.Array) -> jax.Array:
+    """Dot products `[batch, heads, q_len, kv_len]` of query `[batch, q_len, heads, head_dim]` with keys
+    `[batch, kv_len, heads, head_dim]`.
+
+    Per-head batched matmuls need the keys head-major, so XLA transposes them: worth it for many
+    queries (teacher forcing), not for the few of a decoding step, which would transpose the whole KV
+    cache to use it once. Few queries instead multiply the keys as they lie, `[batch, kv_len, heads x
+    head_dim]`, by a block-diagonal query matrix (each query row is zero outside its own head): no copy
+    of the keys, for `heads` times the (small) multiply-adds.
+    """
+    batch, q_len, heads, head_dim = query.shape
+    if q_len * heads > FEW_QUERY_ROWS:
+        return jnp.einsum("bqhd,bkhd->bhqk", query, keys)
+    eye = jnp.eye(heads, dtype=query.dtype)
+    blocks = (query[:, :, :, None, :] * eye[:, :, None]).reshape(batch, q_len * heads, -1)
+    scores = jnp.einsum("bkc,bxc->bkx", keys.reshape(batch, keys.shape[1], -1), blocks)
+    return jnp.transpose(scores.reshape(batch, -1, q_len, heads), (0, 3, 2, 1))
+
+
+def attention_mix(weights: jax.Array, values: jax.Array) -> jax.Array:
+    """`[batch, q_len, heads, head_dim]`: values `[batch, kv_len, heads, head_dim]` averaged under
+    weights `[batch, heads, q_len, kv_len]`; the few-query form of `attention_scores` likewise.
+
+    Few queries: every query row mixes the values of every head as they lie (`[batch, q_len x heads,
+    heads x head_dim]`), then keeps its own head's block, the diagonal of the `[heads, heads]` blocks.
+    """
+    batch, heads, q_len, kv_len = weights.shape
+    if q_len * heads > FEW_QUERY_ROWS:
+        return jnp.einsum("bhqk,bkhd->bqhd", weights, values)
+    head_dim = values.shape[-1]
+    rows = jnp.swapaxes(weights, 1, 2).reshape(batch, q_len * heads, kv_len)
+    mixed = jnp.einsum("bxk,bkc->bxc", rows, values.reshape(batch, kv_len, heads * head_dim))
+    # Row-major [heads, heads, head_dim] padded by one block is [heads, heads + 1, head_dim]-strided:
+    # block (h, h) starts at h * (heads + 1) * head_dim, so the diagonal is a slice, not a gather.
+    padded = jnp.pad(mixed.reshape(batch, q_len, -1), ((0, 0), (0, 0), (0, heads * head_dim)))
+    return padded.reshape(batch, q_len, heads, (heads + 1) * head_dim)[..., :head_dim]
+
+
 class MultiHeadAttention(nn.Module):
     """Scaled dot-product attention with `num_heads` heads; keys/values projected separately (`kv`) so
     they can be computed once and cached.
@@ -73,47 +115,45 @@ class MultiHeadAttention(nn.Module):
         return self.key(x), self.value(x)
 
     def __call__(
-        self, x: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array, train: bool
+        self,
+        x: jax.Array,
+        keys: jax.Array,
+        values: jax.Array,
+        mask: jax.Array,
+        train: bool,
+        present: tuple[jax.Array, jax.Array] | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         """Args:
           x: queries `[batch, q_len, d_model]`.
           keys, values: `[batch, kv_len, heads, head_dim]`.
           mask: bool, broadcastable to `[batch, heads, q_len, kv_len]`, True where attention is allowed.
+          present: for one query position (q_len 1), its own key and value `[batch, 1, heads,
+            head_dim]`, attended besides `keys`/`values` (incremental decoding: the cache holds the past
+            positions, so it is read as it was given and written apart).
 
         Returns:
-          (output `[batch, q_len, d_model]`, float32 weights `[batch, heads, q_len, kv_len]` before
-          attention dropout).
+          (output `[batch, q_len, d_model]`, float32 weights `[batch, heads, q_len, kv_len (+ 1 with
+          present, last)]` before attention dropout).
         """
         query = self.query(x) * keys.shape[-1] ** -0.5
-        import os
-        V = os.environ.get("ATTN", "0")
-        if V == "0":
-            scores = jnp.einsum("bqhd,bkhd->bhqk", query, keys)
-        elif V in "12":
-            scores = jnp.einsum("bkhd,bqhd->bhqk", keys, query)
-        elif V == "4":
-            scores = jnp.swapaxes(jnp.einsum("bkhd,bqhd->bhkq", keys, query), 2, 3)
-        if V == "3":
-            b, q, h, d = query.shape
-            k = keys.shape[1]
-            eye = jnp.eye(h, dtype=query.dtype)
-            qbd = (query[:, :, :, None, :] * eye[:, :, None]).reshape(b, q * h, h * d)
-            scores = jnp.einsum("bkc,bxc->bkx", keys.reshape(b, k, h * d), qbd)
-            scores = jnp.transpose(scores.reshape(b, k, q, h), (0, 3, 2, 1))
+        scores = attention_scores(query, keys)
+        if present is not None:
+            own = jnp.einsum("bqhd,bqhd->bhq", query, present[0])[..., None]
+            scores = jnp.concatenate([scores, own], axis=-1)
+            mask = jnp.concatenate(
+                [
+                    jnp.broadcast_to(mask, scores.shape[:-1] + (keys.shape[1],)),
+                    jnp.ones_like(own, bool),
+                ],
+                axis=-1,
+            )
         weights = common.masked_softmax(scores, mask)
         dropped = self.dropout(weights, deterministic=not train).astype(self.dtype)
-        if V == "0":
-            out = jnp.einsum("bhqk,bkhd->bqhd", dropped, values)
-        elif V in "14":
-            out = jnp.einsum("bkhd,bhqk->bqhd", values, dropped)
-        elif V == "2":
-            out = jnp.sum(jnp.transpose(dropped, (0, 2, 3, 1))[..., None] * values[:, None], 2)
-        elif V == "3":
-            w = jnp.swapaxes(dropped, 1, 2).reshape(b, q * h, k)
-            full = jnp.einsum("bxk,bkc->bxc", w, values.reshape(b, k, h * d)).reshape(b, q, h * h * d)
-            full = jnp.pad(full, ((0, 0), (0, 0), (0, h * d)))
-            out = full.reshape(b, q, h, (h + 1) * d)[..., :d]
-        return self.out(out), weights
+        if present is None:
+            return self.out(attention_mix(dropped, values)), weights
+        past, own = dropped[..., :-1], dropped[..., -1:]
+        mixed = attention_mix(past, values) + jnp.swapaxes(own, 1, 2) * present[1]
+        return self.out(mixed), weights
 
 
 class FeedForward(nn.Module):
@@ -210,31 +250,41 @@ class DecoderLayer(Sublayers):
     def __call__(
         self,
         x: jax.Array,
-        self_kv,
         self_mask: jax.Array,
         cross_kv: tuple[jax.Array, jax.Array],
         cross_mask: jax.Array,
         train: bool,
+        cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
     ) -> tuple[jax.Array, Any, jax.Array]:
         """One decoder layer, teacher-forced or incremental.
 
         Args:
           x: `[rows, q_len, d_model]` (teacher-forced: rows = batch; incremental: rows = N, q_len = 1).
-          self_kv: a function `(k, v) -> (keys, values)` from the new positions' keys/values
-            `[rows, q_len, heads, head_dim]` to the ones to attend over (themselves, or the updated cache).
-          self_mask: bool, broadcastable to `[rows, heads, q_len, kv_len]`.
+          self_mask: bool, broadcastable to `[rows, heads, q_len, kv_len]`: over the positions of `x`
+            (teacher-forced) or of the cache (incremental: the past positions only).
           cross_kv: this layer's encoder keys/values `[batch, src_len, heads, head_dim]` (sentence batch).
           cross_mask: bool `[batch, 1, 1, src_len]`.
+          cache: None (teacher-forced), or `(keys, values, pos)`: this layer's self-attention cache
+            `[rows, max_len, heads, head_dim]` and the int32 position where `x`'s keys/values go.
 
         Returns:
-          (`[rows, q_len, d_model]`, the attended self keys/values, float32 cross-attention weights
-          `[batch, heads, rows // batch * q_len, src_len]`).
+          (`[rows, q_len, d_model]`, the updated cache (keys, values) or None, float32 cross-attention
+          weights `[batch, heads, rows // batch * q_len, src_len]`).
         """
 
         def attend_self(h):
-            keys, values = self_kv(*self.self_attention.kv(h))
-            out, _ = self.self_attention(h, keys, values, self_mask, train)
-            return out, (keys, values)
+            keys, values = self.self_attention.kv(h)
+            if cache is None:
+                return self.self_attention(h, keys, values, self_mask, train)[0], None
+            cache_k, cache_v, pos = cache
+            out, _ = self.self_attention(
+                h, cache_k, cache_v, self_mask, train, present=(keys, values)
+            )
+            write = (0, pos, 0, 0)
+            return out, (
+                jax.lax.dynamic_update_slice(cache_k, keys.astype(cache_k.dtype), write),
+                jax.lax.dynamic_update_slice(cache_v, values.astype(cache_v.dtype), write),
+            )
 
         def attend_source(h):
             # Rows of the same sentence (its beams) become extra query positions of that sentence.
@@ -382,9 +432,7 @@ class Transformer(nn.Module):
         x = self._embed(self.tgt_embed, tgt_in, jnp.arange(tgt_len), train)
         causal = nn.make_causal_mask(tgt_in, dtype=jnp.bool_)  # [batch, 1, tgt_len, tgt_len]
         for i, layer in enumerate(self.decoder_layers):
-            x, _, weights = layer(
-                x, lambda k, v: (k, v), causal, memory["cross_kv"][i], memory["mask"], train
-            )
+            x, _, weights = layer(x, causal, memory["cross_kv"][i], memory["mask"], train)
             self.sow("intermediates", f"cross_attention_{i}", weights)
         return self._logits(x)
 
@@ -444,21 +492,18 @@ class Transformer(nn.Module):
         rows = tokens.shape[0]
         cache_len = state["cache"][0][0].shape[1]
         x = self._embed(self.tgt_embed, tokens[:, None], pos[:, None], train=False)
-        self_mask = (jnp.arange(cache_len)[None, :] <= pos[:, None])[:, None, None, :]
-        write = (0, pos[0], 0, 0)
+        past = (jnp.arange(cache_len)[None, :] < pos[:, None])[:, None, None, :]
         new_cache = []
         for i, (layer, (cache_k, cache_v)) in enumerate(
             zip(self.decoder_layers, state["cache"], strict=True)
         ):
-
-            def update_cache(k, v, cache_k=cache_k, cache_v=cache_v):
-                return (
-                    jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), write),
-                    jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), write),
-                )
-
             x, kv, weights = layer(
-                x, update_cache, self_mask, memory["cross_kv"][i], memory["mask"], train=False
+                x,
+                past,
+                memory["cross_kv"][i],
+                memory["mask"],
+                train=False,
+                cache=(cache_k, cache_v, pos[0]),
             )
             new_cache.append(kv)
             # [batch, heads, beam, src_len] -> [N, heads, src_len]

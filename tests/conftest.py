@@ -116,3 +116,29 @@ def dates_data(tfds_data_dir, tokenizer_dir) -> input_pipeline.Datasets:
 def multi30k_data(multi30k_data_dir, multi30k_dir, tokenizer_dir) -> input_pipeline.Datasets:
     fields = multi30k_fields(multi30k_data_dir, multi30k_dir, tokenizer_dir)
     return input_pipeline.get_datasets(data_config(**fields))
+
+
+def tiny_run_config(data_dir, tokenizer_dir, **overrides) -> ml_collections.ConfigDict:
+    """configs/tiny_dates.py on the session's data and tokenizer cache."""
+    from configs import tiny_dates
+
+    config = tiny_dates.get_config()
+    config.data_dir = str(data_dir)
+    config.tokenizer_dir = str(tokenizer_dir)
+    config.update(overrides)
+    return config
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tfds_data_dir, tokenizer_dir):
+    """One uninterrupted 20-step tiny dates run: (workdir, final train state, last metrics).
+
+    Tests must not modify its workdir (copy it first).
+    """
+    import train
+
+    workdir = tmp_path_factory.mktemp("tiny_run")
+    state, metrics = train.train_and_evaluate(
+        tiny_run_config(tfds_data_dir, tokenizer_dir), workdir
+    )
+    return workdir, state, metrics

@@ -9,20 +9,12 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import tiny_run_config
 
 import experiment
 import train
-from configs import tiny_dates
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_config(data_dir, tokenizer_dir, **overrides):
-    config = tiny_dates.get_config()
-    config.data_dir = str(data_dir)
-    config.tokenizer_dir = str(tokenizer_dir)
-    config.update(overrides)
-    return config
 
 
 def leaves_equal(a, b) -> bool:
@@ -34,14 +26,6 @@ def leaves_equal(a, b) -> bool:
 
 def losses(workdir: Path) -> list[tuple[int, str, float]]:
     return [(r["step"], r["split"], r["loss"]) for r in experiment.read_metrics(workdir)]
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tfds_data_dir, tokenizer_dir):
-    """One uninterrupted 20-step run (checkpoints at 10 and 20); shared by the tests below."""
-    workdir = tmp_path_factory.mktemp("run")
-    state, metrics = train.train_and_evaluate(tiny_config(tfds_data_dir, tokenizer_dir), workdir)
-    return workdir, state, metrics
 
 
 def test_run_writes_checkpoints_metrics_and_plot(tiny_run):
@@ -73,13 +57,13 @@ def test_same_seed_is_bit_identical_other_seed_differs(
 ):
     workdir, state, _ = tiny_run
     again, again_metrics = train.train_and_evaluate(
-        tiny_config(tfds_data_dir, tokenizer_dir), tmp_path / "again"
+        tiny_run_config(tfds_data_dir, tokenizer_dir), tmp_path / "again"
     )
     assert losses(tmp_path / "again") == losses(workdir)
     assert leaves_equal(again.params, state.params)
 
     other, _ = train.train_and_evaluate(
-        tiny_config(tfds_data_dir, tokenizer_dir, seed=1), tmp_path / "other"
+        tiny_run_config(tfds_data_dir, tokenizer_dir, seed=1), tmp_path / "other"
     )
     assert losses(tmp_path / "other") != losses(workdir)
     assert not leaves_equal(other.params, state.params)
@@ -89,7 +73,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(
     tiny_run, tmp_path, tfds_data_dir, tokenizer_dir
 ):
     workdir, state, _ = tiny_run
-    config = tiny_config(tfds_data_dir, tokenizer_dir)
+    config = tiny_run_config(tfds_data_dir, tokenizer_dir)
     resumed = tmp_path / "resumed"
     # "Crash" at step 14: the checkpoint of step 10 survives, steps 11-14 are lost.
     crashed, _ = train.train_and_evaluate(config, resumed, stop_after_steps=14)
@@ -108,7 +92,7 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(
     diverging = tmp_path / "diverging"
     shutil.copytree(workdir, diverging)
     shutil.rmtree(diverging / "checkpoints" / "20")
-    config = tiny_config(tfds_data_dir, tokenizer_dir, learning_rate=float("nan"))
+    config = tiny_run_config(tfds_data_dir, tokenizer_dir, learning_rate=float("nan"))
     with pytest.raises(train.TrainingDiverged, match=r"loss is nan at step 15.*step 10"):
         train.train_and_evaluate(config, diverging)
     assert sorted(p.name for p in (diverging / "checkpoints").iterdir()) == ["10"]
@@ -121,14 +105,14 @@ def test_corrupt_checkpoint_gives_a_clear_error(tiny_run, tmp_path, tfds_data_di
     for path in (broken / "checkpoints" / "20" / "state").rglob("*"):
         if path.is_file():
             path.write_bytes(b"garbage")
-    config = tiny_config(tfds_data_dir, tokenizer_dir, num_train_steps=30)
+    config = tiny_run_config(tfds_data_dir, tokenizer_dir, num_train_steps=30)
     with pytest.raises(experiment.RunError, match=r"checkpoints/20 is corrupt"):
         train.train_and_evaluate(config, broken)
 
 
 def test_workdir_of_another_experiment_is_refused(tiny_run, tfds_data_dir, tokenizer_dir):
     workdir, _, _ = tiny_run
-    config = tiny_config(tfds_data_dir, tokenizer_dir, model="seq2seq_rnn")
+    config = tiny_run_config(tfds_data_dir, tokenizer_dir, model="seq2seq_rnn")
     with pytest.raises(experiment.RunError, match="holds a run with model='attention_rnn'"):
         train.train_and_evaluate(config, workdir)
 
