@@ -277,7 +277,7 @@ def restore_params(workdir: Path, params_template):
             continue
         step = None
         try:
-            options = ocp.CheckpointManagerOptions(create=False, read_only=True)
+            options = ocp.CheckpointManagerOptions(create=False)
             with ocp.CheckpointManager(directory, options=options) as manager:
                 step = manager.latest_step()
                 if step is not None:

@@ -144,7 +144,7 @@ def beam_search(
         )
         # One top-k over every extension of every alive prefix of a sentence.
         candidates = (alive.log_probs[:, :, None] + allowed).reshape(batch, beam * vocab)
-        top_log_probs, top_index = jax.lax.top_k(candidates, beam)  # [batch, beam]
+        top_log_probs, top_index = common.top_k(candidates, beam)  # [batch, beam]
         parent, token = top_index // vocab, top_index % vocab
         token_log_prob = jnp.take_along_axis(log_probs.reshape(batch, -1), top_index, axis=1)
         length = step + 1
@@ -179,7 +179,9 @@ def beam_search(
         )
         if beam > 1:  # reorder the decoder state: row b * beam + k continues its parent's row
             rows_from = (row_base + parent).reshape(rows)
-            new_state = jax.tree.map(lambda x: jnp.take(x, rows_from, axis=0), new_state)
+            new_state = jax.tree.map(
+                lambda x: jnp.take(x, rows_from, axis=0, mode="promise_in_bounds"), new_state
+            )
         return step + 1, token.reshape(rows), new_state, alive, finished, done
 
     carry = (

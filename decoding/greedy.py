@@ -98,7 +98,7 @@ def _argmax(step: jax.Array, log_probs: jax.Array, running: jax.Array) -> jax.Ar
     # argmax of running + log_probs, not of log_probs alone: the same float sums beam search ranks,
     # so a near-tie rounds the same way and beam_size=1 returns exactly these tokens.
     del step
-    return jnp.argmax(running[:, None] + log_probs, axis=-1).astype(jnp.int32)
+    return common.argmax(running[:, None] + log_probs)
 
 
 def greedy(
