@@ -24,6 +24,7 @@ from absl import app, flags, logging
 
 import decoding
 import experiment
+import sharding
 from data import input_pipeline, tokenizers
 
 
@@ -57,7 +58,11 @@ def define_flags() -> None:
         "length_penalty", "gnmt", ["gnmt", "average", "none"], "Length normalization."
     )
     flags.DEFINE_integer("max_decode_len", None, "Generated tokens at most (default: the run's).")
-    flags.DEFINE_integer("batch_size", None, "Sentences per decode batch (default: the run's).")
+    flags.DEFINE_integer(
+        "batch_size",
+        None,
+        "Sentences per decode batch (default: the run's), rounded up to a multiple of the devices.",
+    )
     flags.DEFINE_integer("num_examples", 0, "Evaluate only the first N examples (0 = all).")
     flags.DEFINE_string("report", None, "JSON report path (default <workdir>/eval_<split>.json).")
     flags.DEFINE_string(
@@ -70,17 +75,25 @@ def define_flags() -> None:
 
 
 class Run:
-    """A trained run loaded for evaluation: config, tokenizers, model and params."""
+    """A trained run loaded for evaluation: config, tokenizers, model and params.
+
+    Evaluation runs on this host's devices, whatever mesh trained the run: batches are split over
+    all of them (`mesh`, one `data` axis) and the params, read from the checkpoint straight into
+    that layout, are replicated on each.
+    """
 
     def __init__(self, workdir: Path):
         self.workdir = Path(workdir)
+        self.mesh = sharding.make_mesh()
         self.config = experiment.load_config(self.workdir)
         self.src_tokenizer = tokenizers.load(self.workdir / experiment.SRC_TOKENIZER)
         self.tgt_tokenizer = tokenizers.load(self.workdir / experiment.TGT_TOKENIZER)
         self.model = experiment.create_model(
             self.config, self.src_tokenizer.vocab_size, self.tgt_tokenizer.vocab_size
         )
-        template = jax.eval_shape(lambda: experiment.init_params(self.model, self.config))
+        shapes = jax.eval_shape(lambda: experiment.init_params(self.model, self.config))
+        replicated = jax.tree.map(lambda _: sharding.replicated(self.mesh), shapes)
+        template = sharding.abstract(shapes, replicated)
         self.params, self.step, self.checkpoint = experiment.restore_params(self.workdir, template)
 
 
@@ -95,11 +108,11 @@ def decode_batches(run: Run, batches, *, decode, beam_size, alpha, length_penalt
     nothing already decoded. Timing excludes compilation: a batch whose shape is new is run twice and
     the second run is timed.
     """
-    fn = experiment.decode_fn(run.model, decode, beam_size, max_len, length_penalty)
+    fn = experiment.decode_fn(run.model, decode, beam_size, max_len, length_penalty, run.mesh)
     seen_shapes, sequences, results = set(), [], []
     decode_seconds = compile_seconds = 0.0
     for batch in batches:
-        src = batch["src"]
+        src = sharding.shard_batch({"src": batch["src"]}, run.mesh)["src"]
         if src.shape not in seen_shapes:
             start = time.perf_counter()
             jax.block_until_ready(fn(run.params, src, alpha))
@@ -165,9 +178,11 @@ def best_score(result) -> np.ndarray:
 
 
 @functools.cache
-def _score_fn(model, length_penalty: str):
-    @jax.jit
+def _score_fn(model, length_penalty: str, mesh):
+    """Jitted teacher-forced scoring; the batch split over `mesh`, the params replicated."""
+
     def run_score(params, src, targets, alpha):
+        params, src, targets = experiment.replicate_params_shard_batch(mesh, params, src, targets)
         variables = {"params": params}
         memory = model.apply(variables, src, method=model.encode)
         state = model.apply(variables, memory, targets.shape[1], method=model.init_decode_state)
@@ -185,7 +200,7 @@ def _score_fn(model, length_penalty: str):
             length_penalty=length_penalty,
         )
 
-    return run_score
+    return jax.jit(run_score, out_shardings=sharding.replicated(mesh))
 
 
 def run_error_analysis(run: Run, eval_data, sequences, scores, *, alpha, length_penalty):
@@ -195,11 +210,12 @@ def run_error_analysis(run: Run, eval_data, sequences, scores, *, alpha, length_
       sequences: int `[n, max_len]`, the beam's best hypothesis per example.
       scores: float `[n]`, its normalized score from the beam search.
     """
-    score = _score_fn(run.model, length_penalty)
+    score = _score_fn(run.model, length_penalty, run.mesh)
     reference_scores, references = [], []
     for batch in eval_data.batches:
         mask = batch["mask"]
-        result = score(run.params, batch["src"], batch["tgt_out"], alpha)
+        arrays = sharding.shard_batch({k: batch[k] for k in ("src", "tgt_out")}, run.mesh)
+        result = score(run.params, arrays["src"], arrays["tgt_out"], alpha)
         reference_scores.append(np.asarray(result.scores)[mask])
         references.extend(batch["tgt_out"][mask].tolist())
     width = max(len(r) for r in references)
@@ -376,7 +392,8 @@ def evaluate(workdir: Path, options: Options) -> dict | None:
     run = Run(workdir)
     config = run.config
     max_len = options.max_decode_len or config.max_decode_len
-    batch_size = options.batch_size or config.eval_batch_size
+    # Batches split over the devices: round the size up to a multiple of their number.
+    batch_size = sharding.round_up(options.batch_size or config.eval_batch_size, run.mesh)
     search = dict(
         decode=options.decode,
         beam_size=options.beam_size,

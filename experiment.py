@@ -21,8 +21,10 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import sacrebleu
+from jax.sharding import Mesh
 
 import decoding
+import sharding
 from data import tokenizers
 from models import registry
 
@@ -92,11 +94,13 @@ def create_model(config: ml_collections.ConfigDict, src_vocab_size: int, tgt_voc
 
 def init_params(model, config: ml_collections.ConfigDict):
     """Initial params from `config.seed` (shapes only depend on the model, so tiny dummy inputs)."""
-    return _init(model, jax.random.fold_in(jax.random.key(config.seed), 0))
+    return init_params_from_seed(model, config.seed)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _init(model, rng):
+def init_params_from_seed(model, seed):
+    """Initial params from an int `seed` (traced: jit it with out_shardings to create them sharded)."""
+    rng = jax.random.fold_in(jax.random.key(seed), 0)
     src = jnp.ones((1, 4), jnp.int32)
     tgt = jnp.ones((1, 4), jnp.int32)
     return model.init(rng, src, tgt, train=False)["params"]
@@ -180,17 +184,22 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: float 
 
 
 @functools.cache
-def decode_fn(model, decode: str, beam_size: int, max_len: int, length_penalty: str):
+def decode_fn(
+    model, decode: str, beam_size: int, max_len: int, length_penalty: str, mesh: Mesh | None = None
+):
     """A jitted `(params, src [batch, src_len], alpha) -> decoding result` (alpha traced: no recompiles).
 
-    One compiled program per (src shape, decode, beam_size, max_len, length_penalty); cached here so train
-    and eval share them.
+    One compiled program per (src shape, decode, beam_size, max_len, length_penalty, mesh); cached here
+    so train and eval share them. With a `mesh`, the batch is split over its devices (pass `src` from
+    `sharding.shard_batch`), the params are replicated (gathered once per call if they come
+    FSDP-sharded) and so is the result, which every host can then read.
     """
     if decode not in ("greedy", "beam"):
         raise RunError(f"unknown decode {decode!r}: use greedy or beam")
 
-    @jax.jit
     def run(params, src, alpha):
+        if mesh is not None:
+            params, src = replicate_params_shard_batch(mesh, params, src)
         variables = {"params": params}
         memory = model.apply(variables, src, method=model.encode)
         state = model.apply(variables, memory, max_len, method=model.init_decode_state)
@@ -215,7 +224,18 @@ def decode_fn(model, decode: str, beam_size: int, max_len: int, length_penalty: 
             **common,
         )
 
-    return run
+    if mesh is None:
+        return jax.jit(run)
+    return jax.jit(run, out_shardings=sharding.replicated(mesh))
+
+
+def replicate_params_shard_batch(mesh: Mesh, params, *batch_arrays):
+    """Inside jit: `params` replicated over `mesh`, each array's batch dimension split over it."""
+    params = jax.lax.with_sharding_constraint(params, sharding.replicated(mesh))
+    batch = [
+        jax.lax.with_sharding_constraint(x, sharding.batch_sharding(mesh)) for x in batch_arrays
+    ]
+    return params, *batch
 
 
 def best_sequences(result) -> np.ndarray:
@@ -269,6 +289,8 @@ def restore_params(workdir: Path, params_template):
     """Params of the best checkpoint, else the latest periodic one; `(params, step, which)`.
 
     `best/` holds one checkpoint (the best so far), so its latest step is the best step.
+    `params_template` is a tree of `jax.ShapeDtypeStruct`s with shardings (`sharding.abstract`): the
+    params are read straight into those shardings, whatever device count wrote the checkpoint.
     """
     workdir = Path(workdir)
     for which in ("best", "checkpoints"):
@@ -297,7 +319,10 @@ def _restore_params(manager: ocp.CheckpointManager, step: int, which: str, param
     if which == "best":
         return manager.restore(step, args=ocp.args.StandardRestore(params_template))
     item = {"params": params_template}
-    args = ocp.args.Composite(state=ocp.args.PyTreeRestore(item=item, partial_restore=True))
+    restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+    args = ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+    )
     return manager.restore(step, args=args)["state"]["params"]
 
 

@@ -58,4 +58,16 @@ def get_config() -> ml_collections.ConfigDict:
     config.length_penalty = "gnmt"
     config.checkpoint_every = 500
     config.keep_checkpoints = 3
+
+    # Scale-out (see sharding.py): a (data, fsdp) device mesh over every device of every host.
+    # Batches are split over all devices; params and optimizer state are sharded over `fsdp` and
+    # replicated over `data`. data=-1: the devices fsdp leaves. A checkpoint restores on any mesh.
+    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+    # Multi-host: jax.distributed.initialize() before training. The address (host:port of
+    # process 0), process count and id are detected on Cloud TPU pods, SLURM and Open MPI;
+    # elsewhere pass them.
+    config.distributed = False
+    config.coordinator_address = config_dict.placeholder(str)
+    config.num_processes = config_dict.placeholder(int)
+    config.process_id = config_dict.placeholder(int)
     return config

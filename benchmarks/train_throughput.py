@@ -1,0 +1,184 @@
+r"""Train-step throughput on 1, 2 and 4 devices: data parallel and FSDP, one global batch.
+
+  python benchmarks/train_throughput.py                          # configs/default.py, 1/2/4 devices
+  python benchmarks/train_throughput.py --config dates_transformer --json throughput.json
+  python benchmarks/train_throughput.py --devices 1,8 --meshes dp  # on a machine with 8 devices
+
+Each (device count, mesh) runs in its own subprocess. On a CPU-only machine the devices are host
+devices (`XLA_FLAGS=--xla_force_host_platform_device_count=N`): the N devices share the machine's
+cores, so this measures what splitting costs (partitioned programs, collectives) rather than a
+speed-up; on GPUs or TPUs it counts real devices (`--devices` must not exceed them).
+
+What is timed: `train.programs(...).train_step`, exactly as train.py runs it (params and optimizer
+state sharded by the mesh, the batch split over every device, state donated), on the config's own
+training batches, assembled as global arrays before timing (the input pipeline is not timed).
+After `--warmup` steps (compilation), `--steps` steps run back to back and the clock stops when the
+last one's result is ready. Reported: steps/s, examples/s, target tokens/s (non-padding), ms per step,
+the warm-up seconds (compilation and the warm-up steps), and the speed relative to the 1-device run.
+
+Meshes: `dp` = data parallel (`data=N, fsdp=1`: params replicated), `fsdp` = fully sharded
+(`data=1, fsdp=N`: params and optimizer state split over the devices). Both split the batch over
+all N devices.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULT = "RESULT "  # a child's last stdout line: RESULT {json}
+
+
+def child(args) -> dict:
+    """Measures one (device count, mesh) in this process; the device count is set by XLA_FLAGS."""
+    sys.path.insert(0, str(REPO))
+    import importlib
+
+    import jax
+    import numpy as np
+
+    import experiment
+    import sharding
+    import train
+    from data import input_pipeline
+
+    config = importlib.import_module(f"configs.{args.config}").get_config()
+    if args.batch_size:
+        config.batch_size = args.batch_size
+    config.num_buckets = 1  # one batch shape: one compilation, comparable steps
+    devices = jax.device_count()
+    config.mesh.data, config.mesh.fsdp = (devices, 1) if args.mesh == "dp" else (1, devices)
+    mesh = sharding.mesh_from_config(config)
+    data = input_pipeline.get_datasets(config, batch_multiple=mesh.size)
+    model = experiment.create_model(
+        config, data.src_tokenizer.vocab_size, data.tgt_tokenizer.vocab_size
+    )
+    run = train.programs(model, experiment.make_optimizer(config), config.label_smoothing, mesh)
+    seed = np.int32(config.seed)
+    state = run.init(seed)
+    iterator = data.train.iterator(*sharding.host_shard(mesh))
+    host_batches = [next(iterator) for _ in range(args.warmup + args.steps)]
+    batches = [sharding.global_batch(b, mesh) for b in host_batches]
+
+    start = time.perf_counter()
+    for batch in batches[: args.warmup]:
+        state, out = run.train_step(state, batch, seed)
+    jax.block_until_ready(out)
+    warmup_seconds = time.perf_counter() - start
+
+    start = time.perf_counter()
+    for batch in batches[args.warmup :]:
+        state, out = run.train_step(state, batch, seed)
+    jax.block_until_ready((state, out))
+    seconds = time.perf_counter() - start
+
+    timed = host_batches[args.warmup :]
+    examples = sum(b["src"].shape[0] for b in timed) * sharding.host_shard(mesh)[1]
+    tokens = sum(int((b["tgt_out"] != 0).sum()) for b in timed) * sharding.host_shard(mesh)[1]
+    params = sum(x.size for x in jax.tree.leaves(state.params))
+    sharded = sum(
+        x.size for x in jax.tree.leaves(state.params) if not x.sharding.is_fully_replicated
+    )
+    return {
+        "backend": f"{jax.default_backend()} (jax {jax.__version__})",
+        "devices": jax.device_count(),
+        "mesh": dict(mesh.shape),
+        "global_batch": int(batches[0]["src"].shape[0]),
+        "batch_shape": [int(n) for n in (*batches[0]["src"].shape, batches[0]["tgt_in"].shape[1])],
+        "params": int(params),
+        "params_sharded": int(sharded),
+        "steps": args.steps,
+        "steps_per_sec": args.steps / seconds,
+        "examples_per_sec": examples / seconds,
+        "tokens_per_sec": tokens / seconds,
+        "ms_per_step": 1000 * seconds / args.steps,
+        "warmup_seconds": warmup_seconds,
+        "final_loss": float(out["loss_sum"]) / max(float(out["tokens"]), 1.0),
+    }
+
+
+def spawn(args, devices: int, mesh: str) -> dict:
+    env = dict(os.environ)
+    if args.host_devices:
+        env["XLA_FLAGS"] = (
+            env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
+        ).strip()
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--mesh",
+        mesh,
+        *("--config", args.config, "--steps", str(args.steps), "--warmup", str(args.warmup)),
+        *(("--batch_size", str(args.batch_size)) if args.batch_size else ()),
+    ]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    lines = [line for line in result.stdout.splitlines() if line.startswith(RESULT)]
+    if result.returncode or not lines:
+        sys.exit(f"error: the {devices}-device {mesh} run failed:\n{result.stderr[-3000:]}")
+    return json.loads(lines[-1][len(RESULT) :])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="default", help="a module of configs/ (default)")
+    parser.add_argument("--devices", default="1,2,4", help="device counts, comma-separated")
+    parser.add_argument("--meshes", default="dp,fsdp", help="dp and/or fsdp, comma-separated")
+    parser.add_argument("--steps", type=int, default=50, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation)")
+    parser.add_argument("--batch_size", type=int, default=0, help="global batch (0: the config's)")
+    parser.add_argument(
+        "--no_host_devices",
+        dest="host_devices",
+        action="store_false",
+        help="use the real devices (GPU/TPU) instead of forcing N host (CPU) devices",
+    )
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--mesh", default="dp", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(RESULT + json.dumps(child(args)), flush=True)
+        return
+
+    counts = [int(n) for n in args.devices.split(",")]
+    meshes = [m for m in args.meshes.split(",") if m]
+    if bad := [m for m in meshes if m not in ("dp", "fsdp")]:
+        sys.exit(f"error: unknown mesh {bad[0]!r}: use dp and/or fsdp")
+    results = []
+    for devices in counts:
+        for mesh in meshes if devices > 1 else meshes[:1]:  # one device: dp == fsdp
+            results.append(
+                {"name": mesh if devices > 1 else "single", **spawn(args, devices, mesh)}
+            )
+            print(f"{devices} device(s), {results[-1]['name']}: done", file=sys.stderr)
+    base = next((r for r in results if r["devices"] == 1), results[0])
+    header = (
+        f"{'devices':>7}  {'mesh':<22}{'steps/s':>9}{'examples/s':>12}{'tokens/s':>10}"
+        f"{'ms/step':>9}{'vs 1':>7}{'sharded params':>16}{'warm-up s':>11}"
+    )
+    print(
+        f"config {args.config}: {base['params']:,} params, global batch {base['batch_shape']} "
+        f"(batch, src_len, tgt_len); {base['backend']}, {os.cpu_count()} CPUs"
+    )
+    print(header)
+    for r in results:
+        mesh = f"{r['name']} {r['mesh']['data']}x{r['mesh']['fsdp']}"
+        print(
+            f"{r['devices']:>7}  {mesh:<22}{r['steps_per_sec']:>9.2f}{r['examples_per_sec']:>12.0f}"
+            f"{r['tokens_per_sec']:>10.0f}{r['ms_per_step']:>9.1f}"
+            f"{r['steps_per_sec'] / base['steps_per_sec']:>7.2f}"
+            f"{r['params_sharded'] / r['params']:>16.0%}{r['warmup_seconds']:>11.1f}"
+        )
+    if args.json:
+        machine = {"platform": platform.platform(), "cpus": os.cpu_count()}
+        Path(args.json).write_text(json.dumps({"machine": machine, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
