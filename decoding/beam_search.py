@@ -2,8 +2,8 @@
 
 Each sentence keeps two sets of `beam_size` hypotheses:
 - alive: prefixes that may still grow. Each step extends every alive prefix by every token, and the
-  `beam_size` best extensions by log-probability (one `lax.top_k` over `beam x vocab` candidates, EOS
-  extensions included) are kept;
+  `beam_size` best extensions by log-probability (one top-k over `beam x vocab` candidates,
+  `common.top_k`, EOS extensions included) are kept;
 - finished: the n-best complete hypotheses by normalized score. An extension that picks EOS, or that
   reaches `max_len`, leaves the alive set for good and competes for the n-best; a finished hypothesis is
   never extended, and leaves the n-best only for a better one.
@@ -179,9 +179,7 @@ def beam_search(
         )
         if beam > 1:  # reorder the decoder state: row b * beam + k continues its parent's row
             rows_from = (row_base + parent).reshape(rows)
-            new_state = jax.tree.map(
-                lambda x: jnp.take(x, rows_from, axis=0, mode="promise_in_bounds"), new_state
-            )
+            new_state = jax.tree.map(lambda x: jnp.take(x, rows_from, axis=0), new_state)
         return step + 1, token.reshape(rows), new_state, alive, finished, done
 
     carry = (

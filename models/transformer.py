@@ -16,6 +16,12 @@ sentence are just more queries against the same keys), and the self-attention ca
 `init_decode_state` and written in place with `lax.dynamic_update_slice`. The teacher-forced and the
 incremental paths call the same `MultiHeadAttention` modules, so they share parameters and agree to
 float rounding.
+
+Decoding speed (see benchmarks/decode.py): a step attends over the cache as it was given plus its own
+new key/value, so the cache write does not wait on the read; and attention with few queries (a step's
+one query per row, or a sentence's beams against its source) multiplies the cache and the source
+keys/values as they lie in memory instead of transposing them head-major every step
+(`attention_scores`, `attention_mix`).
 """
 
 import math
@@ -408,10 +414,21 @@ class Transformer(nn.Module):
         x = embed(tokens) * math.sqrt(self.d_model) + jnp.asarray(self.positions)[positions]
         return self.dropout(x.astype(self.dtype), deterministic=not train)
 
-    def _logits(self, x: jax.Array) -> jax.Array:
+    def _logits(self, x: jax.Array, decoding: bool = False) -> jax.Array:
         if self.pre_ln:
             x = self.decoder_norm(x)
-        logits = self.tgt_embed.attend(x) if self.tie_output else self.output(x)
+        if not self.tie_output:
+            logits = self.output(x)
+        elif decoding:
+            # The tied projection multiplies by the embedding table transposed. XLA folds a plain
+            # transpose into the matmul, which then re-packs the whole [vocab, d_model] table at every
+            # decoding step (the step's largest matmul, 1.5-3x slower for it); behind a barrier the
+            # transpose stays an op of its own, loop-invariant, so XLA hoists it out of the decoding
+            # loop: once per decode instead of once per step.
+            table = jnp.asarray(self.tgt_embed.embedding, self.dtype)
+            logits = x @ jax.lax.optimization_barrier(table.T)
+        else:
+            logits = self.tgt_embed.attend(x)
         return logits.astype(jnp.float32)
 
     def __call__(self, src: jax.Array, tgt_in: jax.Array, train: bool = False) -> jax.Array:
@@ -509,5 +526,5 @@ class Transformer(nn.Module):
             # [batch, heads, beam, src_len] -> [N, heads, src_len]
             weights = jnp.swapaxes(weights, 1, 2).reshape(rows, self.num_heads, -1)
             self.sow("intermediates", f"cross_attention_{i}", weights)
-        logits = self._logits(x[:, 0])
+        logits = self._logits(x[:, 0], decoding=True)
         return logits, {"pos": pos + 1, "cache": tuple(new_cache)}
