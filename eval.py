@@ -338,13 +338,17 @@ def plot_attention(run: Run, eval_data, sequences, count: int, directory: Path) 
         src_tokens = run.src_tokenizer.pieces(src[i, :src_len].tolist())
         tgt_tokens = run.tgt_tokenizer.pieces(hyps[i, : lengths[i]].tolist())
         panels = [(name, m[i]) for name, m in maps]
+        cols = min(4, len(panels))  # Transformer: one row per layer, one panel per head
+        rows = -(-len(panels) // cols)
         fig, axes = plt.subplots(
-            1,
-            len(panels),
-            figsize=(max(4, 0.35 * src_len) * len(panels), max(3, 0.35 * len(tgt_tokens))),
+            rows,
+            cols,
+            figsize=(max(4, 0.35 * src_len) * cols, max(3, 0.35 * len(tgt_tokens)) * rows),
             squeeze=False,
         )
-        for ax, (name, weights) in zip(axes[0], panels, strict=True):
+        for ax in axes.flat[len(panels) :]:
+            ax.axis("off")
+        for ax, (name, weights) in zip(axes.flat, panels):
             ax.imshow(weights[: len(tgt_tokens), :src_len], cmap="viridis", vmin=0, vmax=1)
             ax.set_xticks(range(src_len), src_tokens, rotation=90, fontsize=7)
             ax.set_yticks(range(len(tgt_tokens)), tgt_tokens, fontsize=7)
@@ -363,6 +367,7 @@ def attention_maps(intermediates) -> list[tuple[str, np.ndarray]]:
     flat = jax.tree_util.tree_flatten_with_path(intermediates)[0]
     for path, value in flat:
         name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        name = name.removesuffix("/0")  # sow keeps a tuple of values
         if "attention" not in name or "self" in name:
             continue
         value = np.asarray(value)
