@@ -1,0 +1,842 @@
+r"""Jit decoding benchmark: seqzoo's greedy and beam search against a plain Python-loop beam search,
+HuggingFace transformers `generate` and CTranslate2 `translate_batch`, on one model and one machine.
+
+  python benchmarks/decode.py                      # the full benchmark (a few minutes on 2 cores)
+  python benchmarks/decode.py --json decode.json   # also write every figure as JSON
+  python benchmarks/decode.py --quick              # tiny sizes, seconds: a smoke test, not a result
+
+The baselines come from `benchmarks/requirements.txt`; install it beside `requirements.txt` (in its own
+virtualenv) and run this script with that interpreter. A baseline whose packages are missing is
+skipped with a note, never estimated.
+
+What is compared (`CONFIG`, printed with the results): an encoder-decoder Transformer (post-LN, ReLU,
+sinusoidal positions, shared vocabulary, tied output projection) with random weights from a fixed seed,
+float32; sources of `src_len` tokens without padding; every system generates exactly `gen_len` tokens
+(EOS is masked out at every step, as transformers' `min_new_tokens` and CTranslate2's
+`min_decoding_length` do, and pad/BOS as in seqzoo), so all do the same work. The baselines run the
+very same weights: the Marian model for transformers is loaded with seqzoo's parameters (and its
+positional table; the BOS embedding row is zero because CTranslate2's Marian starts decoding from a
+zero embedding), and CTranslate2 converts that Marian model with its own converter. Each output is
+compared token by token with seqzoo's, which shows that the systems computed the same thing.
+
+Cells: greedy and beam 4, at batch 1 and 32. For each: steady-state generated tokens/s and ms per
+batch (median, min and max of `runs` timed runs after `warmup` untimed ones), compile time, the
+number of compilations during the timed runs (must be 0), the process's peak resident memory. Every
+system runs in its own subprocess, one after the other (thread pools of two runtimes on the same
+cores slow each other down), with 2 threads: XLA uses the cores it has, `torch.set_num_threads`,
+CTranslate2 `intra_threads` (and `inter_threads=1`).
+
+Systems:
+- seqzoo: `decoding.greedy` / `decoding.beam_search` in one jitted `lax.while_loop` around the
+  model's `decode_step`, as `experiment.decode_fn` (and so train.py and eval.py) runs them.
+- python_loop: the course's beam search written plainly, one sentence at a time: a Python loop over
+  steps and over the hypotheses of the beam, each a call of the same jitted `decode_step` on one row,
+  numpy for the log-softmax and the top-k, `sorted` for the beam (greedy is its beam of 1).
+- transformers: `MarianMTModel.generate` (PyTorch, CPU, `torch.inference_mode`).
+- ctranslate2: `Translator.translate_batch` on the converted Marian model.
+The attention RNN (Bahdanau, GRU) of about the same parameter count runs as seqzoo and python_loop.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2  # README "Special ids"
+FIRST_WORD_ID = 4  # sources are drawn from the ordinary tokens [4, vocab)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    vocab_size: int = 8000
+    d_model: int = 256
+    num_heads: int = 4
+    num_layers: int = 3  # encoder and decoder each
+    ffn_dim: int = 1024
+    max_positions: int = 256  # positional table (model max_len), both frameworks
+    rnn_embed_dim: int = 256
+    rnn_hidden_dim: int = 256
+    src_len: int = 20
+    gen_len: int = 32
+    batch_sizes: tuple[int, ...] = (1, 32)
+    beam_sizes: tuple[int, ...] = (1, 4)  # 1 is greedy decoding
+    runs: int = 5
+    warmup: int = 2
+    threads: int = 2
+    seed: int = 0
+
+    def cells(self) -> list[tuple[int, int]]:
+        """(beam, batch) pairs, greedy first."""
+        return [(beam, batch) for beam in self.beam_sizes for batch in self.batch_sizes]
+
+
+CONFIG = Config()
+QUICK = Config(
+    vocab_size=64,
+    d_model=32,
+    num_heads=2,
+    num_layers=1,
+    ffn_dim=64,
+    max_positions=16,
+    rnn_embed_dim=16,
+    rnn_hidden_dim=32,
+    src_len=5,
+    gen_len=4,
+    batch_sizes=(1, 2),
+    beam_sizes=(1, 2),
+    runs=2,
+    warmup=1,
+)
+
+# system -> (model family, what the subprocess needs to import, how it is described in the table)
+SYSTEMS = {
+    "seqzoo": ("transformer", (), "seqzoo (jit while_loop)"),
+    "python_loop": ("transformer", (), "Python-loop beam search"),
+    "transformers": ("transformer", ("torch", "transformers"), "HF transformers generate"),
+    "ctranslate2": ("transformer", ("ctranslate2", "torch", "transformers"), "CTranslate2"),
+    "seqzoo_rnn": ("attention_rnn", (), "seqzoo attention RNN"),
+    "python_loop_rnn": ("attention_rnn", (), "Python-loop attention RNN"),
+}
+# Ratios in the table: ours / each baseline, per model family.
+OURS = {"transformer": "seqzoo", "attention_rnn": "seqzoo_rnn"}
+
+
+def cell_name(beam: int, batch: int) -> str:
+    return f"{'greedy' if beam == 1 else f'beam{beam}'} b{batch}"
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def sources(config: Config) -> np.ndarray:
+    """int32 `[max batch, src_len]` source ids, the same for every system."""
+    rng = np.random.default_rng(config.seed)
+    shape = (max(config.batch_sizes), config.src_len)
+    return rng.integers(FIRST_WORD_ID, config.vocab_size, size=shape).astype(np.int32)
+
+
+def time_runs(run, config: Config) -> tuple[list[float], object]:
+    """`warmup` untimed then `runs` timed calls of `run()` (which must block until done)."""
+    for _ in range(config.warmup):
+        run()
+    seconds, out = [], None
+    for _ in range(config.runs):
+        start = time.perf_counter()
+        out = run()
+        seconds.append(time.perf_counter() - start)
+    return seconds, out
+
+
+def cell_result(config, beam, batch, seconds, tokens, **extra) -> dict:
+    """One cell's figures; `tokens` int `[batch, gen_len]` is the best hypothesis of each sentence."""
+    ms = 1e3 * np.asarray(seconds)
+    tokens = np.asarray(tokens)
+    if tokens.shape != (batch, config.gen_len):
+        raise RuntimeError(
+            f"{cell_name(beam, batch)}: got tokens {tokens.shape}, not {batch} x "
+            f"{config.gen_len}: the system did not generate exactly gen_len tokens"
+        )
+    return {
+        "cell": cell_name(beam, batch),
+        "beam": beam,
+        "batch": batch,
+        "runs": len(seconds),
+        "ms_median": float(np.median(ms)),
+        "ms_min": float(ms.min()),
+        "ms_max": float(ms.max()),
+        "tokens_per_s": batch * config.gen_len / float(np.median(seconds)),
+        "peak_rss_mb": peak_rss_mb(),
+        "tokens": tokens.tolist(),
+        **extra,
+    }
+
+
+# ---------------------------------------------------------------------------------------- JAX side
+
+
+def jax_model(config: Config, family: str):
+    """(model, params) of seqzoo's `family` at the benchmark size, random weights from the seed."""
+    import jax
+    import jax.numpy as jnp
+
+    from models import registry
+
+    if family == "transformer":
+        hparams = dict(
+            d_model=config.d_model,
+            num_heads=config.num_heads,
+            num_encoder_layers=config.num_layers,
+            num_decoder_layers=config.num_layers,
+            ffn_dim=config.ffn_dim,
+            pre_ln=False,
+            share_embeddings=True,
+            tie_output=True,
+            activation="relu",
+            max_len=config.max_positions,
+        )
+    else:
+        hparams = dict(
+            cell="gru",
+            embed_dim=config.rnn_embed_dim,
+            hidden_dim=config.rnn_hidden_dim,
+            num_layers=1,
+            attention="bahdanau",
+            attention_dim=config.rnn_hidden_dim,
+        )
+    model = registry.create_model(
+        family,
+        src_vocab_size=config.vocab_size,
+        tgt_vocab_size=config.vocab_size,
+        dropout_rate=0.0,
+        **({"attention_dropout_rate": 0.0} if family == "transformer" else {}),
+        **hparams,
+    )
+    dummy = jnp.ones((1, 4), jnp.int32)
+    params = jax.jit(model.init)(jax.random.key(config.seed), dummy, dummy)["params"]
+    if family == "transformer":  # CTranslate2's Marian starts from a zero embedding: so do we all
+        params["tgt_embed"]["embedding"] = params["tgt_embed"]["embedding"].at[BOS_ID].set(0.0)
+    return model, params
+
+
+def no_eos(logits):
+    """Logits `[N, vocab]` with EOS at -inf: every hypothesis runs to gen_len (min length = max)."""
+    return logits.at[:, EOS_ID].set(-np.inf)
+
+
+def seqzoo_decoder(model, beam: int, gen_len: int):
+    """A jitted `(params, src) -> best tokens [batch, gen_len]`, as `experiment.decode_fn` builds it."""
+    import jax
+
+    import decoding
+
+    @jax.jit
+    def run(params, src):
+        variables = {"params": params}
+        memory = model.apply(variables, src, method=model.encode)
+        state = model.apply(variables, memory, gen_len, method=model.init_decode_state)
+
+        def step_fn(tokens, state):
+            logits, state = model.apply(variables, memory, tokens, state, method=model.decode_step)
+            return no_eos(logits), state
+
+        ids = dict(bos_id=BOS_ID, eos_id=EOS_ID, batch_size=src.shape[0], max_len=gen_len)
+        if beam == 1:
+            return decoding.greedy(step_fn, state, **ids).sequences
+        return decoding.beam_search(step_fn, state, beam_size=beam, alpha=0.6, **ids).sequences[
+            :, 0
+        ]
+
+    return run
+
+
+class CompileCounter:
+    """Counts XLA compilations and sums trace + lowering + compile seconds (jax.monitoring events)."""
+
+    def __init__(self):
+        import jax
+        from jax._src import dispatch
+
+        self.compiles, self.seconds = 0, 0.0
+        events = {
+            dispatch.JAXPR_TRACE_EVENT,
+            dispatch.JAXPR_TO_MLIR_MODULE_EVENT,
+            dispatch.BACKEND_COMPILE_EVENT,
+        }
+
+        def listen(event, duration, **_):
+            if event in events:
+                self.seconds += duration
+            if event == dispatch.BACKEND_COMPILE_EVENT:
+                self.compiles += 1
+
+        jax.monitoring.register_event_duration_secs_listener(listen)
+
+
+def run_seqzoo(config: Config, family: str, workdir: Path) -> dict:
+    import jax
+
+    model, params = jax_model(config, family)
+    if family == "transformer":
+        np.savez(workdir / "weights.npz", **marian_state_dict(config, params))
+    src_all = sources(config)
+    counter = CompileCounter()
+    cells = []
+    for beam, batch in config.cells():
+        decode = seqzoo_decoder(model, beam, config.gen_len)
+        src = jax.device_put(src_all[:batch])
+        before = counter.seconds
+        jax.block_until_ready(decode(params, src))  # trace + compile + one run
+        compile_s = counter.seconds - before
+        compiles = counter.compiles
+        seconds, tokens = time_runs(
+            lambda decode=decode, src=src: jax.block_until_ready(decode(params, src)), config
+        )
+        cells.append(
+            cell_result(
+                config,
+                beam,
+                batch,
+                seconds,
+                tokens,
+                compile_s=compile_s,
+                recompiles=counter.compiles - compiles,
+            )
+        )
+        log(f"{family} {cell_name(beam, batch)}: {cells[-1]['tokens_per_s']:.0f} tokens/s")
+    cells[-1]["bucketing"] = bucketing_check(config, decode, params, counter)
+    return {"cells": cells, "versions": jax_versions()}
+
+
+def bucketing_check(config: Config, decode, params, counter: CompileCounter) -> dict:
+    """Batches of sources of varying length, padded with 0 to one bucket length as `data.pipeline`
+    pads them, through the (already compiled) `decode` of the last cell: none may compile again."""
+    import jax
+
+    batch = config.cells()[-1][1]
+    rng = np.random.default_rng(config.seed + 1)
+    lengths = rng.integers(max(2, config.src_len // 4), config.src_len + 1, size=(8, batch))
+    compiles = counter.compiles
+    for row_lengths in lengths:
+        src = sources(config)[:batch].copy()
+        src[np.arange(config.src_len) >= row_lengths[:, None]] = PAD_ID
+        jax.block_until_ready(decode(params, src))
+    return {
+        "batches": len(lengths),
+        "source_lengths": [int(lengths.min()), int(lengths.max())],
+        "bucket": config.src_len,
+        "recompiles": counter.compiles - compiles,
+    }
+
+
+def run_python_loop(config: Config, family: str, workdir: Path) -> dict:
+    """The course's beam search, plainly: Python loops over sentences, steps and hypotheses."""
+    import functools
+
+    import jax
+
+    del workdir
+    model, params = jax_model(config, family)
+    variables = {"params": params}
+    encode = jax.jit(functools.partial(model.apply, method=model.encode))
+    init = jax.jit(functools.partial(model.apply, method=model.init_decode_state), static_argnums=2)
+    step = jax.jit(functools.partial(model.apply, method=model.decode_step))
+    src_all = sources(config)
+
+    def beam_search(sentence: np.ndarray, beam: int) -> list[int]:
+        memory = encode(variables, sentence[None])
+        state = init(variables, memory, config.gen_len)
+        hypotheses = [(0.0, [], BOS_ID, state)]  # (log P, tokens, last token, decoder state)
+        for _ in range(config.gen_len):
+            candidates = []
+            for log_prob, tokens, last, state in hypotheses:
+                logits, new_state = step(variables, memory, np.array([last], np.int32), state)
+                logits = np.asarray(logits, np.float64)[0]
+                shifted = logits - logits.max()
+                log_probs = shifted - np.log(np.exp(shifted).sum())
+                log_probs[[PAD_ID, BOS_ID, EOS_ID]] = -np.inf  # EOS disabled, as for every system
+                for token in np.argpartition(-log_probs, beam)[:beam]:
+                    candidates.append(
+                        (log_prob + log_probs[token], tokens + [int(token)], int(token), new_state)
+                    )
+            hypotheses = sorted(candidates, key=lambda h: -h[0])[:beam]
+        return hypotheses[0][1]
+
+    cells = []
+    for beam, batch in config.cells():
+
+        def run(beam=beam, batch=batch):
+            return [beam_search(sentence, beam) for sentence in src_all[:batch]]
+
+        seconds, tokens = time_runs(run, config)
+        cells.append(cell_result(config, beam, batch, seconds, tokens))
+        log(
+            f"python loop {family} {cell_name(beam, batch)}: {cells[-1]['tokens_per_s']:.0f} tokens/s"
+        )
+    return {"cells": cells, "versions": jax_versions()}
+
+
+def jax_versions() -> dict:
+    import flax
+    import jax
+    import jaxlib
+
+    return {
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "flax": flax.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def marian_state_dict(config: Config, params) -> dict:
+    """seqzoo Transformer params as numpy arrays under transformers' MarianMTModel names."""
+    from models.transformer import sinusoidal_positions
+
+    d = config.d_model
+
+    def linear(p):
+        # flax kernels are [inputs..., outputs...] (DenseGeneral); torch weights are [out, in].
+        bias = np.asarray(p["bias"])
+        return {
+            "weight": np.asarray(p["kernel"]).reshape(-1, bias.size).T,
+            "bias": bias.reshape(-1),
+        }
+
+    def attention(prefix, p):
+        out = {}
+        for ours, theirs in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
+            for name, value in linear(p[ours]).items():
+                out[f"{prefix}.{theirs}.{name}"] = value
+        for name, value in linear(p["out"]).items():
+            out[f"{prefix}.out_proj.{name}"] = value
+        return out
+
+    def norm(prefix, p):
+        return {f"{prefix}.weight": np.asarray(p["scale"]), f"{prefix}.bias": np.asarray(p["bias"])}
+
+    def ffn(prefix, p):
+        out = {}
+        for ours, theirs in (("inner", "fc1"), ("outer", "fc2")):
+            out[f"{prefix}.{theirs}.weight"] = np.asarray(p[ours]["kernel"]).T
+            out[f"{prefix}.{theirs}.bias"] = np.asarray(p[ours]["bias"])
+        return out
+
+    embedding = np.asarray(params["tgt_embed"]["embedding"])
+    positions = sinusoidal_positions(config.max_positions, d)
+    state = {
+        "model.shared.weight": embedding,
+        "model.encoder.embed_positions.weight": positions,
+        "model.decoder.embed_positions.weight": positions,
+        "final_logits_bias": np.zeros((1, config.vocab_size), np.float32),
+    }
+    for i in range(config.num_layers):
+        p, prefix = params[f"encoder_layers_{i}"], f"model.encoder.layers.{i}"
+        state |= attention(f"{prefix}.self_attn", p["self_attention"])
+        state |= norm(f"{prefix}.self_attn_layer_norm", p["norm1"])
+        state |= ffn(prefix, p["ffn"]) | norm(f"{prefix}.final_layer_norm", p["norm2"])
+        p, prefix = params[f"decoder_layers_{i}"], f"model.decoder.layers.{i}"
+        state |= attention(f"{prefix}.self_attn", p["self_attention"])
+        state |= norm(f"{prefix}.self_attn_layer_norm", p["norm1"])
+        state |= attention(f"{prefix}.encoder_attn", p["cross_attention"])
+        state |= norm(f"{prefix}.encoder_attn_layer_norm", p["norm2"])
+        state |= ffn(prefix, p["ffn"]) | norm(f"{prefix}.final_layer_norm", p["norm3"])
+    return {name: np.ascontiguousarray(value, np.float32) for name, value in state.items()}
+
+
+# ------------------------------------------------------------------------------------ the baselines
+
+MARIAN_PAD = "<pad>"  # CTranslate2's Marian loader drops a last vocabulary entry named so
+
+
+def vocabulary(config: Config) -> list[str]:
+    """Token strings by id; the last id is Marian's pad (transformers and CTranslate2 need one)."""
+    special = {PAD_ID: "<blank>", BOS_ID: "<s>", EOS_ID: "</s>", 3: "<unk>"}
+    words = [special.get(i, f"w{i}") for i in range(config.vocab_size)]
+    words[-1] = MARIAN_PAD
+    return words
+
+
+def marian_model(config: Config, workdir: Path):
+    """transformers' MarianMTModel of the benchmark size holding seqzoo's weights, saved (with a
+    word-level tokenizer for CTranslate2's converter) to `workdir/marian`."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models
+
+    marian = transformers.MarianConfig(
+        vocab_size=config.vocab_size,
+        d_model=config.d_model,
+        encoder_layers=config.num_layers,
+        decoder_layers=config.num_layers,
+        encoder_attention_heads=config.num_heads,
+        decoder_attention_heads=config.num_heads,
+        encoder_ffn_dim=config.ffn_dim,
+        decoder_ffn_dim=config.ffn_dim,
+        activation_function="relu",
+        max_position_embeddings=config.max_positions,
+        scale_embedding=True,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        pad_token_id=config.vocab_size - 1,
+        eos_token_id=EOS_ID,
+        bos_token_id=BOS_ID,
+        decoder_start_token_id=BOS_ID,
+        forced_eos_token_id=None,
+        share_encoder_decoder_embeddings=True,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(config.seed)
+    model = transformers.MarianMTModel(marian).eval()
+    weights = {k: torch.from_numpy(v) for k, v in np.load(workdir / "weights.npz").items()}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = {
+        "lm_head.weight",
+        "model.encoder.embed_tokens.weight",
+        "model.decoder.embed_tokens.weight",
+    }
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(
+            f"weights do not fit MarianMTModel: missing {sorted(set(missing) - tied)}, "
+            f"unexpected {sorted(unexpected)}"
+        )
+    out = workdir / "marian"
+    model.save_pretrained(out)
+    words = vocabulary(config)
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="</s>", unk_token="<unk>", pad_token=MARIAN_PAD
+    ).save_pretrained(out)
+    return model
+
+
+def run_transformers(config: Config, family: str, workdir: Path) -> dict:
+    import torch
+    import transformers
+
+    del family
+    torch.set_num_threads(config.threads)
+    model = marian_model(config, workdir)
+    src_all = torch.from_numpy(sources(config).astype(np.int64))
+    cells = []
+    for beam, batch in config.cells():
+        src = src_all[:batch]
+
+        def run(beam=beam, src=src):
+            with torch.inference_mode():
+                return model.generate(
+                    input_ids=src,
+                    attention_mask=torch.ones_like(src),
+                    num_beams=beam,
+                    do_sample=False,
+                    min_new_tokens=config.gen_len,
+                    max_new_tokens=config.gen_len,
+                    suppress_tokens=[PAD_ID, BOS_ID],
+                    num_return_sequences=1,
+                )
+
+        start = time.perf_counter()
+        run()
+        first_s = time.perf_counter() - start
+        seconds, out = time_runs(run, config)
+        tokens = out[:, 1:].numpy()  # drop the decoder start token
+        cells.append(cell_result(config, beam, batch, seconds, tokens, first_call_s=first_s))
+        log(f"transformers {cell_name(beam, batch)}: {cells[-1]['tokens_per_s']:.0f} tokens/s")
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__}
+    return {"cells": cells, "versions": versions, "threads": torch.get_num_threads()}
+
+
+def run_ctranslate2(config: Config, family: str, workdir: Path) -> dict:
+    import ctranslate2
+
+    del family
+    marian = workdir / "marian"
+    if not (marian / "config.json").is_file():
+        raise RuntimeError("the converted Marian model needs the transformers system to run first")
+    import torch
+
+    positions = torch.from_numpy(
+        np.load(workdir / "weights.npz")["model.encoder.embed_positions.weight"]
+    )
+
+    class Converter(ctranslate2.converters.TransformersConverter):
+        """transformers does not save Marian's positional table (it recomputes its own, laid out
+        sin | cos, not interleaved as seqzoo's): put seqzoo's back before converting."""
+
+        def load_model(self, *args, **kwargs):
+            model = super().load_model(*args, **kwargs)
+            with torch.no_grad():
+                model.model.encoder.embed_positions.weight.copy_(positions)
+                model.model.decoder.embed_positions.weight.copy_(positions)
+            return model
+
+    converted = workdir / "ct2"
+    start = time.perf_counter()
+    Converter(str(marian)).convert(str(converted), force=True)
+    convert_s = time.perf_counter() - start
+    translator = ctranslate2.Translator(
+        str(converted),
+        device="cpu",
+        compute_type="float32",
+        inter_threads=1,
+        intra_threads=config.threads,
+    )
+    words = vocabulary(config)
+    ids = {w: i for i, w in enumerate(words)}
+    src_all = [[words[i] for i in row] for row in sources(config)]
+    cells = []
+    for beam, batch in config.cells():
+
+        def run(beam=beam, batch=batch):
+            return translator.translate_batch(
+                src_all[:batch],
+                beam_size=beam,
+                min_decoding_length=config.gen_len,
+                max_decoding_length=config.gen_len,
+                suppress_sequences=[[words[PAD_ID]], [words[BOS_ID]]],
+                num_hypotheses=1,
+                max_batch_size=0,
+            )
+
+        start = time.perf_counter()
+        run()
+        first_s = time.perf_counter() - start
+        seconds, out = time_runs(run, config)
+        tokens = [[ids[w] for w in result.hypotheses[0]] for result in out]
+        cells.append(cell_result(config, beam, batch, seconds, tokens, first_call_s=first_s))
+        log(f"ctranslate2 {cell_name(beam, batch)}: {cells[-1]['tokens_per_s']:.0f} tokens/s")
+    versions = {"ctranslate2": ctranslate2.__version__}
+    return {"cells": cells, "versions": versions, "convert_s": convert_s}
+
+
+RUNNERS = {
+    "seqzoo": run_seqzoo,
+    "python_loop": run_python_loop,
+    "transformers": run_transformers,
+    "ctranslate2": run_ctranslate2,
+    "seqzoo_rnn": run_seqzoo,
+    "python_loop_rnn": run_python_loop,
+}
+
+
+def child_main(system: str, workdir: Path) -> None:
+    """Runs one system in this process and writes `workdir/<system>.json`."""
+    config = Config(
+        **{
+            k: tuple(v) if isinstance(v, list) else v
+            for k, v in json.loads((workdir / "config.json").read_text()).items()
+        }
+    )
+    family = SYSTEMS[system][0]
+    result = RUNNERS[system](config, family, workdir)
+    result["peak_rss_mb"] = peak_rss_mb()
+    (workdir / f"{system}.json").write_text(json.dumps(result))
+
+
+# ------------------------------------------------------------------------------------------ parent
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def missing_packages(system: str) -> list[str]:
+    """The packages `system` needs that this interpreter cannot import (checked without importing)."""
+    import importlib.util
+
+    return [name for name in SYSTEMS[system][1] if importlib.util.find_spec(name) is None]
+
+
+def run_child(system: str, workdir: Path, threads: int) -> dict:
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    )
+    # Pin the BLAS/OpenMP pools of the baselines to the same thread count as XLA's 2 cores.
+    env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        system,
+        "--workdir",
+        str(workdir),
+    ]
+    completed = subprocess.run(command, env=env, cwd=REPO, stdout=subprocess.PIPE, text=True)
+    if completed.returncode != 0:
+        raise RuntimeError(f"{system} failed (exit {completed.returncode}); see its log above")
+    return json.loads((workdir / f"{system}.json").read_text())
+
+
+def best_round(results: list[dict]) -> dict:
+    """Per cell, the round with the lowest median time (another process on the cores can only slow
+    a run down); every round's medians are kept under `rounds_ms_median`."""
+    best = dict(results[0], cells=[])
+    for cells in zip(*(r["cells"] for r in results), strict=True):
+        chosen = dict(min(cells, key=lambda cell: cell["ms_median"]))
+        chosen["rounds_ms_median"] = [cell["ms_median"] for cell in cells]
+        best["cells"].append(chosen)
+    best["peak_rss_mb"] = max(r["peak_rss_mb"] for r in results)
+    best["load_average_before"] = [r["load_average_before"] for r in results]
+    return best
+
+
+def agreement(ours: dict, theirs: dict) -> float:
+    """Fraction of generated tokens equal to seqzoo's, position by position."""
+    a, b = np.asarray(ours["tokens"]), np.asarray(theirs["tokens"])
+    return float(np.mean(a == b))
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average_before": list(os.getloadavg()),
+    }
+
+
+def table(report: dict) -> str:
+    """Markdown table: tokens/s (ms per batch, median [min-max]) per system and cell, and ratios."""
+    config = report["config"]
+    cells = [
+        cell_name(beam, batch) for beam in config["beam_sizes"] for batch in config["batch_sizes"]
+    ]
+    lines = [
+        "| system | " + " | ".join(cells) + " |",
+        "|---|" + "---|" * len(cells),
+    ]
+    results = report["results"]
+    for system, result in results.items():
+        row = [SYSTEMS[system][2]]
+        for cell in result["cells"]:
+            row.append(
+                f"{cell['tokens_per_s']:,.0f} tok/s ({cell['ms_median']:.1f} ms "
+                f"[{cell['ms_min']:.1f}-{cell['ms_max']:.1f}])"
+            )
+        lines.append("| " + " | ".join(row) + " |")
+    for system, result in results.items():
+        ours = OURS[SYSTEMS[system][0]]
+        if system == ours or ours not in results:
+            continue
+        row = [f"ratio {SYSTEMS[ours][2]} / {SYSTEMS[system][2]}"]
+        for mine, theirs in zip(results[ours]["cells"], result["cells"], strict=True):
+            row.append(f"{mine['tokens_per_s'] / theirs['tokens_per_s']:.2f}x")
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    lines.append(
+        "| system | cell | compile s | recompiles in timed runs | peak RSS MiB | same tokens as seqzoo |"
+    )
+    lines.append("|---|---|---|---|---|---|")
+    for system, result in results.items():
+        ours = results.get(OURS[SYSTEMS[system][0]])
+        for i, cell in enumerate(result["cells"]):
+            compile_s = cell.get("compile_s")
+            same = agreement(ours["cells"][i], cell) if ours and ours is not result else None
+            lines.append(
+                f"| {SYSTEMS[system][2]} | {cell['cell']} | "
+                f"{'-' if compile_s is None else f'{compile_s:.2f}'} | {cell.get('recompiles', '-')} | "
+                f"{cell['peak_rss_mb']:.0f} | {'-' if same is None else f'{100 * same:.1f}%'} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, help="write the full report (figures, tokens) here")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny sizes: a smoke test, not a result"
+    )
+    parser.add_argument(
+        "--systems",
+        default=",".join(SYSTEMS),
+        help=f"comma-separated subset of {', '.join(SYSTEMS)}",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every system this many times, one after the other, and keep each cell's best "
+        "round (on a shared machine; every round's medians go to the JSON)",
+    )
+    parser.add_argument("--child", choices=list(SYSTEMS), help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child_main(args.child, args.workdir)
+        return 0
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds} must be at least 1")
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown:
+        parser.error(f"unknown system(s) {', '.join(unknown)}: use some of {', '.join(SYSTEMS)}")
+    if "ctranslate2" in systems and "transformers" not in systems:
+        parser.error("ctranslate2 converts the transformers model: add transformers to --systems")
+    if "seqzoo" not in systems and {"transformers", "ctranslate2"} & set(systems):
+        parser.error("the baselines load seqzoo's weights: add seqzoo to --systems")
+    config = QUICK if args.quick else CONFIG
+    report = {
+        "rounds": args.rounds,
+        "config": dataclasses.asdict(config),
+        "machine": machine(),
+        "results": {},
+        "skipped": {},
+        "versions": {},
+    }
+    log(f"config: {json.dumps(report['config'])}")
+    with tempfile.TemporaryDirectory(prefix="seqzoo-bench-") as tmp:
+        workdir = Path(tmp)
+        (workdir / "config.json").write_text(json.dumps(report["config"]))
+        available = []
+        for system in systems:
+            missing = missing_packages(system)
+            if system == "ctranslate2" and "transformers" in report["skipped"]:
+                missing = missing or ["transformers"]
+            if missing:
+                note = (
+                    f"skipped: {', '.join(missing)} not installed "
+                    "(pip install -r benchmarks/requirements.txt)"
+                )
+                report["skipped"][system] = note
+                log(f"{system}: {note}")
+            else:
+                available.append(system)
+        rounds = {system: [] for system in available}
+        for round_index in range(args.rounds):
+            for system in available:
+                log(f"--- {system} (round {round_index + 1} of {args.rounds})")
+                load = os.getloadavg()[0]
+                result = run_child(system, workdir, config.threads)
+                result["load_average_before"] = load
+                report["versions"] |= result.pop("versions")
+                rounds[system].append(result)
+        for system, results in rounds.items():
+            report["results"][system] = best_round(results)
+    report["machine"]["load_average_after"] = list(os.getloadavg())
+    text = table(report)
+    print(f"Config: {json.dumps(report['config'])}")
+    print(
+        f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; load average "
+        f"before {report['machine']['load_average_before'][0]:.2f}, after "
+        f"{report['machine']['load_average_after'][0]:.2f}; best of {args.rounds} round(s) per cell"
+    )
+    print(f"Versions: {', '.join(f'{k} {v}' for k, v in report['versions'].items())}")
+    print()
+    print(text)
+    for system, note in report["skipped"].items():
+        print(f"\n{system}: {note}")
+    bucketing = report["results"].get("seqzoo", {}).get("cells", [{}])[-1].get("bucketing")
+    if bucketing:
+        print(
+            f"\nBucketing: {bucketing['batches']} batches of source lengths "
+            f"{bucketing['source_lengths'][0]}-{bucketing['source_lengths'][1]} padded to "
+            f"{bucketing['bucket']}: {bucketing['recompiles']} recompilations"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

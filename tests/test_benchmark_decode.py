@@ -1,0 +1,94 @@
+"""benchmarks/decode.py: a `--quick` smoke run of the JAX systems (the baselines are skipped when their
+packages are missing) and its command-line errors."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "decode.py"
+
+
+def run(*args):
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """(report, stdout) of `--quick` with seqzoo and the Python-loop beam search."""
+    out = tmp_path_factory.mktemp("bench") / "decode.json"
+    completed = run("--quick", "--systems", "seqzoo,python_loop,transformers", "--json", str(out))
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    return json.loads(out.read_text()), completed.stdout
+
+
+def test_quick_run_times_every_cell_of_every_system(quick):
+    report, _ = quick
+    config = report["config"]
+    cells = [(beam, batch) for beam in config["beam_sizes"] for batch in config["batch_sizes"]]
+    for system in ("seqzoo", "python_loop"):
+        result = report["results"][system]
+        assert [(c["beam"], c["batch"]) for c in result["cells"]] == cells
+        for cell in result["cells"]:
+            assert cell["runs"] == config["runs"]
+            assert 0 < cell["ms_min"] <= cell["ms_median"] <= cell["ms_max"]
+            expected = cell["batch"] * config["gen_len"] / (cell["ms_median"] / 1e3)
+            assert cell["tokens_per_s"] == pytest.approx(expected)
+            assert cell["peak_rss_mb"] > 0
+            # Exactly gen_len tokens per sentence, never pad, BOS or EOS.
+            tokens = cell["tokens"]
+            assert len(tokens) == cell["batch"] and {len(row) for row in tokens} == {
+                config["gen_len"]
+            }
+            assert min(min(row) for row in tokens) > 2
+
+
+def test_jit_decoding_compiles_once_per_cell_and_never_in_the_timed_runs(quick):
+    report, _ = quick
+    for cell in report["results"]["seqzoo"]["cells"]:
+        assert cell["compile_s"] > 0 and cell["recompiles"] == 0
+    bucketing = report["results"]["seqzoo"]["cells"][-1]["bucketing"]
+    assert bucketing["batches"] == 8 and bucketing["recompiles"] == 0
+    assert bucketing["source_lengths"][0] < bucketing["source_lengths"][1] <= bucketing["bucket"]
+
+
+def test_the_plain_python_loop_finds_the_same_hypotheses(quick):
+    report, _ = quick
+    ours, plain = (report["results"][s]["cells"] for s in ("seqzoo", "python_loop"))
+    for mine, theirs in zip(ours, plain, strict=True):
+        assert mine["tokens"] == theirs["tokens"], mine["cell"]
+
+
+def test_the_table_has_ratios_and_a_missing_baseline_is_skipped_with_a_note(quick):
+    report, stdout = quick
+    assert "| ratio seqzoo (jit while_loop) / Python-loop beam search |" in stdout
+    assert "Bucketing: 8 batches" in stdout and "recompilations" in stdout
+    assert "cores; load average before" in stdout and "Versions: jax" in stdout
+    if importlib.util.find_spec("torch") is None:
+        assert "transformers" not in report["results"]
+        assert "torch" in report["skipped"]["transformers"]
+        assert "benchmarks/requirements.txt" in report["skipped"]["transformers"]
+        assert "transformers: skipped" in stdout
+    else:
+        assert report["results"]["transformers"]["cells"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--systems", "seqzoo,nope"], "unknown system(s) nope: use some of seqzoo"),
+        (["--systems", "seqzoo,ctranslate2"], "add transformers to --systems"),
+        (["--systems", "transformers"], "add seqzoo to --systems"),
+    ],
+)
+def test_bad_arguments_exit_with_one_line_errors(args, message):
+    completed = run(*args)
+    assert completed.returncode == 2
+    error = completed.stderr.strip().splitlines()[-1]
+    assert message in error
