@@ -183,13 +183,7 @@ def _score_fn(model, length_penalty: str, mesh):
 
     def run_score(params, src, targets, alpha):
         params, src, targets = experiment.replicate_params_shard_batch(mesh, params, src, targets)
-        variables = {"params": params}
-        memory = model.apply(variables, src, method=model.encode)
-        state = model.apply(variables, memory, targets.shape[1], method=model.init_decode_state)
-
-        def step_fn(tokens, state):
-            return model.apply(variables, memory, tokens, state, method=model.decode_step)
-
+        step_fn, state = experiment.step_function(model, params, src, targets.shape[1])
         return decoding.score(
             step_fn,
             state,

@@ -183,6 +183,22 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: float 
 # --------------------------------------------------------------------------------------- decoding
 
 
+def step_function(model, params, src: jax.Array, max_len: int):
+    """`(step_fn, init_state)` for `decoding/`: the source encoded once, the decoder state for it.
+
+    `step_fn(tokens [N], state) -> (logits [N, vocab], state)` closes over the encoder memory, which
+    keeps the sentence batch of `src [batch, src_len]`; `init_state` leaves have `batch` first.
+    """
+    variables = {"params": params}
+    memory = model.apply(variables, src, method=model.encode)
+    state = model.apply(variables, memory, max_len, method=model.init_decode_state)
+
+    def step_fn(tokens, state):
+        return model.apply(variables, memory, tokens, state, method=model.decode_step)
+
+    return step_fn, state
+
+
 @functools.cache
 def decode_fn(
     model, decode: str, beam_size: int, max_len: int, length_penalty: str, mesh: Mesh | None = None
@@ -200,13 +216,7 @@ def decode_fn(
     def run(params, src, alpha):
         if mesh is not None:
             params, src = replicate_params_shard_batch(mesh, params, src)
-        variables = {"params": params}
-        memory = model.apply(variables, src, method=model.encode)
-        state = model.apply(variables, memory, max_len, method=model.init_decode_state)
-
-        def step_fn(tokens, state):
-            return model.apply(variables, memory, tokens, state, method=model.decode_step)
-
+        step_fn, state = step_function(model, params, src, max_len)
         common = dict(
             bos_id=tokenizers.BOS_ID,
             eos_id=tokenizers.EOS_ID,
