@@ -26,6 +26,7 @@ import decoding
 import experiment
 import sharding
 from data import input_pipeline, tokenizers
+from models import registry
 
 
 @dataclasses.dataclass
@@ -46,6 +47,7 @@ class Options:
     error_analysis: bool = False
     plot_attention: int = 0
     input: str | None = None
+    average_checkpoints: int = 0  # > 0: the mean of the last N periodic checkpoints
 
 
 def define_flags() -> None:
@@ -72,6 +74,12 @@ def define_flags() -> None:
     flags.DEFINE_bool("error_analysis", False, "Beam-search error analysis against the references.")
     flags.DEFINE_integer("plot_attention", 0, "Write attention heatmaps for the first N examples.")
     flags.DEFINE_string("input", None, "Translate the lines of this file ('-' = stdin) instead.")
+    flags.DEFINE_integer(
+        "average_checkpoints",
+        0,
+        "Evaluate the mean of the last N periodic checkpoints (checkpoint averaging) instead of the "
+        "best one.",
+    )
 
 
 class Run:
@@ -82,7 +90,7 @@ class Run:
     that layout, are replicated on each.
     """
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, average_checkpoints: int = 0):
         self.workdir = Path(workdir)
         self.mesh = sharding.make_mesh()
         self.config = experiment.load_config(self.workdir)
@@ -94,7 +102,9 @@ class Run:
         shapes = jax.eval_shape(lambda: experiment.init_params(self.model, self.config))
         replicated = jax.tree.map(lambda _: sharding.replicated(self.mesh), shapes)
         template = sharding.abstract(shapes, replicated)
-        self.params, self.step, self.checkpoint = experiment.restore_params(self.workdir, template)
+        self.params, self.step, self.checkpoint = experiment.restore_params(
+            self.workdir, template, average_checkpoints
+        )
 
 
 def notice(message: str) -> None:
@@ -167,8 +177,54 @@ def evaluate_split(
         "sentences_per_sec": len(hypotheses) / max(timing["decode_seconds"], 1e-9),
         **timing,
     }
+    if eval_data.batches and eval_data.batches[0]["src"].ndim == 2:  # text sources
+        lengths = np.concatenate(
+            [(b["src"] != tokenizers.PAD_ID).sum(axis=1)[b["mask"]] - 1 for b in eval_data.batches]
+        )[: len(hypotheses)]
+        report["by_source_length"] = by_source_length(
+            hypotheses, references, lengths, exact_match=run.config.eval_metric == "exact_match"
+        )
     best_scores = np.concatenate([best_score(r) for r in results])
     return report, sequences, best_scores
+
+
+def by_source_length(hypotheses, references, lengths, *, exact_match: bool, bins: int = 5):
+    """Quality by source length: the examples split into up to `bins` groups of about equal size
+    by source length in tokens (EOS excluded); for each, its length range, size and metrics.
+
+    Args:
+      lengths: int `[n]`, source tokens of each example (characters for a character tokenizer).
+    """
+    lengths = np.asarray(lengths)
+    # Upper edges at the quantiles; examples of one length always share a group.
+    edges = np.unique(np.quantile(lengths, np.linspace(0, 1, bins + 1)[1:], method="lower"))
+    group_of = np.searchsorted(edges, lengths)  # lengths[i] <= edges[group_of[i]]
+    out = []
+    for group in range(len(edges)):
+        indices = np.flatnonzero(group_of == group)
+        if not len(indices):
+            continue
+        metrics = experiment.text_metrics(
+            [hypotheses[i] for i in indices], [references[i] for i in indices], exact_match
+        )
+        metrics.pop("bleu_signature")
+        span = lengths[indices]
+        out.append(
+            {
+                "min_len": int(span.min()),
+                "max_len": int(span.max()),
+                "count": len(indices),
+                **metrics,
+            }
+        )
+    return out
+
+
+def format_by_source_length(rows, metric: str) -> str:
+    lines = [f"{'source length':>14}{'count':>8}{metric:>13}"]
+    for r in rows:
+        lines.append(f"{r['min_len']:>7}-{r['max_len']:<6}{r['count']:>8}{r[metric]:>13.4f}")
+    return "\n".join(lines)
 
 
 def best_score(result) -> np.ndarray:
@@ -326,7 +382,12 @@ def plot_attention(run: Run, eval_data, sequences, count: int, directory: Path) 
     _, state = run.model.apply(
         {"params": run.params}, src, tgt_in, train=False, mutable=["intermediates"]
     )
-    maps = attention_maps(state["intermediates"])
+    maps = attention_maps(state.get("intermediates", {}))
+    if not maps:
+        notice(f"--plot_attention: {run.config.model} has no attention to plot")
+        return []
+    if src.ndim == 4:  # images: attention over the feature grid, one panel per generated word
+        return plot_image_attention(run, src, hyps, lengths, maps, directory)
     for i in range(count):
         src_len = int((src[i] != 0).sum())
         src_tokens = run.src_tokenizer.pieces(src[i, :src_len].tolist())
@@ -353,6 +414,78 @@ def plot_attention(run: Run, eval_data, sequences, count: int, directory: Path) 
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def plot_image_attention(run: Run, images, hyps, lengths, maps, directory: Path) -> list[Path]:
+    """For each image a PNG grid: the image, then per generated word the attention over the model's
+    feature grid (mean over the word's tokens) overlaid on the image. One row per decoder layer
+    (heads averaged; the attention RNN has one).
+
+    Args:
+      images: float `[n, height, width, channels]`; hyps: int `[n, max_len]` generated ids;
+      lengths: `[n]` tokens per hypothesis (EOS included); maps: (name, `[n, tgt_len, H' * W']`)
+      from `attention_maps`, with `(H', W') = run.model.grid_shape(height, width)`.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    height, width = images.shape[1:3]
+    grid = run.model.grid_shape(height, width)
+    layers: dict[str, list[np.ndarray]] = {}
+    for name, weights in maps:
+        layers.setdefault(name.split(" head ")[0], []).append(weights)
+    rows = [(name, np.mean(stack, axis=0)) for name, stack in layers.items()]
+    extent = (-0.5, width - 0.5, height - 0.5, -0.5)  # the coarse grid stretched over the pixels
+    paths = []
+    for i, image in enumerate(np.asarray(images)):
+        ids = hyps[i, : lengths[i]].tolist()
+        words = word_spans(ids, run.tgt_tokenizer.pieces(ids))
+        cols = 1 + len(words)
+        fig, axes = plt.subplots(
+            len(rows), cols, figsize=(1.5 * cols, 1.7 * len(rows) + 0.4), squeeze=False
+        )
+        picture = image.mean(axis=-1)
+        for row, (name, weights) in enumerate(rows):
+            axes[row, 0].imshow(picture, cmap="gray")
+            axes[row, 0].set_title(name, fontsize=7)
+            for ax, (word, steps) in zip(axes[row, 1:], words, strict=True):
+                attention = weights[i, steps].mean(axis=0).reshape(grid)
+                ax.imshow(picture, cmap="gray")
+                ax.imshow(attention, cmap="inferno", alpha=0.6, extent=extent, vmin=0)
+                ax.set_title(word, fontsize=8)
+        for ax in axes.flat:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        fig.suptitle(run.tgt_tokenizer.decode(ids), fontsize=9)
+        fig.tight_layout()
+        path = directory / f"attention_{i}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def word_spans(ids: list[int], pieces: list[str]) -> list[tuple[str, list[int]]]:
+    """Generated tokens grouped into whitespace-separated words: (word, token positions).
+
+    Special tokens (pad, BOS, EOS) are left out; a whitespace piece (a character tokenizer's " ")
+    ends a word, a piece starting with whitespace or SentencePiece's "▁" starts one.
+    """
+    words: list[tuple[str, list[int]]] = []
+    new_word = True
+    for position, (token, piece) in enumerate(zip(ids, pieces, strict=True)):
+        text = piece.replace("\u2581", " ")
+        if token in (tokenizers.PAD_ID, tokenizers.BOS_ID, tokenizers.EOS_ID) or not text.strip():
+            new_word = True
+            continue
+        if new_word or text[0].isspace():
+            words.append((text.strip(), [position]))
+        else:
+            words[-1] = (words[-1][0] + text, [*words[-1][1], position])
+        new_word = text[-1].isspace()
+    return words
 
 
 def attention_maps(intermediates) -> list[tuple[str, np.ndarray]]:
@@ -388,7 +521,7 @@ def evaluate(workdir: Path, options: Options) -> dict | None:
     workdir = Path(workdir)
     if options.beam_size < 1:
         raise experiment.RunError(f"--beam_size={options.beam_size}: use a beam of 1 or more")
-    run = Run(workdir)
+    run = Run(workdir, options.average_checkpoints)
     config = run.config
     max_len = options.max_decode_len or config.max_decode_len
     # Batches split over the devices: round the size up to a multiple of their number.
@@ -401,6 +534,11 @@ def evaluate(workdir: Path, options: Options) -> dict | None:
         max_len=max_len,
     )
     if options.input:
+        if registry.reads_images(run.model):
+            raise experiment.RunError(
+                f"--input translates text lines, but {config.model} reads images: "
+                "evaluate a split instead (--split)"
+            )
         stream = sys.stdin if options.input == "-" else open_input(options.input)
         out = open(options.output, "w") if options.output else sys.stdout
         try:
@@ -421,12 +559,16 @@ def evaluate(workdir: Path, options: Options) -> dict | None:
     eval_data = input_pipeline.head(eval_data, options.num_examples)
     output = Path(options.output or workdir / f"hypotheses_{options.split}.txt")
     report, sequences, scores = evaluate_split(run, eval_data, output=output, **search)
-    report = {"split": options.split, "checkpoint": f"{run.checkpoint}/{run.step}", **report}
+    checkpoint = run.checkpoint if options.average_checkpoints else f"{run.checkpoint}/{run.step}"
+    report = {"split": options.split, "checkpoint": checkpoint, **report}
     print(
         f"{options.split}: "
         + ", ".join(f"{k} {v:.4g}" for k, v in report.items() if isinstance(v, float))
     )
     print(f"hypotheses: {output}")
+    if "by_source_length" in report:
+        metric = "exact_match" if config.eval_metric == "exact_match" else "bleu"
+        print(format_by_source_length(report["by_source_length"], metric))
     if options.sweep:
         report["sweep"] = run_sweep(
             run, eval_data, alpha=options.alpha, max_len=max_len, workdir=workdir
@@ -447,7 +589,8 @@ def evaluate(workdir: Path, options: Options) -> dict | None:
             run, eval_data, sequences, options.plot_attention, workdir / "attention"
         )
         report["attention_plots"] = [str(p) for p in paths]
-        print(f"attention plots: {paths[0].parent}")
+        if paths:
+            print(f"attention plots: {paths[0].parent}")
     report_path = Path(options.report or workdir / f"eval_{options.split}.json")
     report_path.write_text(json.dumps(report, indent=2, default=float) + "\n")
     print(f"report: {report_path}")

@@ -93,7 +93,8 @@ def create_model(config: ml_collections.ConfigDict, src_vocab_size: int, tgt_voc
 
 
 def init_params(model, config: ml_collections.ConfigDict):
-    """Initial params from `config.seed` (shapes only depend on the model, so tiny dummy inputs)."""
+    """Initial params from `config.seed` (shapes only depend on the model, so tiny dummy inputs of
+    the kind it reads: token ids, or an image for the captioner)."""
     return init_params_from_seed(model, config.seed)
 
 
@@ -101,7 +102,7 @@ def init_params(model, config: ml_collections.ConfigDict):
 def init_params_from_seed(model, seed):
     """Initial params from an int `seed` (traced: jit it with out_shardings to create them sharded)."""
     rng = jax.random.fold_in(jax.random.key(seed), 0)
-    src = jnp.ones((1, 4), jnp.int32)
+    src = registry.example_source(model)
     tgt = jnp.ones((1, 4), jnp.int32)
     return model.init(rng, src, tgt, train=False)["params"]
 
@@ -295,14 +296,18 @@ def best_manager(workdir: Path, metric: str) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(Path(workdir).absolute() / "best", options=options)
 
 
-def restore_params(workdir: Path, params_template):
+def restore_params(workdir: Path, params_template, average_last: int = 0):
     """Params of the best checkpoint, else the latest periodic one; `(params, step, which)`.
 
     `best/` holds one checkpoint (the best so far), so its latest step is the best step.
     `params_template` is a tree of `jax.ShapeDtypeStruct`s with shardings (`sharding.abstract`): the
     params are read straight into those shardings, whatever device count wrote the checkpoint.
+    `average_last` > 0: instead the mean of the last that many periodic checkpoints (checkpoint
+    averaging); `which` is then e.g. "average of checkpoints 1200-2000 (5)".
     """
     workdir = Path(workdir)
+    if average_last > 0:
+        return _average_params(workdir, params_template, average_last)
     for which in ("best", "checkpoints"):
         directory = workdir.absolute() / which
         if not directory.is_dir():
@@ -322,6 +327,34 @@ def restore_params(workdir: Path, params_template):
             ) from None
     raise RunError(
         f"no checkpoint in {workdir}: train first with `python train.py --workdir {workdir}`"
+    )
+
+
+def _average_params(workdir: Path, params_template, count: int):
+    directory = workdir.absolute() / "checkpoints"
+    steps = []
+    if directory.is_dir():
+        with ocp.CheckpointManager(
+            directory, options=ocp.CheckpointManagerOptions(create=False)
+        ) as m:
+            steps = sorted(m.all_steps())[-count:]
+            if len(steps) == count:
+                total = None
+                for step in steps:
+                    try:
+                        params = _restore_params(m, step, "checkpoints", params_template)
+                    except Exception as e:  # noqa: BLE001 — a damaged checkpoint
+                        raise RunError(
+                            f"checkpoint {directory / str(step)} is corrupt ({type(e).__name__}): "
+                            "delete it and average fewer checkpoints"
+                        ) from None
+                    total = params if total is None else jax.tree.map(jnp.add, total, params)
+                mean = jax.tree.map(lambda x: x / count, total)
+                which = f"average of checkpoints {steps[0]}-{steps[-1]} ({count})"
+                return mean, steps[-1], which
+    raise RunError(
+        f"cannot average {count} checkpoints: {directory} holds {len(steps)}; average at most "
+        "that many, or keep more when training (--config.keep_checkpoints)"
     )
 
 
@@ -371,7 +404,7 @@ def plot_learning_curves(workdir: Path, metric: str) -> Path:
         points = [(r["step"], r[metric]) for r in valid if metric in r]
         if points:
             ax_metric.plot(*zip(*points), "o-", color="tab:green")
-    ax_loss.set(xlabel="step", ylabel="loss (per token)", title="Loss")
+    ax_loss.set(xlabel="step", ylabel="loss (per token)", title="Loss", yscale="log")
     ax_loss.legend()
     ax_metric.set(xlabel="step", ylabel=metric, title=f"Validation {metric}")
     fig.tight_layout()

@@ -1,9 +1,10 @@
 """Translation datasets by name, as random-access sources of (source_text, target_text) pairs.
 
-Names: `dates`, `dates/tiny`, `multi30k/<pair>` (`en-de`, `en-fr`, `de-en`, `fr-en`) and any TFDS
-dataset with supervised keys (e.g. `wmt14_translate/de-en`), the source and target being its
-`supervised_keys`. The first `load` of a dataset prepares it in `data_dir` as array_record files,
-which `tfds.data_source` then serves without TensorFlow.
+Names: `dates`, `dates/tiny`, `dates/lists`, `multi30k/<pair>` (`en-de`, `en-fr`, `de-en`, `fr-en`)
+and any TFDS dataset with supervised keys (e.g. `wmt14_translate/de-en`), the source and target being its
+`supervised_keys`. Image captioning: `digit_captions`, `digit_captions/tiny`, served as
+(image, caption) pairs (`ImageCaptionPairs`). The first `load` of a dataset prepares it in `data_dir`
+as array_record files, which `tfds.data_source` then serves without TensorFlow.
 """
 
 import importlib
@@ -11,12 +12,24 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import tensorflow_datasets as tfds
 
-from data import DataError, dates, multi30k
+from data import DataError, dates, digit_captions, multi30k
 
-SEQZOO_BUILDERS = {"dates": dates.Dates, "multi30k": multi30k.Multi30k}
-KNOWN_NAMES = ("dates", "dates/tiny", *(f"multi30k/{pair}" for pair in multi30k.PAIRS))
+SEQZOO_BUILDERS = {
+    "dates": dates.Dates,
+    "multi30k": multi30k.Multi30k,
+    "digit_captions": digit_captions.DigitCaptions,
+}
+KNOWN_NAMES = (
+    "dates",
+    "dates/tiny",
+    "dates/lists",
+    *(f"multi30k/{pair}" for pair in multi30k.PAIRS),
+    "digit_captions",
+    "digit_captions/tiny",
+)
 _READ_CHUNK = 4096
 
 
@@ -58,6 +71,50 @@ class TextPairs:
         return _text(src), _text(tgt)
 
 
+class ImageCaptionPairs:
+    """One split of an image-captioning dataset as a random-access source of `(image, caption)`.
+
+    `image` is uint8 `[height, width, channels]`; `description` is the dataset's one-line text of
+    each image (what reports show as its "source"). A valid grain random-access data source.
+    """
+
+    DESCRIPTION_KEY = "description"
+
+    def __init__(self, source, keys: tuple[str, str], description: str):
+        self._source = source
+        self.keys = keys
+        self.description = description
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, str]:
+        return self._decode(self._source[index])
+
+    def __getitems__(self, indices) -> list[tuple[np.ndarray, str]]:
+        return [self._decode(example) for example in self._source.__getitems__(list(indices))]
+
+    def __repr__(self) -> str:
+        return f"ImageCaptionPairs({self.description}, {len(self)} pairs, keys={self.keys})"
+
+    def columns(self) -> tuple[np.ndarray, list[str], list[str]]:
+        """All examples in order: uint8 images `[n, height, width, channels]`, captions, and the
+        text descriptions of the images."""
+        images, captions, descriptions = [], [], []
+        for start in range(0, len(self), _READ_CHUNK):
+            chunk = range(start, min(start + _READ_CHUNK, len(self)))
+            for example in self._source.__getitems__(list(chunk)):
+                image, text = self._decode(example)
+                images.append(image)
+                captions.append(text)
+                descriptions.append(_text(example[self.DESCRIPTION_KEY]))
+        return np.stack(images), captions, descriptions
+
+    def _decode(self, example: dict) -> tuple[np.ndarray, str]:
+        image, text = (example[key] for key in self.keys)
+        return np.asarray(image, np.uint8), _text(text)
+
+
 def _text(value) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
@@ -68,6 +125,23 @@ def _is_text_pair(features, keys) -> bool:
     return all(
         isinstance(k, str) and k in features and isinstance(features[k], tfds.features.Text)
         for k in keys
+    )
+
+
+def _is_image_caption(features, keys) -> bool:
+    """Supervised keys (uint8 image tensor [height, width, channels], text) plus a text description."""
+    description = ImageCaptionPairs.DESCRIPTION_KEY
+    if not isinstance(keys, tuple | list) or len(keys) != 2:
+        return False
+    if not all(k in features for k in (*keys, description)):
+        return False
+    image = features[keys[0]]
+    return (
+        isinstance(image, tfds.features.Tensor)
+        and len(image.shape) == 3
+        and np.dtype(image.np_dtype) == np.uint8
+        and isinstance(features[keys[1]], tfds.features.Text)
+        and isinstance(features[description], tfds.features.Text)
     )
 
 
@@ -138,8 +212,10 @@ def load(
     *,
     data_dir: str | os.PathLike | None = None,
     manual_dir: str | os.PathLike | None = None,
-) -> TextPairs:
+) -> TextPairs | ImageCaptionPairs:
     """The `split` of dataset `name` as (source_text, target_text) pairs, preparing it if needed.
+
+    An image-captioning dataset (`digit_captions`) gives (image, caption) pairs instead.
 
     Args:
       name: `dates`, `dates/tiny`, `multi30k/en-de` (etc.) or a TFDS translation dataset name.
@@ -159,7 +235,8 @@ def load(
         )
     ds_builder = builder(name, data_dir=data_dir, manual_dir=manual_dir)
     keys = ds_builder.info.supervised_keys
-    if not _is_text_pair(ds_builder.info.features, keys):
+    is_image = _is_image_caption(ds_builder.info.features, keys)
+    if not is_image and not _is_text_pair(ds_builder.info.features, keys):
         raise DataError(
             f"dataset {name!r} is not a translation dataset (supervised keys {keys} are not two "
             "text features): use one whose supervised_keys are (source text, target text)"
@@ -175,7 +252,8 @@ def load(
             f"{name} in {ds_builder.data_dir} was prepared as {ds_builder.info.file_format.value}, "
             "not array_record: delete that directory or use another data_dir"
         ) from None
-    return TextPairs(source, tuple(keys), f"{name}:{split}")
+    pairs = ImageCaptionPairs if is_image else TextPairs
+    return pairs(source, tuple(keys), f"{name}:{split}")
 
 
 def split_names(name: str, *, data_dir: str | os.PathLike | None = None) -> list[str]:

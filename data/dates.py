@@ -10,6 +10,12 @@ patterns are chosen so that a source names exactly one date: two-digit years app
 Sources are unique across all splits (no overlap between train, validation and test), and the data is
 a pure function of the builder version, the seed below and the split sizes of the config.
 
+Config `lists` makes inputs long: each source is a list of 1 to `max_dates` (5) such dates joined by
+" ; " ("3 May 1979 ; 03.05.31 ; jueves, 3 de mayo de 1979"), its target their ISO forms joined by
+spaces ("1979-05-03 2031-05-03 1979-05-03"); sources run to ~180 characters. No date string appears
+in two examples, so test dates are unseen in training. It exists to show what a fixed-size encoding
+costs: a plain encoder-decoder must carry the whole list in one vector, attention need not.
+
     import tensorflow_datasets as tfds
     from data import dates  # registers the builder
     tfds.builder("dates/tiny", data_dir=..., file_format="array_record").download_and_prepare()
@@ -17,9 +23,11 @@ a pure function of the builder version, the seed below and the split sizes of th
 
 import dataclasses
 import datetime
+import random
 
 import babel.dates
 import faker
+import numpy as np
 import tensorflow_datasets as tfds
 
 FIRST_DATE = datetime.date(1900, 1, 1)
@@ -83,13 +91,38 @@ def generate(count: int, seed: int = SEED) -> list[dict[str, str]]:
     return examples
 
 
+LIST_SEPARATOR = " ; "  # appears in no date pattern
+
+
+def generate_lists(count: int, max_dates: int, seed: int = SEED) -> list[dict[str, str]]:
+    """`count` examples, each a list of 1 to `max_dates` dates (uniformly many): dicts of `source`,
+    `target` and `num_dates`. Every date string of every example is distinct (drawn from one
+    `generate` stream). Deterministic in (count, max_dates, seed).
+    """
+    rng = random.Random(seed)
+    sizes = [rng.randint(1, max_dates) for _ in range(count)]
+    singles, start, examples = generate(sum(sizes), seed), 0, []
+    for size in sizes:
+        dates = singles[start : start + size]
+        start += size
+        examples.append(
+            {
+                "source": LIST_SEPARATOR.join(d["source"] for d in dates),
+                "target": " ".join(d["target"] for d in dates),
+                "num_dates": size,
+            }
+        )
+    return examples
+
+
 @dataclasses.dataclass(eq=False)
 class DatesConfig(tfds.core.BuilderConfig):
-    """Split sizes of a `dates` variant."""
+    """Split sizes of a `dates` variant; `max_dates` > 1: sources are lists of dates."""
 
     train_size: int = 50_000
     validation_size: int = 1_000
     test_size: int = 2_000
+    max_dates: int = 1
 
 
 class Dates(tfds.core.GeneratorBasedBuilder):
@@ -110,16 +143,24 @@ class Dates(tfds.core.GeneratorBasedBuilder):
             validation_size=200,
             test_size=200,
         ),
+        DatesConfig(
+            name="lists",
+            description="Lists of 1-5 dates to lists of ISO dates, 50,000 / 1,000 / 2,000: long "
+            "inputs, where a plain encoder-decoder degrades and attention does not.",
+            max_dates=5,
+        ),
     ]
 
     def _info(self) -> tfds.core.DatasetInfo:
         text = tfds.features.Text()
+        if self.builder_config.max_dates > 1:
+            features = {"source": text, "target": text, "num_dates": tfds.features.Scalar(np.int32)}
+        else:
+            features = {"source": text, "target": text, "locale": text, "format": text}
         return tfds.core.DatasetInfo(
             builder=self,
             description=__doc__.split("\n\n")[0],
-            features=tfds.features.FeaturesDict(
-                {"source": text, "target": text, "locale": text, "format": text}
-            ),
+            features=tfds.features.FeaturesDict(features),
             supervised_keys=("source", "target"),
             disable_shuffling=True,
         )
@@ -132,7 +173,10 @@ class Dates(tfds.core.GeneratorBasedBuilder):
             "validation": config.validation_size,
             "train": config.train_size,
         }
-        examples = generate(sum(sizes.values()))
+        if config.max_dates > 1:
+            examples = generate_lists(sum(sizes.values()), config.max_dates)
+        else:
+            examples = generate(sum(sizes.values()))
         splits, start = {}, 0
         for split, size in sizes.items():  # test first: it stays fixed when train grows
             splits[split] = self._generate_examples(examples[start : start + size])

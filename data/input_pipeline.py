@@ -13,6 +13,11 @@ Config fields: `dataset`, `data_dir`, `manual_dir`, `tokenizer` ("char" | "sente
 `num_buckets` (default 4). `max_len` bounds every array length: a training example is dropped when
 its source + EOS or BOS + target is longer; evaluation examples are truncated instead (the
 reference strings stay whole).
+
+Image captioning datasets (`digit_captions`): batches hold float32 images `src [batch, height, width,
+channels]` and the tokenized caption as target (data/pipeline.py); one tokenizer, trained on the
+training captions, is both `src_tokenizer` and `tgt_tokenizer`; an eval split's `sources` are the
+text descriptions of its images (for reports) and its `references` the captions.
 """
 
 import dataclasses
@@ -66,6 +71,23 @@ def tokenize(
     )
 
 
+def _split_data(
+    pairs: datasets.TextPairs | datasets.ImageCaptionPairs,
+    src_tokenizer: tokenizers.Tokenizer,
+    tgt_tokenizer: tokenizers.Tokenizer,
+) -> tuple[pipeline.Tokenized | pipeline.ImageCaptions, list[str], list[str]]:
+    """A loaded split as (pipeline data, source texts, target texts).
+
+    Image pairs: the source texts are the images' descriptions; only captions are tokenized.
+    """
+    if isinstance(pairs, datasets.ImageCaptionPairs):
+        images, captions, descriptions = pairs.columns()
+        ids = [tgt_tokenizer.encode(c) for c in captions]
+        return pipeline.ImageCaptions.from_lists(images, ids), descriptions, captions
+    sources, targets = pairs.columns()
+    return tokenize(src_tokenizer, tgt_tokenizer, sources, targets), sources, targets
+
+
 def get_datasets(config, *, batch_multiple: int = 1) -> Datasets:
     """Loads (preparing if needed) `config.dataset`, builds tokenizers and batches.
 
@@ -82,10 +104,24 @@ def get_datasets(config, *, batch_multiple: int = 1) -> Datasets:
     if config.max_len < 2:
         raise ValueError(f"max_len must be >= 2 (a token and EOS), got {config.max_len}")
     where = dict(data_dir=config.data_dir, manual_dir=config.manual_dir)
-    sources, targets = datasets.load(config.dataset, "train", **where).columns()
-    src_tokenizer, tgt_tokenizer = build_tokenizers(config, sources, targets)
+    train_pairs = datasets.load(config.dataset, "train", **where)
+    if isinstance(train_pairs, datasets.ImageCaptionPairs):
+        images, captions, sources = train_pairs.columns()
+        src_tokenizer = tgt_tokenizer = tokenizers.build(
+            config.tokenizer,
+            captions,
+            cache_dir=config.tokenizer_dir or DEFAULT_TOKENIZER_DIR,
+            vocab_size=config.vocab_size,
+            model_type=config.sp_model_type,
+        )
+        ids = [tgt_tokenizer.encode(c) for c in captions]
+        train_data = pipeline.ImageCaptions.from_lists(images, ids)
+    else:
+        sources, targets = train_pairs.columns()
+        src_tokenizer, tgt_tokenizer = build_tokenizers(config, sources, targets)
+        train_data = tokenize(src_tokenizer, tgt_tokenizer, sources, targets)
     train = pipeline.TrainPipeline(
-        tokenize(src_tokenizer, tgt_tokenizer, sources, targets),
+        train_data,
         max_len=config.max_len,
         batch_size=config.batch_size,
         tokens_per_batch=config.tokens_per_batch,
@@ -111,9 +147,11 @@ def get_datasets(config, *, batch_multiple: int = 1) -> Datasets:
     evals = {}
     available = datasets.split_names(config.dataset, data_dir=config.data_dir)
     for split in (s for s in EVAL_SPLITS if s in available):
-        sources, references = datasets.load(config.dataset, split, **where).columns()
+        data, sources, references = _split_data(
+            datasets.load(config.dataset, split, **where), src_tokenizer, tgt_tokenizer
+        )
         evals[split] = pipeline.make_eval_data(
-            tokenize(src_tokenizer, tgt_tokenizer, sources, references),
+            data,
             sources,
             references,
             buckets=train.buckets,
@@ -134,7 +172,7 @@ def get_datasets(config, *, batch_multiple: int = 1) -> Datasets:
 
 
 def _eval_data(
-    config, data: pipeline.Tokenized, sources, references, batch_size
+    config, data: pipeline.Tokenized | pipeline.ImageCaptions, sources, references, batch_size
 ) -> pipeline.EvalData:
     """Ordered eval batches with buckets from this data's own lengths (at most num_buckets + 1)."""
     src_lengths, tgt_lengths = pipeline.padded_lengths(data)
@@ -159,8 +197,9 @@ def get_eval_data(
             f"{config.dataset} has no split {split!r}: use one of {', '.join(available)}"
         )
     where = dict(data_dir=config.data_dir, manual_dir=config.manual_dir)
-    sources, references = datasets.load(config.dataset, split, **where).columns()
-    data = tokenize(src_tokenizer, tgt_tokenizer, sources, references)
+    data, sources, references = _split_data(
+        datasets.load(config.dataset, split, **where), src_tokenizer, tgt_tokenizer
+    )
     batch_size = batch_size or config.get("eval_batch_size") or config.batch_size
     return _eval_data(config, data, sources, references, batch_size)
 

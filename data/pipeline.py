@@ -8,6 +8,11 @@ Every (src_len, tgt_len) is one of a few buckets, so jit compiles a bounded numb
 A filler row (to complete a batch) is an empty sentence: `src` = EOS, `tgt_in` = BOS, `tgt_out` all
 PAD, so it adds nothing to a loss masked by `tgt_out != 0` and never leaves attention without keys.
 
+Image captioning (`ImageCaptions` data): `src` is float32 `[batch, height, width, channels]`, pixels
+scaled to [0, 1], and the caption is the target. Images have one size and are never padded or
+truncated: their source length is 0 everywhere (buckets and `BatchShape.src_len`), so buckets differ
+only in target length. A filler row's image is all zeros.
+
 Training: each epoch is a plan of batches, a pure function of (seed, epoch): shuffle the examples,
 group them by bucket (each bucket's leftover examples move up into the next bucket, which fits them,
 and the last leftovers fill one batch with filler rows), then shuffle the batches. Batch `step` of
@@ -82,6 +87,52 @@ class Tokenized:
         return self.tgt[self.tgt_offsets[i] : self.tgt_offsets[i + 1]]
 
 
+@dataclasses.dataclass(frozen=True)
+class ImageCaptions:
+    """Images with tokenized captions (the targets, no BOS/EOS), captions stored flat.
+
+    `images` is uint8 `[num_examples, height, width, channels]` (0..255); example i's caption is
+    `tgt[tgt_offsets[i]:tgt_offsets[i + 1]]` (int32).
+    """
+
+    images: np.ndarray
+    tgt: np.ndarray
+    tgt_offsets: np.ndarray
+
+    @classmethod
+    def from_lists(cls, images: np.ndarray, tgt_ids: Sequence[Sequence[int]]):
+        images = np.asarray(images)
+        if images.ndim != 4 or images.dtype != np.uint8:
+            raise ValueError(
+                f"images must be uint8 [num_examples, height, width, channels], got "
+                f"{images.dtype} {list(images.shape)}"
+            )
+        if len(images) != len(tgt_ids):
+            raise ValueError(f"{len(images)} images but {len(tgt_ids)} captions")
+        tgt, tgt_offsets = _flatten(tgt_ids)
+        return cls(images, tgt, tgt_offsets)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def src_lengths(self) -> np.ndarray:
+        """0 for every example: an image has no sequence length, int64 [num_examples]."""
+        return np.zeros(len(self), np.int64)
+
+    @property
+    def tgt_lengths(self) -> np.ndarray:
+        """Tokens per caption, int64 [num_examples]."""
+        return np.diff(self.tgt_offsets)
+
+    def image(self, i: int) -> np.ndarray:
+        """float32 `[height, width, channels]` in [0, 1]."""
+        return self.images[i].astype(np.float32) / 255.0
+
+    def target(self, i: int) -> np.ndarray:
+        return self.tgt[self.tgt_offsets[i] : self.tgt_offsets[i + 1]]
+
+
 def _flatten(rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
     lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
     offsets = np.concatenate([[0], np.cumsum(lengths)])
@@ -89,8 +140,13 @@ def _flatten(rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
     return flat, offsets
 
 
-def padded_lengths(data: Tokenized) -> tuple[np.ndarray, np.ndarray]:
-    """Array lengths each example needs, with EOS (src) and BOS/EOS (tgt): int64 [num_examples]."""
+def padded_lengths(data: Tokenized | ImageCaptions) -> tuple[np.ndarray, np.ndarray]:
+    """Array lengths each example needs, with EOS (src) and BOS/EOS (tgt): int64 [num_examples].
+
+    Image sources need no length: 0.
+    """
+    if isinstance(data, ImageCaptions):
+        return data.src_lengths, data.tgt_lengths + 1
     return data.src_lengths + 1, data.tgt_lengths + 1
 
 
@@ -143,19 +199,33 @@ def bucket_batch_sizes(
     return [batch_size] * len(buckets)
 
 
-def make_batch(data: Tokenized, ids: np.ndarray, src_len: int, tgt_len: int) -> Batch:
-    """The padded batch of examples `ids` (int [batch]; -1 gives a filler row)."""
-    src = np.zeros((len(ids), src_len), np.int32)
+def make_batch(
+    data: Tokenized | ImageCaptions, ids: np.ndarray, src_len: int, tgt_len: int
+) -> Batch:
+    """The padded batch of examples `ids` (int [batch]; -1 gives a filler row).
+
+    Image data: `src` is float32 `[batch, height, width, channels]` and `src_len` is unused.
+    """
+    images = isinstance(data, ImageCaptions)
+    if images:
+        src = np.zeros((len(ids), *data.images.shape[1:]), np.float32)
+    else:
+        src = np.zeros((len(ids), src_len), np.int32)
     tgt_in = np.zeros((len(ids), tgt_len), np.int32)
     tgt_out = np.zeros((len(ids), tgt_len), np.int32)
     tgt_in[:, 0] = BOS_ID
     for row, i in enumerate(ids):
-        if i < 0:  # filler: the empty sentence
-            src[row, 0] = EOS_ID
+        if i < 0:  # filler: the empty sentence (a blank image)
+            if not images:
+                src[row, 0] = EOS_ID
             continue
-        x, y = data.source(i), data.target(i)
-        src[row, : len(x)] = x
-        src[row, len(x)] = EOS_ID
+        y = data.target(i)
+        if images:
+            src[row] = data.image(i)
+        else:
+            x = data.source(i)
+            src[row, : len(x)] = x
+            src[row, len(x)] = EOS_ID
         tgt_in[row, 1 : len(y) + 1] = y
         tgt_out[row, : len(y)] = y
         tgt_out[row, len(y)] = EOS_ID
@@ -167,7 +237,7 @@ class TrainPipeline:
 
     def __init__(
         self,
-        data: Tokenized,
+        data: Tokenized | ImageCaptions,
         *,
         max_len: int,
         batch_size: int,
@@ -179,7 +249,7 @@ class TrainPipeline:
         """Keeps the examples whose padded lengths (`padded_lengths`) are at most `max_len`.
 
         Args:
-          data: the tokenized training split.
+          data: the tokenized training split (or images with tokenized captions).
           max_len: longest array length; longer examples are dropped (`num_dropped`).
           batch_size: sentences per global batch (when `tokens_per_batch` is 0).
           tokens_per_batch: if > 0, padded tokens per global batch instead (one size per bucket).
@@ -287,8 +357,9 @@ class EvalData:
     """One evaluation split: batches in the original example order, and the raw strings.
 
     `batches[k]` holds examples `k * batch_size ...`: `src`, `tgt_in`, `tgt_out` (int32, padded to a
-    bucket shape) and `mask` (bool [batch]: False for the filler rows completing the last batch).
-    `sources[i]`, `references[i]` are example i's raw source and target text.
+    bucket shape; image data: `src` float32 images) and `mask` (bool [batch]: False for the filler
+    rows completing the last batch). `sources[i]`, `references[i]` are example i's raw source and
+    target text (image data: a text description of the image, and the caption).
     """
 
     batches: list[Batch]
@@ -298,12 +369,17 @@ class EvalData:
 
     @property
     def batch_shapes(self) -> list[BatchShape]:
-        shapes = {BatchShape(*b["src"].shape, b["tgt_in"].shape[1]) for b in self.batches}
+        shapes = {BatchShape(*_src_shape(b["src"]), b["tgt_in"].shape[1]) for b in self.batches}
         return sorted(shapes)
 
 
+def _src_shape(src: np.ndarray) -> tuple[int, int]:
+    """(batch, src_len) of a batch's `src`; images have src_len 0."""
+    return (src.shape[0], src.shape[1] if src.ndim == 2 else 0)
+
+
 def make_eval_data(
-    data: Tokenized,
+    data: Tokenized | ImageCaptions,
     sources: Sequence[str],
     references: Sequence[str],
     *,
@@ -339,8 +415,11 @@ def make_eval_data(
     return EvalData(batches, list(sources), list(references), int(truncated.sum()))
 
 
-def _truncate(data: Tokenized, max_len: int) -> Tokenized:
+def _truncate(data: Tokenized | ImageCaptions, max_len: int) -> Tokenized | ImageCaptions:
     """`data` with every sequence cut to `max_len - 1` tokens (room for EOS/BOS)."""
+    if isinstance(data, ImageCaptions):
+        captions = [data.target(i)[: max_len - 1] for i in range(len(data))]
+        return ImageCaptions.from_lists(data.images, captions)
     return Tokenized.from_lists(
         [data.source(i)[: max_len - 1] for i in range(len(data))],
         [data.target(i)[: max_len - 1] for i in range(len(data))],

@@ -1,6 +1,7 @@
 """Model names -> (Linen module class, default hyperparameters), and a constructor that checks overrides.
 
-The defaults suit the dates task and Multi30k on a CPU; configs override any of them by name.
+The defaults suit the dates task and Multi30k on a CPU (the captioner: digit_captions); configs
+override any of them by name.
 """
 
 import dataclasses
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from models.attention_rnn import AttentionRNN
+from models.captioner import Captioner
 from models.seq2seq_rnn import Seq2SeqRNN
 from models.transformer import Transformer
 
@@ -46,6 +48,30 @@ MODELS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
             "tie_output": True,
             "activation": "relu",
             "max_len": 256,
+        },
+    ),
+    "captioner": (
+        Captioner,
+        {
+            "decoder": "rnn",
+            "image_channels": 1,
+            "num_stages": 2,
+            "channels": 32,
+            "d_model": 128,
+            "cell": "gru",
+            "embed_dim": 64,
+            "hidden_dim": 128,
+            "num_layers": 1,
+            "attention": "bahdanau",
+            "attention_dim": 128,
+            "num_heads": 4,
+            "num_decoder_layers": 2,
+            "ffn_dim": 256,
+            "attention_dropout_rate": 0.1,
+            "pre_ln": True,
+            "activation": "relu",
+            "max_len": 128,
+            "dropout_rate": 0.1,
         },
     ),
 }
@@ -95,6 +121,19 @@ def create_model(name: str, *, src_vocab_size: int, tgt_vocab_size: int, **overr
                     f"{field}={hparams[field]!r} is not a dtype: use e.g. float32 or bfloat16"
                 ) from None
     return module_class(src_vocab_size=src_vocab_size, tgt_vocab_size=tgt_vocab_size, **hparams)
+
+
+def example_source(model: nn.Module) -> jax.Array:
+    """A one-example source batch of the kind `model` reads, for `init` (parameter shapes do not
+    depend on its size): the model's own `example_source()` if it has one (the captioner: a float32
+    image `[1, h, w, channels]`), else token ids int32 `[1, 4]`."""
+    make = getattr(model, "example_source", None)
+    return make() if make is not None else jnp.ones((1, 4), jnp.int32)
+
+
+def reads_images(model: nn.Module) -> bool:
+    """Whether `model`'s source is a batch of images `[batch, height, width, channels]`."""
+    return example_source(model).ndim == 4
 
 
 def count_params(params: Any) -> int:

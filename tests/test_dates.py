@@ -86,3 +86,22 @@ def test_generation_is_deterministic_and_prefix_stable():
     assert first == dates.generate(300)
     assert dates.generate(350)[:300] == first
     assert dates.generate(300, seed=dates.SEED + 1) != first
+
+
+def test_lists_of_dates_are_long_distinct_and_aligned():
+    examples = dates.generate_lists(300, max_dates=5)
+    assert examples == dates.generate_lists(300, max_dates=5)
+    assert {ex["num_dates"] for ex in examples} == {1, 2, 3, 4, 5}
+    parts = [ex["source"].split(dates.LIST_SEPARATOR) for ex in examples]
+    singles = [p for ps in parts for p in ps]
+    assert len(singles) == len(set(singles))  # no date string in two examples (or twice in one)
+    stream = dates.generate(len(singles))  # each list is the next dates of one single-date stream
+    assert singles == [d["source"] for d in stream]
+    assert " ".join(ex["target"] for ex in examples) == " ".join(d["target"] for d in stream)
+    for ex, sources in zip(examples, parts):
+        targets = ex["target"].split(" ")
+        assert len(sources) == len(targets) == ex["num_dates"]
+        for source, target in zip(sources, targets):
+            assert datetime.date.fromisoformat(target)
+            assert dates.LIST_SEPARATOR.strip() not in source
+    assert max(len(ex["source"]) for ex in examples) > 100

@@ -76,6 +76,61 @@ def test_attention_plots_are_written(beam_report):
     assert all(p.suffix == ".png" and p.stat().st_size > 2000 for p in paths)
 
 
+def test_quality_by_source_length_partitions_the_examples(beam_report):
+    rows = beam_report[0]["by_source_length"]
+    assert sum(r["count"] for r in rows) == 40
+    for previous, row in zip(rows, rows[1:]):
+        assert previous["max_len"] < row["min_len"]  # disjoint, increasing length ranges
+    assert all(0.0 <= r["exact_match"] <= 1.0 for r in rows)
+
+
+def test_by_source_length_groups_and_scores():
+    hypotheses = ["a", "b", "x", "d", "e", "y"]
+    references = ["a", "b", "c", "d", "e", "f"]
+    lengths = [5, 1, 9, 1, 5, 9]
+    rows = evaluation.by_source_length(hypotheses, references, lengths, exact_match=True, bins=3)
+    assert [(r["min_len"], r["max_len"], r["count"]) for r in rows] == [
+        (1, 1, 2),
+        (5, 5, 2),
+        (9, 9, 2),
+    ]
+    assert [r["exact_match"] for r in rows] == [1.0, 1.0, 0.0]
+    # Ties never split: one length, one group.
+    rows = evaluation.by_source_length(["a"] * 4, ["a"] * 4, [3, 3, 3, 3], exact_match=True)
+    assert [(r["min_len"], r["max_len"], r["count"]) for r in rows] == [(3, 3, 4)]
+
+
+def test_checkpoint_averaging_is_the_mean_of_the_last_checkpoints(tiny_run, tmp_path):
+    import jax
+    import numpy as np
+
+    workdir, _, _ = tiny_run  # periodic checkpoints at steps 10 and 20
+    run = evaluation.Run(workdir)
+    template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), run.params)
+    restore = experiment._restore_params
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints") as manager:
+        assert sorted(manager.all_steps()) == [10, 20]
+        at_10, at_20 = (restore(manager, s, "checkpoints", template) for s in (10, 20))
+    mean, step, which = experiment.restore_params(workdir, template, average_last=2)
+    assert step == 20 and which == "average of checkpoints 10-20 (2)"
+    for m, a, b in zip(*(jax.tree.leaves(t) for t in (mean, at_10, at_20)), strict=True):
+        np.testing.assert_allclose(m, (np.asarray(a) + np.asarray(b)) / 2, rtol=1e-6)
+    report = evaluation.evaluate(
+        workdir,
+        options(
+            average_checkpoints=2,
+            num_examples=8,
+            output=str(tmp_path / "h.txt"),
+            report=str(tmp_path / "r.json"),
+        ),
+    )
+    assert report["checkpoint"] == "average of checkpoints 10-20 (2)"
+    with pytest.raises(experiment.RunError, match="cannot average 3 checkpoints.*holds 2"):
+        experiment.restore_params(workdir, template, average_last=3)
+
+
 def test_greedy_equals_beam_of_one(tiny_run, tmp_path):
     workdir, _, _ = tiny_run
     greedy = tmp_path / "greedy.txt"

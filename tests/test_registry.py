@@ -2,7 +2,8 @@
 
 The contract tests run over every model in `registry.MODELS` (a new model without a tiny configuration
 here fails `test_every_model_has_contract_coverage`), with variants for the main options. Each variant
-compiles its functions once (module-scoped fixture) and reuses them across tests.
+compiles its functions once (module-scoped fixture) and reuses them across tests. Models that read
+images (the captioner) get a batch of images as their source instead of token ids.
 """
 
 import functools
@@ -16,6 +17,7 @@ from flax import nnx
 
 from models import registry
 from models.attention_rnn import AttentionRNN
+from models.captioner import Captioner
 from models.seq2seq_rnn import Seq2SeqRNN
 from models.transformer import Transformer
 
@@ -31,6 +33,17 @@ TINY = {
         "ffn_dim": 32,
         "max_len": 32,
     },
+    "captioner": {
+        "channels": 4,
+        "d_model": 8,
+        "embed_dim": 8,
+        "hidden_dim": 16,
+        "attention_dim": 8,
+        "num_heads": 2,
+        "num_decoder_layers": 2,
+        "ffn_dim": 16,
+        "max_len": 32,
+    },
 }
 VARIANTS = [
     ("seq2seq_rnn", {}),
@@ -41,13 +54,23 @@ VARIANTS = [
     ("transformer", {}),
     ("transformer", {"pre_ln": False, "tie_output": False, "activation": "gelu"}),
     ("transformer", {"share_embeddings": True}),
+    ("captioner", {}),
+    ("captioner", {"decoder": "transformer", "pre_ln": False}),
+    ("captioner", {"cell": "lstm", "num_layers": 2, "attention": "luong_general"}),
 ]
 
 # Two sentences, trailing padding; the second target is padded too.
 SRC = jnp.array([[5, 6, 7, 8, 9, 0], [4, 10, 3, 0, 0, 0]], jnp.int32)
 SRC_EXTRA_PAD = jnp.pad(SRC, ((0, 0), (0, 3)))
 TGT_IN = jnp.array([[1, 4, 5, 6, 7], [1, 8, 9, 0, 0]], jnp.int32)
+# Two grey 12x12 images (a 3x3 feature grid after the captioner's two stride-2 stages).
+IMAGES = jax.random.uniform(jax.random.key(7), (2, 12, 12, 1))
 BEAM = 3
+
+
+def source_for(model):
+    """The source batch the contract tests feed `model`: IMAGES if it reads images, else SRC."""
+    return IMAGES if registry.reads_images(model) else SRC
 
 
 def build(name, overrides, **extra):
@@ -63,7 +86,7 @@ def random_params(model, seed=0):
     The contract holds for any parameter values, and `jax.eval_shape` + numpy is far cheaper than
     compiling `model.init` for every variant; non-zero biases and norm offsets make the checks stricter.
     """
-    shapes = jax.eval_shape(model.init, jax.random.key(0), SRC, TGT_IN)["params"]
+    shapes = jax.eval_shape(model.init, jax.random.key(0), source_for(model), TGT_IN)["params"]
     rng = np.random.default_rng(seed)
     return jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype), shapes)
 
@@ -73,6 +96,7 @@ class Compiled:
 
     def __init__(self, model):
         self.model = model
+        self.src = source_for(model)
         self.vocab = model.tgt_vocab_size
         self.variables = {"params": random_params(model)}
         self.forward = jax.jit(functools.partial(model.apply, train=False))
@@ -120,7 +144,7 @@ def test_every_model_has_contract_coverage():
 
 
 def test_forward_shape_and_dtype(compiled):
-    logits = compiled.forward(compiled.variables, SRC, TGT_IN)
+    logits = compiled.forward(compiled.variables, compiled.src, TGT_IN)
     assert logits.shape == (2, 5, compiled.vocab)
     assert logits.dtype == jnp.float32
     assert np.all(np.isfinite(logits))
@@ -128,7 +152,7 @@ def test_forward_shape_and_dtype(compiled):
 
 def test_memory_and_state_have_batch_first(compiled):
     v = compiled.variables
-    memory = compiled.encode(v, SRC)
+    memory = compiled.encode(v, compiled.src)
     state = compiled.init_state(v, memory, 7)
     for leaf in jax.tree.leaves(memory) + jax.tree.leaves(state):
         assert leaf.shape[0] == 2
@@ -142,13 +166,15 @@ def test_memory_and_state_have_batch_first(compiled):
 
 
 def test_decode_step_matches_teacher_forcing_over_beams(compiled):
-    forward = compiled.forward(compiled.variables, SRC, TGT_IN)
-    incremental = compiled.incremental(SRC, TGT_IN, BEAM)
+    forward = compiled.forward(compiled.variables, compiled.src, TGT_IN)
+    incremental = compiled.incremental(compiled.src, TGT_IN, BEAM)
     for beam in range(BEAM):
         np.testing.assert_allclose(incremental[:, beam], forward, atol=1e-5, rtol=0)
 
 
 def test_extra_source_padding_changes_nothing(compiled):
+    if compiled.src is IMAGES:
+        pytest.skip("image sources are never padded")
     v = compiled.variables
     np.testing.assert_allclose(
         compiled.forward(v, SRC_EXTRA_PAD, TGT_IN), compiled.forward(v, SRC, TGT_IN), atol=1e-5
@@ -158,16 +184,17 @@ def test_extra_source_padding_changes_nothing(compiled):
 def test_future_target_tokens_do_not_change_earlier_logits(compiled):
     v = compiled.variables
     changed = TGT_IN.at[:, 3].set(jnp.array([11, 12]))
-    before, after = compiled.forward(v, SRC, TGT_IN), compiled.forward(v, SRC, changed)
+    src = compiled.src
+    before, after = compiled.forward(v, src, TGT_IN), compiled.forward(v, src, changed)
     np.testing.assert_array_equal(before[:, :3], after[:, :3])
     assert not np.allclose(before[:, 3:], after[:, 3:])
 
 
 def test_source_changes_the_output(compiled):
     v = compiled.variables
-    other = SRC.at[0, 0].set(3)
+    other = compiled.src.at[0, 0].set(3)
     assert not np.allclose(
-        compiled.forward(v, SRC, TGT_IN)[0], compiled.forward(v, other, TGT_IN)[0]
+        compiled.forward(v, compiled.src, TGT_IN)[0], compiled.forward(v, other, TGT_IN)[0]
     )
 
 
@@ -177,27 +204,28 @@ def test_dropout_uses_the_dropout_rng(name):
     assert compiled.model.dropout_rate > 0
     train = jax.jit(
         lambda rng: compiled.model.apply(
-            compiled.variables, SRC, TGT_IN, train=True, rngs={"dropout": rng}
+            compiled.variables, compiled.src, TGT_IN, train=True, rngs={"dropout": rng}
         )
     )
     a, b, a_again = train(jax.random.key(1)), train(jax.random.key(2)), train(jax.random.key(1))
     np.testing.assert_array_equal(a, a_again)
     assert not np.allclose(a, b)
-    assert not np.allclose(a, compiled.forward(compiled.variables, SRC, TGT_IN))
+    assert not np.allclose(a, compiled.forward(compiled.variables, compiled.src, TGT_IN))
 
 
 @pytest.mark.parametrize("name", list(registry.MODELS))
 def test_bfloat16_compute_gives_float32_logits_close_to_float32(name):
     compiled, model16 = default_variant(name), build(name, {}, dtype="bfloat16")
-    logits32 = compiled.forward(compiled.variables, SRC, TGT_IN)
-    logits16 = jax.jit(model16.apply)(compiled.variables, SRC, TGT_IN)
+    src = compiled.src
+    logits32 = compiled.forward(compiled.variables, src, TGT_IN)
+    logits16 = jax.jit(model16.apply)(compiled.variables, src, TGT_IN)
     assert logits16.dtype == jnp.float32
     np.testing.assert_allclose(logits16, logits32, atol=0.1)
     assert not np.array_equal(logits16, logits32)  # the computation really ran in bfloat16
 
     # A bfloat16 decode step returns float32 logits and a state of unchanged dtypes (a loop carry).
     def first_step(variables):
-        memory = model16.apply(variables, SRC, method=model16.encode)
+        memory = model16.apply(variables, src, method=model16.encode)
         state = model16.apply(variables, memory, 4, method=model16.init_decode_state)
         tokens = jnp.ones((2,), jnp.int32)
         return state, model16.apply(variables, memory, tokens, state, method=model16.decode_step)
@@ -251,6 +279,8 @@ def test_create_model_applies_defaults_and_overrides():
         "attention_rnn", src_vocab_size=5, tgt_vocab_size=5, dtype="bfloat16"
     )
     assert isinstance(model, AttentionRNN) and model.dtype == jnp.bfloat16
+    model = registry.create_model("captioner", src_vocab_size=5, tgt_vocab_size=5, channels=8)
+    assert isinstance(model, Captioner) and model.channels == 8 and model.decoder == "rnn"
 
 
 def test_default_hparams_is_a_copy():
@@ -280,6 +310,9 @@ def test_default_hparams_is_a_copy():
         ("transformer", {"dropout_rate": 1.0}, "dropout_rate=1.0 must be in [0, 1)"),
         ("seq2seq_rnn", {"num_layers": 0}, "num_layers=0 must be a positive integer"),
         ("seq2seq_rnn", {"dtype": "float-ish"}, "dtype='float-ish' is not a dtype"),
+        ("captioner", {"decoder": "cnn"}, "decoder='cnn' is not supported: use one of rnn"),
+        ("captioner", {"d_model": 30}, "d_model=30 must be a multiple of 4"),
+        ("captioner", {"attention": "luong_dot", "hidden_dim": 64}, "needs d_model == hidden_dim"),
     ],
 )
 def test_bad_arguments_raise_one_line_value_errors(name, overrides, message):
@@ -293,6 +326,20 @@ def test_unknown_hyperparameter_error_lists_the_valid_ones():
         ValueError, match="use cell, embed_dim, hidden_dim, num_layers, dropout_rate"
     ):
         registry.create_model("seq2seq_rnn", src_vocab_size=5, tgt_vocab_size=5, heads=2)
+
+
+@pytest.mark.parametrize("name", list(registry.MODELS))
+def test_example_source_gives_the_params_of_real_sources(name):
+    """`experiment` inits every model from `registry.example_source`: the same parameter shapes as
+    the (larger) sources the model then reads."""
+    model = build(name, {})
+    example = registry.example_source(model)
+    assert example.shape[0] == 1 and example.ndim == source_for(model).ndim
+    from_example = jax.eval_shape(model.init, jax.random.key(0), example, TGT_IN[:1, :2])
+    from_real = jax.eval_shape(model.init, jax.random.key(0), source_for(model), TGT_IN)
+    assert jax.tree.map(lambda x: x.shape, from_example) == jax.tree.map(
+        lambda x: x.shape, from_real
+    )
 
 
 def test_count_params():
