@@ -35,7 +35,12 @@ from flax import linen as nn
 
 from models import common
 from models.attention_rnn import ATTENTIONS, AttentionDecoderStep
-from models.transformer import ACTIVATIONS, DecoderLayer, sinusoidal_positions
+from models.transformer import (
+    ACTIVATIONS,
+    DecoderLayer,
+    cached_decoder_layers,
+    sinusoidal_positions,
+)
 
 DECODERS = ("rnn", "transformer")
 
@@ -342,28 +347,9 @@ class Captioner(nn.Module):
             )
             self.sow("intermediates", "attention", weights)
             return self.output(features).astype(jnp.float32), {"carries": carries}
-        pos = state["pos"]
-        rows = tokens.shape[0]
-        cache_len = state["cache"][0][0].shape[1]
-        x = self._embed(tokens[:, None], pos[:, None], train=False)
-        past = (jnp.arange(cache_len)[None, :] < pos[:, None])[:, None, None, :]
-        new_cache = []
-        for i, (layer, (cache_k, cache_v)) in enumerate(
-            zip(self.decoder_layers, state["cache"], strict=True)
-        ):
-            x, kv, weights = layer(
-                x,
-                past,
-                memory["cross_kv"][i],
-                memory["mask"],
-                train=False,
-                cache=(cache_k, cache_v, pos[0]),
-            )
-            new_cache.append(kv)
-            # [batch, heads, beam, S] -> [N, heads, S]
-            weights = jnp.swapaxes(weights, 1, 2).reshape(rows, self.num_heads, -1)
-            self.sow("intermediates", f"cross_attention_{i}", weights)
-        return self._logits(x[:, 0]), {"pos": pos + 1, "cache": tuple(new_cache)}
+        x = self._embed(tokens[:, None], state["pos"][:, None], train=False)
+        x, state = cached_decoder_layers(self, self.decoder_layers, x, memory, state)
+        return self._logits(x[:, 0]), state
 
     # ------------------------------------------------------------------------------------ helpers
 

@@ -307,6 +307,41 @@ class DecoderLayer(Sublayers):
         return x, kv, weights
 
 
+def cached_decoder_layers(module: nn.Module, layers, x: jax.Array, memory: dict, state: dict):
+    """One decoding step through `layers` (`DecoderLayer`s of `module`) with the KV cache.
+
+    Sows each layer's encoder-decoder attention `[N, heads, src_len]` in `module`'s intermediates as
+    `cross_attention_<layer>`.
+
+    Args:
+      x: `[N, 1, d_model]`, the embedded previous tokens (N = batch x beam).
+      memory: `cross_kv` per layer and `mask`, from the model's `encode`.
+      state: `pos` int32 `[N]` and `cache` per layer, `(keys, values)` `[N, max_len, heads, head_dim]`.
+
+    Returns:
+      (`[N, 1, d_model]`, the new state: `pos + 1`, the cache written at `pos`).
+    """
+    pos = state["pos"]
+    rows = x.shape[0]
+    cache_len = state["cache"][0][0].shape[1]
+    past = (jnp.arange(cache_len)[None, :] < pos[:, None])[:, None, None, :]
+    new_cache = []
+    for i, (layer, (cache_k, cache_v)) in enumerate(zip(layers, state["cache"], strict=True)):
+        x, kv, weights = layer(
+            x,
+            past,
+            memory["cross_kv"][i],
+            memory["mask"],
+            train=False,
+            cache=(cache_k, cache_v, pos[0]),
+        )
+        new_cache.append(kv)
+        # [batch, heads, beam, src_len] -> [N, heads, src_len]
+        weights = jnp.swapaxes(weights, 1, 2).reshape(rows, weights.shape[1], -1)
+        module.sow("intermediates", f"cross_attention_{i}", weights)
+    return x, {"pos": pos + 1, "cache": tuple(new_cache)}
+
+
 class Transformer(nn.Module):
     """Encoder-decoder Transformer.
 
@@ -505,26 +540,6 @@ class Transformer(nn.Module):
         Returns:
           (float32 logits `[N, tgt_vocab_size]`, new state with `pos + 1` and the cache written at `pos`).
         """
-        pos = state["pos"]
-        rows = tokens.shape[0]
-        cache_len = state["cache"][0][0].shape[1]
-        x = self._embed(self.tgt_embed, tokens[:, None], pos[:, None], train=False)
-        past = (jnp.arange(cache_len)[None, :] < pos[:, None])[:, None, None, :]
-        new_cache = []
-        for i, (layer, (cache_k, cache_v)) in enumerate(
-            zip(self.decoder_layers, state["cache"], strict=True)
-        ):
-            x, kv, weights = layer(
-                x,
-                past,
-                memory["cross_kv"][i],
-                memory["mask"],
-                train=False,
-                cache=(cache_k, cache_v, pos[0]),
-            )
-            new_cache.append(kv)
-            # [batch, heads, beam, src_len] -> [N, heads, src_len]
-            weights = jnp.swapaxes(weights, 1, 2).reshape(rows, self.num_heads, -1)
-            self.sow("intermediates", f"cross_attention_{i}", weights)
-        logits = self._logits(x[:, 0], decoding=True)
-        return logits, {"pos": pos + 1, "cache": tuple(new_cache)}
+        x = self._embed(self.tgt_embed, tokens[:, None], state["pos"][:, None], train=False)
+        x, state = cached_decoder_layers(self, self.decoder_layers, x, memory, state)
+        return self._logits(x[:, 0], decoding=True), state
