@@ -33,12 +33,10 @@ KNOWN_NAMES = (
 _READ_CHUNK = 4096
 
 
-class TextPairs:
-    """One split as a random-access source of `(source_text, target_text)` string pairs.
-
-    A valid grain random-access data source (`__len__`, `__getitem__`), e.g. for
-    `grain.MapDataset.source(pairs)`.
-    """
+class _Pairs:
+    """A split of a TFDS data source as a random-access source of pairs made by `_decode`: a valid
+    grain random-access data source (`__len__`, `__getitem__`), e.g. for
+    `grain.MapDataset.source(pairs)`."""
 
     def __init__(self, source, keys: tuple[str, str], description: str):
         self._source = source
@@ -48,14 +46,21 @@ class TextPairs:
     def __len__(self) -> int:
         return len(self._source)
 
-    def __getitem__(self, index: int) -> tuple[str, str]:
+    def __getitem__(self, index: int):
         return self._decode(self._source[index])
 
-    def __getitems__(self, indices) -> list[tuple[str, str]]:
+    def __getitems__(self, indices) -> list:
         return [self._decode(example) for example in self._source.__getitems__(list(indices))]
 
     def __repr__(self) -> str:
-        return f"TextPairs({self.description}, {len(self)} pairs, keys={self.keys})"
+        return f"{type(self).__name__}({self.description}, {len(self)} pairs, keys={self.keys})"
+
+    def _decode(self, example: dict):
+        raise NotImplementedError
+
+
+class TextPairs(_Pairs):
+    """One split as a random-access source of `(source_text, target_text)` string pairs."""
 
     def columns(self) -> tuple[list[str], list[str]]:
         """All pairs in order, as a list of sources and a list of targets."""
@@ -71,31 +76,14 @@ class TextPairs:
         return _text(src), _text(tgt)
 
 
-class ImageCaptionPairs:
+class ImageCaptionPairs(_Pairs):
     """One split of an image-captioning dataset as a random-access source of `(image, caption)`.
 
     `image` is uint8 `[height, width, channels]`; `description` is the dataset's one-line text of
-    each image (what reports show as its "source"). A valid grain random-access data source.
+    each image (what reports show as its "source").
     """
 
     DESCRIPTION_KEY = "description"
-
-    def __init__(self, source, keys: tuple[str, str], description: str):
-        self._source = source
-        self.keys = keys
-        self.description = description
-
-    def __len__(self) -> int:
-        return len(self._source)
-
-    def __getitem__(self, index: int) -> tuple[np.ndarray, str]:
-        return self._decode(self._source[index])
-
-    def __getitems__(self, indices) -> list[tuple[np.ndarray, str]]:
-        return [self._decode(example) for example in self._source.__getitems__(list(indices))]
-
-    def __repr__(self) -> str:
-        return f"ImageCaptionPairs({self.description}, {len(self)} pairs, keys={self.keys})"
 
     def columns(self) -> tuple[np.ndarray, list[str], list[str]]:
         """All examples in order: uint8 images `[n, height, width, channels]`, captions, and the

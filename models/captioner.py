@@ -40,6 +40,7 @@ from models.transformer import (
     DecoderLayer,
     cached_decoder_layers,
     sinusoidal_positions,
+    teacher_forced_decoder_layers,
 )
 
 DECODERS = ("rnn", "transformer")
@@ -278,11 +279,9 @@ class Captioner(nn.Module):
         tgt_len = tgt_in.shape[1]
         self._check_length("target", tgt_len)
         x = self._embed(tgt_in, jnp.arange(tgt_len), train)
-        causal = nn.make_causal_mask(tgt_in, dtype=jnp.bool_)  # [batch, 1, tgt_len, tgt_len]
-        for i, layer in enumerate(self.decoder_layers):
-            x, _, weights = layer(x, causal, memory["cross_kv"][i], memory["mask"], train)
-            self.sow("intermediates", f"cross_attention_{i}", weights)
-        return self._logits(x)
+        return self._logits(
+            teacher_forced_decoder_layers(self, self.decoder_layers, x, tgt_in, memory, train)
+        )
 
     def encode(self, src: jax.Array, train: bool = False) -> dict:
         """Runs the CNN and builds the memory of grid features (and the decoder's source side).

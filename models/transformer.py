@@ -307,6 +307,28 @@ class DecoderLayer(Sublayers):
         return x, kv, weights
 
 
+def teacher_forced_decoder_layers(
+    module: nn.Module, layers, x: jax.Array, tgt_in: jax.Array, memory: dict, train
+):
+    """Teacher-forced `layers` (`DecoderLayer`s of `module`) over a whole target, causally masked.
+
+    Sows each layer's encoder-decoder attention `[batch, heads, tgt_len, src_len]` in `module`'s
+    intermediates as `cross_attention_<layer>`.
+
+    Args:
+      x: `[batch, tgt_len, d_model]`, the embedded `tgt_in` (int32 `[batch, tgt_len]`).
+      memory: `cross_kv` per layer and `mask`, from the model's `encode`.
+
+    Returns:
+      `[batch, tgt_len, d_model]`.
+    """
+    causal = nn.make_causal_mask(tgt_in, dtype=jnp.bool_)  # [batch, 1, tgt_len, tgt_len]
+    for i, layer in enumerate(layers):
+        x, _, weights = layer(x, causal, memory["cross_kv"][i], memory["mask"], train)
+        module.sow("intermediates", f"cross_attention_{i}", weights)
+    return x
+
+
 def cached_decoder_layers(module: nn.Module, layers, x: jax.Array, memory: dict, state: dict):
     """One decoding step through `layers` (`DecoderLayer`s of `module`) with the KV cache.
 
@@ -482,11 +504,9 @@ class Transformer(nn.Module):
         tgt_len = tgt_in.shape[1]
         self._check_length("target", tgt_len)
         x = self._embed(self.tgt_embed, tgt_in, jnp.arange(tgt_len), train)
-        causal = nn.make_causal_mask(tgt_in, dtype=jnp.bool_)  # [batch, 1, tgt_len, tgt_len]
-        for i, layer in enumerate(self.decoder_layers):
-            x, _, weights = layer(x, causal, memory["cross_kv"][i], memory["mask"], train)
-            self.sow("intermediates", f"cross_attention_{i}", weights)
-        return self._logits(x)
+        return self._logits(
+            teacher_forced_decoder_layers(self, self.decoder_layers, x, tgt_in, memory, train)
+        )
 
     def encode(self, src: jax.Array, train: bool = False) -> dict:
         """Runs the encoder and every decoder layer's cross-attention key/value projection, once.
