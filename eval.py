@@ -39,6 +39,8 @@ class Options:
     alpha: float = 0.6
     length_penalty: str = "gnmt"
     max_decode_len: int | None = None  # None: the run's config
+    max_decode_len_a: float | None = None  # None: the run's config
+    max_decode_len_b: int | None = None  # None: the run's config
     batch_size: int | None = None  # None: the run's eval_batch_size
     num_examples: int = 0  # 0: all
     report: str | None = None  # None: <workdir>/eval_<split>.json
@@ -60,6 +62,15 @@ def define_flags() -> None:
         "length_penalty", "gnmt", ["gnmt", "average", "none"], "Length normalization."
     )
     flags.DEFINE_integer("max_decode_len", None, "Generated tokens at most (default: the run's).")
+    flags.DEFINE_float(
+        "max_decode_len_a",
+        None,
+        "> 0: each sentence generates at most ceil(a * source tokens) + b tokens, and never more "
+        "than --max_decode_len (default: the run's; 0 turns it off).",
+    )
+    flags.DEFINE_integer(
+        "max_decode_len_b", None, "The b of --max_decode_len_a (default: the run's)."
+    )
     flags.DEFINE_integer(
         "batch_size",
         None,
@@ -111,14 +122,28 @@ def notice(message: str) -> None:
     print(f"notice: {message}", file=sys.stderr)
 
 
-def decode_batches(run: Run, batches, *, decode, beam_size, alpha, length_penalty, max_len, sink):
+def decode_batches(
+    run: Run,
+    batches,
+    *,
+    decode,
+    beam_size,
+    alpha,
+    length_penalty,
+    max_len,
+    max_len_a,
+    max_len_b,
+    sink,
+):
     """Decodes `batches` in order; returns (best sequences [n, max_len], results, timing).
 
     Each hypothesis is passed to `sink(line)` as soon as its batch is done, so a failure later loses
     nothing already decoded. Timing excludes compilation: a batch whose shape is new is run twice and
     the second run is timed.
     """
-    fn = experiment.decode_fn(run.model, decode, beam_size, max_len, length_penalty, run.mesh)
+    fn = experiment.decode_fn(
+        run.model, decode, beam_size, max_len, length_penalty, run.mesh, max_len_a, max_len_b
+    )
     seen_shapes, sequences, results = set(), [], []
     decode_seconds = compile_seconds = 0.0
     for batch in batches:
@@ -142,7 +167,17 @@ def decode_batches(run: Run, batches, *, decode, beam_size, alpha, length_penalt
 
 
 def evaluate_split(
-    run: Run, eval_data, *, decode, beam_size, alpha, length_penalty, max_len, output
+    run: Run,
+    eval_data,
+    *,
+    decode,
+    beam_size,
+    alpha,
+    length_penalty,
+    max_len,
+    max_len_a,
+    max_len_b,
+    output,
 ):
     """Decodes a split, writing hypotheses to `output`; returns the report dict (and sequences)."""
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -160,6 +195,8 @@ def evaluate_split(
             alpha=alpha,
             length_penalty=length_penalty,
             max_len=max_len,
+            max_len_a=max_len_a,
+            max_len_b=max_len_b,
             sink=sink,
         )
     hypotheses = output.read_text().splitlines()
@@ -170,6 +207,8 @@ def evaluate_split(
         "alpha": alpha,
         "length_penalty": length_penalty,
         "max_decode_len": max_len,
+        "max_decode_len_a": max_len_a,
+        "max_decode_len_b": max_len_b,
         "num_examples": len(hypotheses),
         **experiment.text_metrics(
             hypotheses, references, exact_match=run.config.eval_metric == "exact_match"
@@ -282,7 +321,7 @@ def run_error_analysis(run: Run, eval_data, sequences, scores, *, alpha, length_
     return report
 
 
-def run_sweep(run: Run, eval_data, *, alpha, max_len, workdir):
+def run_sweep(run: Run, eval_data, *, alpha, max_len, max_len_a, max_len_b, workdir):
     """Greedy and beam 1, 2, 4, 8, each with (GNMT, alpha) and without length normalization."""
     settings = [("greedy", 1, "none")]
     for beam_size in (1, 2, 4, 8):
@@ -297,6 +336,8 @@ def run_sweep(run: Run, eval_data, *, alpha, max_len, workdir):
             alpha=alpha if length_penalty != "none" else 0.0,
             length_penalty=length_penalty,
             max_len=max_len,
+            max_len_a=max_len_a,
+            max_len_b=max_len_b,
             output=workdir / "sweep" / f"{decode}{beam_size}_{length_penalty}.txt",
         )
         rows.append(report)
@@ -311,7 +352,18 @@ def run_sweep(run: Run, eval_data, *, alpha, max_len, workdir):
 
 
 def translate_lines(
-    run: Run, lines, *, decode, beam_size, alpha, length_penalty, max_len, batch_size, sink
+    run: Run,
+    lines,
+    *,
+    decode,
+    beam_size,
+    alpha,
+    length_penalty,
+    max_len,
+    max_len_a,
+    max_len_b,
+    batch_size,
+    sink,
 ):
     """Translates user text, one sentence per line; empty lines are skipped and over-long ones
     truncated, each with a notice on stderr. Output lines stay aligned with input lines (an empty
@@ -337,6 +389,8 @@ def translate_lines(
                 alpha=alpha,
                 length_penalty=length_penalty,
                 max_len=max_len,
+                max_len_a=max_len_a,
+                max_len_b=max_len_b,
                 sink=hyps.append,
             )
             for (index, _), hyp in zip(chunk, hyps, strict=True):
@@ -532,6 +586,12 @@ def evaluate(workdir: Path, options: Options) -> dict | None:
         alpha=options.alpha,
         length_penalty=options.length_penalty,
         max_len=max_len,
+        max_len_a=config.get("max_decode_len_a", 0.0)
+        if options.max_decode_len_a is None
+        else options.max_decode_len_a,
+        max_len_b=config.get("max_decode_len_b", 0)
+        if options.max_decode_len_b is None
+        else options.max_decode_len_b,
     )
     if options.input:
         if registry.reads_images(run.model):
@@ -571,7 +631,13 @@ def evaluate(workdir: Path, options: Options) -> dict | None:
         print(format_by_source_length(report["by_source_length"], metric))
     if options.sweep:
         report["sweep"] = run_sweep(
-            run, eval_data, alpha=options.alpha, max_len=max_len, workdir=workdir
+            run,
+            eval_data,
+            alpha=options.alpha,
+            max_len=max_len,
+            max_len_a=search["max_len_a"],
+            max_len_b=search["max_len_b"],
+            workdir=workdir,
         )
     if options.error_analysis:
         if options.decode != "beam":

@@ -202,12 +202,23 @@ def step_function(model, params, src: jax.Array, max_len: int):
 
 @functools.cache
 def decode_fn(
-    model, decode: str, beam_size: int, max_len: int, length_penalty: str, mesh: Mesh | None = None
+    model,
+    decode: str,
+    beam_size: int,
+    max_len: int,
+    length_penalty: str,
+    mesh: Mesh | None = None,
+    max_len_a: float = 0.0,
+    max_len_b: int = 0,
 ):
     """A jitted `(params, src [batch, src_len], alpha) -> decoding result` (alpha traced: no recompiles).
 
-    One compiled program per (src shape, decode, beam_size, max_len, length_penalty, mesh); cached here
-    so train and eval share them. With a `mesh`, the batch is split over its devices (pass `src` from
+    Each sentence generates at most `max_len` tokens (EOS included) or, with `max_len_a > 0` and text
+    sources, `min(max_len, ceil(max_len_a * source tokens) + max_len_b)` (fairseq's `--max-len-a/b`):
+    a batch of short sentences then stops early instead of running the search to `max_len`.
+
+    One compiled program per (src shape, decode, beam_size, max_len, length_penalty, mesh, max_len_a,
+    max_len_b); cached here so train and eval share them. With a `mesh`, the batch is split over its devices (pass `src` from
     `sharding.shard_batch`), the params are replicated (gathered once per call if they come
     FSDP-sharded) and so is the result, which every host can then read.
     """
@@ -223,6 +234,7 @@ def decode_fn(
             eos_id=tokenizers.EOS_ID,
             batch_size=src.shape[0],
             max_len=max_len,
+            max_lengths=source_length_limits(src, max_len_a, max_len_b),
         )
         if decode == "greedy":
             return decoding.greedy(step_fn, state, **common)
@@ -238,6 +250,15 @@ def decode_fn(
     if mesh is None:
         return jax.jit(run)
     return jax.jit(run, out_shardings=sharding.replicated(mesh))
+
+
+def source_length_limits(src: jax.Array, max_len_a: float, max_len_b: int) -> jax.Array | None:
+    """int32 `[batch]` `ceil(max_len_a * source tokens) + max_len_b` for text `src [batch, src_len]`;
+    None (no per-sentence limit) when `max_len_a` is 0 or the sources are images."""
+    if max_len_a <= 0 or src.ndim != 2:
+        return None
+    lengths = jnp.sum(src != tokenizers.PAD_ID, axis=-1)
+    return jnp.ceil(max_len_a * lengths).astype(jnp.int32) + max_len_b
 
 
 def replicate_params_shard_batch(mesh: Mesh, params, *batch_arrays):

@@ -135,7 +135,14 @@ def evaluate(config, model, params, eval_data, tgt_tokenizer, num_examples, mesh
     Each batch is split over the devices of `mesh` (its size must divide the eval batch size).
     """
     decode = experiment.decode_fn(
-        model, config.decode, config.beam_size, config.max_decode_len, config.length_penalty, mesh
+        model,
+        config.decode,
+        config.beam_size,
+        config.max_decode_len,
+        config.length_penalty,
+        mesh,
+        config.max_decode_len_a,
+        config.max_decode_len_b,
     )
     limit = num_examples or len(eval_data.references)
     loss_sum = tokens = 0.0

@@ -52,6 +52,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_samples_to_log = 3
     config.eval_metric = "exact_match"  # Selects the best checkpoint: "exact_match" | "bleu".
     config.max_decode_len = 16  # Target tokens generated at most (EOS included).
+    # > 0: each sentence stops at min(max_decode_len, ceil(a * source tokens) + b) tokens.
+    config.max_decode_len_a = 0.0
+    config.max_decode_len_b = 0
     config.decode = "greedy"  # Decoder used for validation during training.
     config.beam_size = 4
     config.alpha = 0.6

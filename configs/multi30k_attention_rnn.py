@@ -1,4 +1,9 @@
-"""Multi30k En->De with the Bahdanau attention RNN on a shared SentencePiece vocabulary."""
+"""Multi30k En->De with the Bahdanau attention RNN on a shared SentencePiece vocabulary.
+
+Sized for a budget of 90 minutes on 2 CPU cores (see README, Results): a step of ~2,048 target tokens
+takes ~1.05 s here, so 4,200 updates (~20 epochs) plus 4 validations fit. Peak learning rate 2e-3
+with gradient clipping at 1.0, warmup 600, cosine decay to zero; label smoothing 0.1 and dropout 0.3.
+"""
 
 import ml_collections
 
@@ -18,7 +23,9 @@ def get_config():
         }
     )
     config.tokens_per_batch = 2048
-    config.learning_rate = 1e-3
-    config.warmup_steps = 1000
-    config.schedule = "cosine"
+    config.num_train_steps = 4200
+    config.learning_rate = 2e-3
+    config.warmup_steps = 600
+    config.eval_every = 1050
+    config.checkpoint_every = 300
     return config

@@ -12,14 +12,15 @@ An EOS extension takes a place among the `beam_size` best, as in the classic alg
 and OpenNMT), so `beam_size=1` is exactly greedy decoding; the alive set fills up again at the next step.
 
 Ranking uses `log P(y|x) / penalty(T)` (see `decoding.length_penalty`), T counting EOS; a hypothesis that
-reaches `max_len` without EOS is finished with T = max_len and ranked by the same score. `min_len` is the
+reaches `max_len` (or its sentence's own limit, `max_lengths`) without EOS is finished with T = that
+limit and ranked by the same score. `min_len` is the
 least number of tokens before EOS. Pad and BOS are never generated. Masks restrict the search without
 renormalizing, so returned log-probabilities are the model's own and equal `decoding.score`'s.
 
 A sentence stops when no alive hypothesis can beat the worst of its n-best: an alive prefix of length t
 and log-probability lp <= 0 can only lose probability, so no completion scores above
-`lp / max(penalty(t + 1), penalty(max_len))` (the penalty is monotonic in T, for either sign of alpha).
-The loop stops when every sentence has stopped, at `max_len` at the latest. A stopped sentence is frozen,
+`lp / max(penalty(t + 1), penalty(limit))` (the penalty is monotonic in T, for either sign of alpha).
+The loop stops when every sentence has stopped, at its limit (`max_len`) at the latest. A stopped sentence is frozen,
 so what it returns does not depend on the other sentences of the batch.
 
 Empty n-best slots (fewer than `beam_size` distinct hypotheses exist) have score and log-probability
@@ -85,13 +86,15 @@ def beam_search(
     alpha: float | jax.Array = 0.6,
     length_penalty: str = "gnmt",
     min_len: int = 0,
+    max_lengths: jax.Array | None = None,
 ) -> BeamSearchResult:
     """The `beam_size`-best hypotheses of each sentence under `length_penalty`.
 
     Args:
       step_fn: `step_fn(tokens [N] int32, state) -> (logits [N, vocab], new_state)`, N = batch x beam;
         row n belongs to sentence n // beam. Models close it over their encoder memory (which keeps the
-        sentence batch); only `state` is reordered between beams.
+        sentence batch); only `state` is reordered between beams, except its entry
+        `state["in_place"]` (`common.reorder_rows`).
       init_state: pytree, every leaf `[batch, ...]`: the decoder state before BOS. It is repeated once
         to `[batch x beam, ...]`.
       bos_id, eos_id: token ids (Python ints, inside the vocabulary).
@@ -100,6 +103,10 @@ def beam_search(
       alpha: length-penalty exponent, traced (changing it does not recompile).
       length_penalty: "gnmt", "average" or "none" (static).
       min_len: EOS is blocked before this many tokens have been generated (static, < max_len).
+      max_lengths: optional int `[batch]`, each sentence's own limit (traced; clipped to
+        `[min_len + 1, max_len]`), e.g. from its source length: a hypothesis that reaches it is
+        finished as at `max_len`, and the sentence stops there. The loop runs to the batch's
+        largest limit at most, so sorting sentences by length into batches shortens most loops.
 
     Returns:
       A `BeamSearchResult`. Usable under an outer `jax.jit` with the static arguments fixed.
@@ -117,7 +124,8 @@ def beam_search(
     vocab = common.probe_step_fn(step_fn, init_state, rows)
     common.check_token_ids(vocab, bos_id=bos_id, eos_id=eos_id)
     alpha = jnp.asarray(alpha, jnp.float32)
-    max_penalty = lp_lib.penalty(max_len, alpha, length_penalty)
+    limits = common.sentence_limits(max_lengths, batch, max_len, min_len)  # [batch]
+    max_penalty = lp_lib.penalty(limits, alpha, length_penalty)  # [batch]
     positions = jnp.arange(max_len)
     row_base = jnp.arange(batch)[:, None] * beam  # [batch, 1], the first row of each sentence
 
@@ -157,7 +165,7 @@ def beam_search(
             scores=lp_lib.normalize(top_log_probs, length, alpha, length_penalty),
             lengths=jnp.full((batch, beam), length, jnp.int32),
         )
-        ends = (token == eos_id) | (length == max_len)
+        ends = (token == eos_id) | (length >= limits[:, None])
 
         # Finished: merge the new complete hypotheses into the n-best (old ones first, so ties keep them).
         merged = jax.tree.map(
@@ -172,14 +180,14 @@ def beam_search(
         bound = jnp.max(alive_log_probs, axis=1) / jnp.maximum(
             lp_lib.penalty(length + 1, alpha, length_penalty), max_penalty
         )
-        done = done | (bound <= finished.scores[:, -1])
+        done = done | (bound <= finished.scores[:, -1]) | (length >= limits)
         alive = extended._replace(
             log_probs=jnp.where(done[:, None], -jnp.inf, alive_log_probs),
             scores=jnp.full((batch, beam), -jnp.inf),
         )
         if beam > 1:  # reorder the decoder state: row b * beam + k continues its parent's row
             rows_from = (row_base + parent).reshape(rows)
-            new_state = jax.tree.map(lambda x: jnp.take(x, rows_from, axis=0), new_state)
+            new_state = common.reorder_rows(new_state, rows_from)
         return step + 1, token.reshape(rows), new_state, alive, finished, done
 
     carry = (

@@ -79,6 +79,24 @@ def probe_step_fn(step_fn, state: Any, rows: int) -> int:
     return logits.shape[1]
 
 
+def sentence_limits(max_lengths: Any, batch_size: int, max_len: int, min_len: int = 0) -> jax.Array:
+    """int32 `[batch]`: the most tokens each sentence may generate, EOS included.
+
+    `max_lengths` (int `[batch]`, or None for `max_len` everywhere) is clipped to
+    `[min_len + 1, max_len]`: a limit never exceeds the static `max_len`, nor blocks EOS for good.
+    """
+    if max_lengths is None:
+        return jnp.full((batch_size,), max_len, jnp.int32)
+    if jnp.shape(max_lengths) != (batch_size,) or not jnp.issubdtype(
+        jnp.result_type(max_lengths), jnp.integer
+    ):
+        raise ValueError(
+            f"max_lengths has shape {jnp.shape(max_lengths)} and dtype {jnp.result_type(max_lengths)}: "
+            f"give one int limit per sentence, shape ({batch_size},)"
+        )
+    return jnp.clip(jnp.asarray(max_lengths, jnp.int32), min_len + 1, max_len)
+
+
 def check_token_ids(vocab_size: int, **ids: Any) -> None:
     """Raises a one-line ValueError unless each id is an int in [1, vocab_size) and all differ.
 
@@ -112,6 +130,25 @@ def search_mask(
     ids = jnp.arange(log_probs.shape[-1])
     banned = (ids == PAD_ID) | (ids == bos_id) | ((ids == eos_id) & block_eos)
     return jnp.where(banned, -jnp.inf, log_probs)
+
+
+# The entry of a dict state that beam search never reorders (see `reorder_rows`).
+IN_PLACE = "in_place"
+
+
+def reorder_rows(state: Any, rows_from: jax.Array) -> Any:
+    """Row n of every leaf taken from row `rows_from[n]` (int32 `[N]`): the state of each new
+    hypothesis is its parent's.
+
+    Leaves under `state[IN_PLACE]` (when `state` is a dict holding that key) stay where they are: the
+    step function then tracks itself which row holds what, through leaves that *are* reordered. A
+    Transformer's KV cache is the case in point: a reorder copies every row of it, twice, at every
+    step, where an ancestry table `[N, max_len]` of cache row indices is enough.
+    """
+    if isinstance(state, dict) and IN_PLACE in state:
+        moved = {k: v for k, v in state.items() if k != IN_PLACE}
+        return {**reorder_rows(moved, rows_from), IN_PLACE: state[IN_PLACE]}
+    return jax.tree.map(lambda x: jnp.take(x, rows_from, axis=0), state)
 
 
 def repeat_rows(state: Any, times: int) -> Any:

@@ -37,14 +37,15 @@ def decode_path(
     eos_id: int,
     batch_size: int,
     max_len: int,
+    max_lengths: jax.Array | None = None,
 ) -> DecodeResult:
-    """Decodes one token per step with `choose` until every sentence has EOS or `max_len` tokens.
+    """Decodes one token per step with `choose` until every sentence has EOS or its limit of tokens.
 
     Args:
       step_fn: `step_fn(tokens [batch] int32, state) -> (logits [batch, vocab], new_state)`.
       init_state: pytree, every leaf `[batch, ...]`.
       choose: picks the next tokens, see `Chooser`; it never sees pad or BOS as possible.
-      bos_id, eos_id, batch_size, max_len: as in `decoding.beam_search`.
+      bos_id, eos_id, batch_size, max_len, max_lengths: as in `decoding.beam_search`.
 
     Raises:
       ValueError: a bad static argument, an id outside the vocabulary, or a state or step function
@@ -55,6 +56,7 @@ def decode_path(
     vocab = common.probe_step_fn(step_fn, init_state, batch_size)
     common.check_token_ids(vocab, bos_id=bos_id, eos_id=eos_id)
     positions = jnp.arange(max_len)
+    limits = common.sentence_limits(max_lengths, batch_size, max_len)
 
     def cond(carry):
         step, *_, ended = carry
@@ -76,7 +78,7 @@ def decode_path(
             lengths=jnp.where(ended, out.lengths, step + 1),
             token_log_probs=jnp.where(at_step, token_log_prob[:, None], out.token_log_probs),
         )
-        return step + 1, token, state, out, ended | (token == eos_id)
+        return step + 1, token, state, out, ended | (token == eos_id) | (step + 1 >= limits)
 
     out = DecodeResult(
         sequences=jnp.zeros((batch_size, max_len), jnp.int32),
@@ -102,9 +104,16 @@ def _argmax(step: jax.Array, log_probs: jax.Array, running: jax.Array) -> jax.Ar
 
 
 def greedy(
-    step_fn, init_state: Any, *, bos_id: int, eos_id: int, batch_size: int, max_len: int
+    step_fn,
+    init_state: Any,
+    *,
+    bos_id: int,
+    eos_id: int,
+    batch_size: int,
+    max_len: int,
+    max_lengths: jax.Array | None = None,
 ) -> DecodeResult:
-    """The most probable next token at every step (never pad or BOS), until EOS or `max_len`.
+    """The most probable next token at every step (never pad or BOS), until EOS or the limit.
 
     Args and raises as `decode_path`; `step_fn` gets N = batch rows. Usable under an outer `jax.jit`.
     """
@@ -116,4 +125,5 @@ def greedy(
         eos_id=eos_id,
         batch_size=batch_size,
         max_len=max_len,
+        max_lengths=max_lengths,
     )

@@ -44,7 +44,9 @@ TRACES = {"beam": 0}
 
 
 @functools.partial(jax.jit, static_argnames=("beam_size", "max_len", "length_penalty", "min_len"))
-def run_beam(table, state, alpha, *, beam_size, max_len, length_penalty="gnmt", min_len=0):
+def run_beam(
+    table, state, alpha, max_lengths=None, *, beam_size, max_len, length_penalty="gnmt", min_len=0
+):
     TRACES["beam"] += 1
     return decoding.beam_search(
         make_step_fn(table),
@@ -57,6 +59,7 @@ def run_beam(table, state, alpha, *, beam_size, max_len, length_penalty="gnmt", 
         alpha=alpha,
         length_penalty=length_penalty,
         min_len=min_len,
+        max_lengths=max_lengths,
     )
 
 
@@ -74,7 +77,7 @@ def run_score(table, state, targets, alpha, *, length_penalty):
 
 
 @functools.partial(jax.jit, static_argnames=("max_len",))
-def run_greedy(table, state, *, max_len):
+def run_greedy(table, state, max_lengths=None, *, max_len):
     return decoding.greedy(
         make_step_fn(table),
         state,
@@ -82,6 +85,7 @@ def run_greedy(table, state, *, max_len):
         eos_id=EOS,
         batch_size=state["h"].shape[0],
         max_len=max_len,
+        max_lengths=max_lengths,
     )
 
 
@@ -228,6 +232,44 @@ def test_a_sentence_decodes_the_same_alone_and_in_any_batch():
     for result, row in ((batch, 2), (other, 1)):
         for got, want in zip(result, alone, strict=True):
             np.testing.assert_array_equal(got[row], want[0])
+
+
+@pytest.mark.parametrize("decode", ["beam", "greedy"])
+def test_a_sentence_limit_decodes_it_as_alone_with_that_max_len(decode):
+    # Limits per sentence (e.g. from source lengths): each sentence's result is exactly its search
+    # with max_len = its limit, padded; 9 is clipped to max_len.
+    table, sentences, limits = random_table(2, 7), [5, 6, 7, 8], [2, 9, 3, 1]
+    if decode == "beam":
+        run = functools.partial(run_beam, table, alpha=0.8, beam_size=3)
+    else:
+        run = functools.partial(run_greedy, table)
+    batch = run(state=init_state(sentences), max_lengths=jnp.array(limits), max_len=6)
+    cut = 0
+    for row, (sentence, limit) in enumerate(zip(sentences, limits, strict=True)):
+        limit = min(limit, 6)
+        alone = run(state=init_state([sentence]), max_len=limit)
+        for got, want in zip(batch, alone, strict=True):
+            got = np.asarray(got[row])
+            if (
+                got.ndim and got.shape[-1] == 6
+            ):  # sequences, token_log_probs: padded after the limit
+                assert not np.any(got[..., limit:])
+                got = got[..., :limit]
+            np.testing.assert_array_equal(got, want[0])
+        cut += int(np.sum(np.asarray(batch.lengths[row]) == limit))
+    assert cut, "some hypothesis must be cut at its sentence's limit"
+
+
+def test_bad_max_lengths_raise_a_one_line_value_error():
+    with pytest.raises(ValueError, match=r"max_lengths has shape \(3,\).*shape \(2,\)"):
+        run_beam(
+            random_table(2, 7),
+            init_state([0, 1]),
+            0.6,
+            jnp.array([1, 2, 3]),
+            beam_size=2,
+            max_len=4,
+        )
 
 
 def test_min_len_blocks_eos_and_pad_and_bos_are_never_generated():

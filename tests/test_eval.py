@@ -6,10 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import eval as evaluation
 import experiment
+from data import input_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -236,3 +238,41 @@ def test_command_line_error_is_one_line(tmp_path):
         f"error: no run at {tmp_path / 'missing'}: train one first with "
         f"`python train.py --workdir {tmp_path / 'missing'}`"
     ]
+
+
+def test_source_length_limits_cut_each_sentence_at_its_own_length(tiny_run, tmp_path):
+    workdir, _, _ = tiny_run
+    a, b = 0.2, 0
+    report = evaluation.evaluate(
+        workdir,
+        options(
+            decode="greedy",
+            num_examples=16,
+            max_decode_len_a=a,
+            max_decode_len_b=b,
+            output=str(tmp_path / "h.txt"),
+            report=str(tmp_path / "r.json"),
+        ),
+    )
+    assert (report["max_decode_len_a"], report["max_decode_len_b"]) == (a, b)
+    run = evaluation.Run(workdir)
+    src = input_pipeline.get_eval_data(
+        run.config, "validation", run.src_tokenizer, run.tgt_tokenizer, batch_size=16
+    ).batches[0]["src"]
+    limits = np.ceil(a * np.sum(src != 0, axis=1)).astype(int) + b
+    max_len = run.config.max_decode_len
+    free = experiment.decode_fn(run.model, "greedy", 1, max_len, "none")(run.params, src, 0.0)
+    cut = experiment.decode_fn(run.model, "greedy", 1, max_len, "none", None, a, b)(
+        run.params, src, 0.0
+    )
+    # Greedy with a limit is greedy without one, truncated at the limit.
+    want = np.where(np.arange(max_len) < limits[:, None], free.sequences, 0)
+    np.testing.assert_array_equal(cut.sequences, want)
+    np.testing.assert_array_equal(cut.lengths, np.minimum(free.lengths, limits))
+    assert np.all(free.lengths > limits) and len(set(limits)) > 1, "the test needs varied cuts"
+    hyps = (tmp_path / "h.txt").read_text().splitlines()
+    assert hyps == [run.tgt_tokenizer.decode(row.tolist()) for row in want]
+    beam = experiment.decode_fn(run.model, "beam", 4, max_len, "gnmt", None, a, b)(
+        run.params, src, 0.6
+    )
+    assert np.all(np.asarray(beam.lengths) <= limits[:, None])

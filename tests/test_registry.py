@@ -15,6 +15,8 @@ import optax
 import pytest
 from flax import nnx
 
+import experiment
+from data import tokenizers
 from models import registry
 from models.attention_rnn import AttentionRNN
 from models.captioner import Captioner
@@ -170,6 +172,30 @@ def test_decode_step_matches_teacher_forcing_over_beams(compiled):
     incremental = compiled.incremental(compiled.src, TGT_IN, BEAM)
     for beam in range(BEAM):
         np.testing.assert_allclose(incremental[:, beam], forward, atol=1e-5, rtol=0)
+
+
+def test_beam_search_scores_are_the_teacher_forced_log_probs(compiled):
+    # Beam search moves hypotheses between rows at every step, through the state the model returns
+    # (a reordered carry, or a KV cache kept in place behind an ancestry table): each n-best
+    # hypothesis' log-probability must still be the model's teacher-forced one for its tokens.
+    v, max_len = compiled.variables, 6
+    result = experiment.decode_fn(compiled.model, "beam", BEAM, max_len, "none")(
+        v["params"], compiled.src, 0.0
+    )
+    assert np.all(result.valid)
+    sequences = np.asarray(result.sequences).reshape(2 * BEAM, max_len)
+    tgt_in = np.concatenate([np.full((2 * BEAM, 1), tokenizers.BOS_ID), sequences[:, :-1]], 1)
+    logits = compiled.forward(v, jnp.repeat(compiled.src, BEAM, axis=0), jnp.asarray(tgt_in))
+    log_probs = np.take_along_axis(jax.nn.log_softmax(logits), sequences[..., None], -1)[..., 0]
+    within = np.arange(max_len) < np.asarray(result.lengths).reshape(-1, 1)
+    np.testing.assert_allclose(
+        np.sum(np.where(within, log_probs, 0), axis=1),
+        np.asarray(result.log_probs).reshape(-1),
+        atol=1e-4,
+    )
+    # Every beam starts from the one BOS hypothesis of its sentence (rows 1.. take row 0's state at
+    # the first step), so hypotheses of 3+ tokens read a reordered state at later steps.
+    assert np.any(np.asarray(result.lengths) >= 3)
 
 
 def test_extra_source_padding_changes_nothing(compiled):

@@ -157,6 +157,8 @@ def _job_decode(workdir, out):
             alpha=0.6,
             length_penalty="gnmt",
             max_len=run.config.max_decode_len,
+            max_len_a=0.0,
+            max_len_b=0,
             sink=lambda line: None,
         )
         arrays[decode] = ids
