@@ -93,8 +93,7 @@ def beam_search(
     Args:
       step_fn: `step_fn(tokens [N] int32, state) -> (logits [N, vocab], new_state)`, N = batch x beam;
         row n belongs to sentence n // beam. Models close it over their encoder memory (which keeps the
-        sentence batch); only `state` is reordered between beams, except its entry
-        `state["in_place"]` (`common.reorder_rows`).
+        sentence batch); only `state` is reordered between beams.
       init_state: pytree, every leaf `[batch, ...]`: the decoder state before BOS. It is repeated once
         to `[batch x beam, ...]`.
       bos_id, eos_id: token ids (Python ints, inside the vocabulary).
@@ -187,7 +186,7 @@ def beam_search(
         )
         if beam > 1:  # reorder the decoder state: row b * beam + k continues its parent's row
             rows_from = (row_base + parent).reshape(rows)
-            new_state = common.reorder_rows(new_state, rows_from)
+            new_state = jax.tree.map(lambda x: jnp.take(x, rows_from, axis=0), new_state)
         return step + 1, token.reshape(rows), new_state, alive, finished, done
 
     carry = (

@@ -132,25 +132,6 @@ def search_mask(
     return jnp.where(banned, -jnp.inf, log_probs)
 
 
-# The entry of a dict state that beam search never reorders (see `reorder_rows`).
-IN_PLACE = "in_place"
-
-
-def reorder_rows(state: Any, rows_from: jax.Array) -> Any:
-    """Row n of every leaf taken from row `rows_from[n]` (int32 `[N]`): the state of each new
-    hypothesis is its parent's.
-
-    Leaves under `state[IN_PLACE]` (when `state` is a dict holding that key) stay where they are: the
-    step function then tracks itself which row holds what, through leaves that *are* reordered. A
-    Transformer's KV cache is the case in point: a reorder copies every row of it, twice, at every
-    step, where an ancestry table `[N, max_len]` of cache row indices is enough.
-    """
-    if isinstance(state, dict) and IN_PLACE in state:
-        moved = {k: v for k, v in state.items() if k != IN_PLACE}
-        return {**reorder_rows(moved, rows_from), IN_PLACE: state[IN_PLACE]}
-    return jax.tree.map(lambda x: jnp.take(x, rows_from, axis=0), state)
-
-
 def repeat_rows(state: Any, times: int) -> Any:
     """Every leaf `[batch, ...]` repeated to `[batch * times, ...]`; row n comes from row n // times."""
     if times == 1:

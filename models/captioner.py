@@ -39,7 +39,6 @@ from models.transformer import (
     ACTIVATIONS,
     DecoderLayer,
     cached_decoder_layers,
-    empty_decode_state,
     sinusoidal_positions,
     teacher_forced_decoder_layers,
 )
@@ -313,20 +312,20 @@ class Captioner(nn.Module):
         """Decoder state before BOS, leaves with the sentence batch first.
 
         rnn: per-layer carries `tanh(W_l mean(grid))`, leaves `[batch, hidden_dim]` (`max_len` unused);
-        transformer: the Transformer's KV cache state (`transformer.empty_decode_state`).
+        transformer: `pos` int32 `[batch]` zeros and a self-attention `cache` per layer (keys, values)
+        `[batch, max_len, heads, head_dim]` of zeros.
         """
         if self.decoder == "rnn":
             del max_len
             return {"carries": self.initial_carries(memory)}
         self._check_length("decode", max_len)
-        return empty_decode_state(
-            memory["mask"].shape[0],
-            max_len,
-            len(self.decoder_layers),
-            self.num_heads,
-            self.d_model // self.num_heads,
-            self.dtype,
+        batch = memory["mask"].shape[0]
+        shape = (batch, max_len, self.num_heads, self.d_model // self.num_heads)
+        cache = tuple(
+            (jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
+            for _ in self.decoder_layers
         )
+        return {"pos": jnp.zeros((batch,), jnp.int32), "cache": cache}
 
     def decode_step(self, memory: dict, tokens: jax.Array, state: dict) -> tuple[jax.Array, dict]:
         """One incremental decoder step; sows the attention over the grid: `attention [N, S]` (rnn)

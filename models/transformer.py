@@ -32,7 +32,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from decoding.common import IN_PLACE
 from models import common
 
 ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu}
@@ -134,9 +133,9 @@ class MultiHeadAttention(nn.Module):
           x: queries `[batch, q_len, d_model]`.
           keys, values: `[batch, kv_len, heads, head_dim]`.
           mask: bool, broadcastable to `[batch, heads, q_len, kv_len]`, True where attention is allowed.
-          present: each query's own key and value `[batch, q_len, heads, head_dim]`, attended besides
-            `keys`/`values` (incremental decoding: the cache holds the past positions, so it is read
-            as it was given and written apart).
+          present: for one query position (q_len 1), its own key and value `[batch, 1, heads,
+            head_dim]`, attended besides `keys`/`values` (incremental decoding: the cache holds the past
+            positions, so it is read as it was given and written apart).
 
         Returns:
           (output `[batch, q_len, d_model]`, float32 weights `[batch, heads, q_len, kv_len (+ 1 with
@@ -273,9 +272,6 @@ class DecoderLayer(Sublayers):
           cross_mask: bool `[batch, 1, 1, src_len]`.
           cache: None (teacher-forced), or `(keys, values, pos)`: this layer's self-attention cache
             `[rows, max_len, heads, head_dim]` and the int32 position where `x`'s keys/values go.
-            Incremental self-attention groups the rows by sentence, like the encoder-decoder
-            attention: each row may read every cache row of its sentence, and `self_mask [batch, 1,
-            beam, beam x max_len]` says which positions of which rows make up its own prefix.
 
         Returns:
           (`[rows, q_len, d_model]`, the updated cache (keys, values) or None, float32 cross-attention
@@ -287,18 +283,9 @@ class DecoderLayer(Sublayers):
             if cache is None:
                 return self.self_attention(h, keys, values, self_mask, train)[0], None
             cache_k, cache_v, pos = cache
-            rows, max_len, heads, head_dim = cache_k.shape
-            batch = self_mask.shape[0]
-            by_sentence = lambda a: a.reshape(batch, -1, *a.shape[2:])  # noqa: E731
             out, _ = self.self_attention(
-                by_sentence(h),
-                by_sentence(cache_k),
-                by_sentence(cache_v),
-                self_mask,
-                train,
-                present=(by_sentence(keys), by_sentence(values)),
+                h, cache_k, cache_v, self_mask, train, present=(keys, values)
             )
-            out = out.reshape(h.shape)
             write = (0, pos, 0, 0)
             return out, (
                 jax.lax.dynamic_update_slice(cache_k, keys.astype(cache_k.dtype), write),
@@ -342,36 +329,8 @@ def teacher_forced_decoder_layers(
     return x
 
 
-def empty_decode_state(
-    batch: int, max_len: int, num_layers: int, num_heads: int, head_dim: int, dtype
-) -> dict:
-    """The decoder state before BOS, for `cached_decoder_layers`.
-
-    Returns:
-      dict of `pos` int32 `[batch]` zeros (the next position); `ancestry` int32 `[batch, max_len]`,
-      the cache row holding each past position of a row's prefix; and, under `decoding`'s
-      `IN_PLACE` key (never reordered between beams), the self-attention `cache`: per layer (keys,
-      values) `[batch, max_len, heads, head_dim]` zeros in `dtype`.
-    """
-    shape = (batch, max_len, num_heads, head_dim)
-    cache = tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(num_layers))
-    return {
-        "pos": jnp.zeros((batch,), jnp.int32),
-        "ancestry": jnp.zeros((batch, max_len), jnp.int32),
-        IN_PLACE: {"cache": cache},
-    }
-
-
 def cached_decoder_layers(module: nn.Module, layers, x: jax.Array, memory: dict, state: dict):
     """One decoding step through `layers` (`DecoderLayer`s of `module`) with the KV cache.
-
-    Each row writes its new keys/values into its own cache row at `pos` and records that row in its
-    `ancestry` at `pos`. When beam search moves a hypothesis to another row it moves the ancestry
-    (and `pos`) with it, never the cache (`decoding.common.reorder_rows`): a row's past position j
-    lies in cache row `ancestry[row, j]`, one of its sentence's rows, so a step's self-attention reads
-    all of its sentence's cache rows under a mask of its own prefix. That reads beam x more keys than
-    a reordered cache (the attention is a small part of a step) and saves copying the whole cache,
-    twice, at every step.
 
     Sows each layer's encoder-decoder attention `[N, heads, src_len]` in `module`'s intermediates as
     `cross_attention_<layer>`.
@@ -379,29 +338,20 @@ def cached_decoder_layers(module: nn.Module, layers, x: jax.Array, memory: dict,
     Args:
       x: `[N, 1, d_model]`, the embedded previous tokens (N = batch x beam).
       memory: `cross_kv` per layer and `mask`, from the model's `encode`.
-      state: as `empty_decode_state` makes it, leaves with N rows.
+      state: `pos` int32 `[N]` and `cache` per layer, `(keys, values)` `[N, max_len, heads, head_dim]`.
 
     Returns:
-      (`[N, 1, d_model]`, the new state: `pos + 1`, the cache and the ancestry written at `pos`).
+      (`[N, 1, d_model]`, the new state: `pos + 1`, the cache written at `pos`).
     """
-    pos, ancestry = state["pos"], state["ancestry"]
-    rows, max_len = ancestry.shape
-    batch = memory["mask"].shape[0]
-    beam = common.beams_per_sentence(batch, rows)
-    # reads[b, q, k, j]: row b x beam + q reads position j of cache row b x beam + k.
-    sentence_rows = jnp.arange(rows, dtype=jnp.int32).reshape(batch, 1, beam, 1)
-    past = jnp.arange(max_len)[None, :] < pos[:, None]  # [N, max_len]
-    reads = (ancestry.reshape(batch, beam, 1, max_len) == sentence_rows) & past.reshape(
-        batch, beam, 1, max_len
-    )
-    self_mask = reads.reshape(batch, 1, beam, beam * max_len)
+    pos = state["pos"]
+    rows = x.shape[0]
+    cache_len = state["cache"][0][0].shape[1]
+    past = (jnp.arange(cache_len)[None, :] < pos[:, None])[:, None, None, :]
     new_cache = []
-    for i, (layer, (cache_k, cache_v)) in enumerate(
-        zip(layers, state[IN_PLACE]["cache"], strict=True)
-    ):
+    for i, (layer, (cache_k, cache_v)) in enumerate(zip(layers, state["cache"], strict=True)):
         x, kv, weights = layer(
             x,
-            self_mask,
+            past,
             memory["cross_kv"][i],
             memory["mask"],
             train=False,
@@ -411,10 +361,7 @@ def cached_decoder_layers(module: nn.Module, layers, x: jax.Array, memory: dict,
         # [batch, heads, beam, src_len] -> [N, heads, src_len]
         weights = jnp.swapaxes(weights, 1, 2).reshape(rows, weights.shape[1], -1)
         module.sow("intermediates", f"cross_attention_{i}", weights)
-    ancestry = jax.lax.dynamic_update_slice(
-        ancestry, jnp.arange(rows, dtype=jnp.int32)[:, None], (0, pos[0])
-    )
-    return x, {"pos": pos + 1, "ancestry": ancestry, IN_PLACE: {"cache": tuple(new_cache)}}
+    return x, {"pos": pos + 1, "cache": tuple(new_cache)}
 
 
 class Transformer(nn.Module):
@@ -582,17 +529,20 @@ class Transformer(nn.Module):
         return {"cross_kv": cross_kv, "mask": mask}
 
     def init_decode_state(self, memory: dict, max_len: int) -> dict:
-        """Empty self-attention KV cache for `max_len` decoded tokens (`empty_decode_state`)."""
+        """Empty self-attention KV cache for `max_len` decoded tokens.
+
+        Returns:
+          dict of `pos`: int32 `[batch]` zeros (the next position), and `cache`: per decoder layer
+          (keys, values) `[batch, max_len, heads, head_dim]` in the computation dtype.
+        """
         self._check_length("decode", max_len)
         batch = memory["mask"].shape[0]
-        return empty_decode_state(
-            batch,
-            max_len,
-            len(self.decoder_layers),
-            self.num_heads,
-            self.d_model // self.num_heads,
-            self.dtype,
+        shape = (batch, max_len, self.num_heads, self.d_model // self.num_heads)
+        cache = tuple(
+            (jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
+            for _ in self.decoder_layers
         )
+        return {"pos": jnp.zeros((batch,), jnp.int32), "cache": cache}
 
     def decode_step(self, memory: dict, tokens: jax.Array, state: dict) -> tuple[jax.Array, dict]:
         """One incremental decoder step; sows each layer's cross-attention weights `[N, heads, src_len]`.

@@ -175,9 +175,9 @@ def test_decode_step_matches_teacher_forcing_over_beams(compiled):
 
 
 def test_beam_search_scores_are_the_teacher_forced_log_probs(compiled):
-    # Beam search moves hypotheses between rows at every step, through the state the model returns
-    # (a reordered carry, or a KV cache kept in place behind an ancestry table): each n-best
-    # hypothesis' log-probability must still be the model's teacher-forced one for its tokens.
+    # Beam search moves hypotheses between rows at every step by reordering the state the model
+    # returns (RNN carries, a KV cache): each n-best hypothesis' log-probability must still be the
+    # model's teacher-forced one for its tokens.
     v, max_len = compiled.variables, 6
     result = experiment.decode_fn(compiled.model, "beam", BEAM, max_len, "none")(
         v["params"], compiled.src, 0.0

@@ -96,8 +96,7 @@ def test_kv_cache_is_preallocated_and_filled_in_place_with_beams_sharing_the_mem
     max_len, head_dim = 8, TINY["d_model"] // TINY["num_heads"]
     state = model.apply(variables, memory, max_len, method=model.init_decode_state)
     assert state["pos"].dtype == jnp.int32 and state["pos"].shape == (4,)
-    assert state["ancestry"].dtype == jnp.int32 and state["ancestry"].shape == (4, max_len)
-    for keys, values in state["in_place"]["cache"]:
+    for keys, values in state["cache"]:
         assert keys.shape == values.shape == (4, max_len, TINY["num_heads"], head_dim)
     # Cross-attention keys/values are computed once, per sentence, not per beam.
     for keys, values in memory["cross_kv"]:
@@ -116,12 +115,7 @@ def test_kv_cache_is_preallocated_and_filled_in_place_with_beams_sharing_the_mem
             np.testing.assert_allclose(weights[::BEAM], expected, atol=1e-5)
             np.testing.assert_allclose(weights[1::BEAM], expected, atol=1e-5)
     np.testing.assert_array_equal(state["pos"], 3)
-    # Without reorders each row's prefix lies in its own cache row.
-    np.testing.assert_array_equal(
-        state["ancestry"][:, :3], np.arange(4 * BEAM)[:, None] + [0, 0, 0]
-    )
-    assert np.all(state["ancestry"][:, 3:] == 0)
-    for keys, values in state["in_place"]["cache"]:
+    for keys, values in state["cache"]:
         assert np.all(np.abs(keys[:, :3]).sum(axis=(2, 3)) > 0)
         assert np.all(keys[:, 3:] == 0) and np.all(values[:, 3:] == 0)
 
