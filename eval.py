@@ -122,28 +122,53 @@ def notice(message: str) -> None:
     print(f"notice: {message}", file=sys.stderr)
 
 
-def decode_batches(
-    run: Run,
-    batches,
-    *,
-    decode,
-    beam_size,
-    alpha,
-    length_penalty,
-    max_len,
-    max_len_a,
-    max_len_b,
-    sink,
-):
+@dataclasses.dataclass(frozen=True)
+class Search:
+    """How to decode: greedy or beam (`beam_size`), length normalization (`length_penalty`, `alpha`)
+    and length limits (`max_len`, and per sentence `ceil(max_len_a x source tokens) + max_len_b`
+    when `max_len_a > 0`; see `experiment.decode_fn`)."""
+
+    decode: str
+    beam_size: int
+    alpha: float
+    length_penalty: str
+    max_len: int
+    max_len_a: float = 0.0
+    max_len_b: int = 0
+
+    def decode_fn(self, run: Run):
+        return experiment.decode_fn(
+            run.model,
+            self.decode,
+            self.beam_size,
+            self.max_len,
+            self.length_penalty,
+            run.mesh,
+            self.max_len_a,
+            self.max_len_b,
+        )
+
+    def report(self) -> dict:
+        """The settings as the JSON report names them."""
+        return {
+            "decode": self.decode,
+            "beam_size": self.beam_size if self.decode == "beam" else 1,
+            "alpha": self.alpha,
+            "length_penalty": self.length_penalty,
+            "max_decode_len": self.max_len,
+            "max_decode_len_a": self.max_len_a,
+            "max_decode_len_b": self.max_len_b,
+        }
+
+
+def decode_batches(run: Run, batches, search: Search, sink):
     """Decodes `batches` in order; returns (best sequences [n, max_len], results, timing).
 
     Each hypothesis is passed to `sink(line)` as soon as its batch is done, so a failure later loses
     nothing already decoded. Timing excludes compilation: a batch whose shape is new is run twice and
     the second run is timed.
     """
-    fn = experiment.decode_fn(
-        run.model, decode, beam_size, max_len, length_penalty, run.mesh, max_len_a, max_len_b
-    )
+    fn, alpha = search.decode_fn(run), search.alpha
     seen_shapes, sequences, results = set(), [], []
     decode_seconds = compile_seconds = 0.0
     for batch in batches:
@@ -166,19 +191,7 @@ def decode_batches(
     return np.concatenate(sequences), results, timing
 
 
-def evaluate_split(
-    run: Run,
-    eval_data,
-    *,
-    decode,
-    beam_size,
-    alpha,
-    length_penalty,
-    max_len,
-    max_len_a,
-    max_len_b,
-    output,
-):
+def evaluate_split(run: Run, eval_data, search: Search, output: Path):
     """Decodes a split, writing hypotheses to `output`; returns the report dict (and sequences)."""
     output.parent.mkdir(parents=True, exist_ok=True)
     with open(output, "w") as f:
@@ -187,28 +200,11 @@ def evaluate_split(
             f.write(line + "\n")
             f.flush()
 
-        sequences, results, timing = decode_batches(
-            run,
-            eval_data.batches,
-            decode=decode,
-            beam_size=beam_size,
-            alpha=alpha,
-            length_penalty=length_penalty,
-            max_len=max_len,
-            max_len_a=max_len_a,
-            max_len_b=max_len_b,
-            sink=sink,
-        )
+        sequences, results, timing = decode_batches(run, eval_data.batches, search, sink)
     hypotheses = output.read_text().splitlines()
     references = eval_data.references[: len(hypotheses)]
     report = {
-        "decode": decode,
-        "beam_size": beam_size if decode == "beam" else 1,
-        "alpha": alpha,
-        "length_penalty": length_penalty,
-        "max_decode_len": max_len,
-        "max_decode_len_a": max_len_a,
-        "max_decode_len_b": max_len_b,
+        **search.report(),
         "num_examples": len(hypotheses),
         **experiment.text_metrics(
             hypotheses, references, exact_match=run.config.eval_metric == "exact_match"
@@ -321,25 +317,22 @@ def run_error_analysis(run: Run, eval_data, sequences, scores, *, alpha, length_
     return report
 
 
-def run_sweep(run: Run, eval_data, *, alpha, max_len, max_len_a, max_len_b, workdir):
+def run_sweep(run: Run, eval_data, search: Search, workdir: Path):
     """Greedy and beam 1, 2, 4, 8, each with (GNMT, alpha) and without length normalization."""
     settings = [("greedy", 1, "none")]
     for beam_size in (1, 2, 4, 8):
         settings += [("beam", beam_size, "gnmt"), ("beam", beam_size, "none")]
     rows = []
     for decode, beam_size, length_penalty in settings:
-        report, _, _ = evaluate_split(
-            run,
-            eval_data,
+        setting = dataclasses.replace(
+            search,
             decode=decode,
             beam_size=beam_size,
-            alpha=alpha if length_penalty != "none" else 0.0,
+            alpha=search.alpha if length_penalty != "none" else 0.0,
             length_penalty=length_penalty,
-            max_len=max_len,
-            max_len_a=max_len_a,
-            max_len_b=max_len_b,
-            output=workdir / "sweep" / f"{decode}{beam_size}_{length_penalty}.txt",
         )
+        output = workdir / "sweep" / f"{decode}{beam_size}_{length_penalty}.txt"
+        report, _, _ = evaluate_split(run, eval_data, setting, output)
         rows.append(report)
     metric = "exact_match" if run.config.eval_metric == "exact_match" else "bleu"
     print(f"{'decode':<8}{'beam':>5}  {'length norm':<12}{metric:>12}{'BLEU':>8}{'sent/s':>10}")
@@ -351,20 +344,7 @@ def run_sweep(run: Run, eval_data, *, alpha, max_len, max_len_a, max_len_b, work
     return rows
 
 
-def translate_lines(
-    run: Run,
-    lines,
-    *,
-    decode,
-    beam_size,
-    alpha,
-    length_penalty,
-    max_len,
-    max_len_a,
-    max_len_b,
-    batch_size,
-    sink,
-):
+def translate_lines(run: Run, lines, search: Search, batch_size: int, sink):
     """Translates user text, one sentence per line; empty lines are skipped and over-long ones
     truncated, each with a notice on stderr. Output lines stay aligned with input lines (an empty
     input line gives an empty output line)."""
@@ -381,18 +361,7 @@ def translate_lines(
                 run.config, [ids for _, ids in chunk], batch_size
             )
             hyps: list[str] = []
-            decode_batches(
-                run,
-                batches,
-                decode=decode,
-                beam_size=beam_size,
-                alpha=alpha,
-                length_penalty=length_penalty,
-                max_len=max_len,
-                max_len_a=max_len_a,
-                max_len_b=max_len_b,
-                sink=hyps.append,
-            )
+            decode_batches(run, batches, search, hyps.append)
             for (index, _), hyp in zip(chunk, hyps, strict=True):
                 outputs[index] = hyp
         while next_to_write in outputs:
@@ -580,7 +549,7 @@ def evaluate(workdir: Path, options: Options) -> dict | None:
     max_len = options.max_decode_len or config.max_decode_len
     # Batches split over the devices: round the size up to a multiple of their number.
     batch_size = sharding.round_up(options.batch_size or config.eval_batch_size, run.mesh)
-    search = dict(
+    search = Search(
         decode=options.decode,
         beam_size=options.beam_size,
         alpha=options.alpha,
@@ -607,7 +576,7 @@ def evaluate(workdir: Path, options: Options) -> dict | None:
                 out.write(line + "\n")
                 out.flush()
 
-            translate_lines(run, stream, sink=sink, batch_size=batch_size, **search)
+            translate_lines(run, stream, search, batch_size, sink)
         finally:
             if out is not sys.stdout:
                 out.close()
@@ -618,7 +587,7 @@ def evaluate(workdir: Path, options: Options) -> dict | None:
     )
     eval_data = input_pipeline.head(eval_data, options.num_examples)
     output = Path(options.output or workdir / f"hypotheses_{options.split}.txt")
-    report, sequences, scores = evaluate_split(run, eval_data, output=output, **search)
+    report, sequences, scores = evaluate_split(run, eval_data, search, output)
     checkpoint = run.checkpoint if options.average_checkpoints else f"{run.checkpoint}/{run.step}"
     report = {"split": options.split, "checkpoint": checkpoint, **report}
     print(
@@ -630,15 +599,7 @@ def evaluate(workdir: Path, options: Options) -> dict | None:
         metric = "exact_match" if config.eval_metric == "exact_match" else "bleu"
         print(format_by_source_length(report["by_source_length"], metric))
     if options.sweep:
-        report["sweep"] = run_sweep(
-            run,
-            eval_data,
-            alpha=options.alpha,
-            max_len=max_len,
-            max_len_a=search["max_len_a"],
-            max_len_b=search["max_len_b"],
-            workdir=workdir,
-        )
+        report["sweep"] = run_sweep(run, eval_data, search, workdir)
     if options.error_analysis:
         if options.decode != "beam":
             notice("error analysis compares with the beam output: run with --decode beam")

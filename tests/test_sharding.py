@@ -149,18 +149,8 @@ def _job_decode(workdir, out):
     eval_data = input_pipeline.head(eval_data, 32)
     arrays = {"devices": jax.device_count()}
     for decode in ("greedy", "beam"):
-        ids, _, _ = evaluation.decode_batches(
-            run,
-            eval_data.batches,
-            decode=decode,
-            beam_size=4,
-            alpha=0.6,
-            length_penalty="gnmt",
-            max_len=run.config.max_decode_len,
-            max_len_a=0.0,
-            max_len_b=0,
-            sink=lambda line: None,
-        )
+        search = evaluation.Search(decode, 4, 0.6, "gnmt", run.config.max_decode_len)
+        ids, _, _ = evaluation.decode_batches(run, eval_data.batches, search, lambda line: None)
         arrays[decode] = ids
     arrays.update({f"params{k}": np.asarray(v) for k, v in _flat(run.params).items()})
     np.savez(out, **arrays)
