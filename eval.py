@@ -431,12 +431,18 @@ def plot_attention(run: Run, eval_data, sequences, count: int, directory: Path) 
             ax.set_xticks(range(src_len), src_tokens, rotation=90, fontsize=7)
             ax.set_yticks(range(len(tgt_tokens)), tgt_tokens, fontsize=7)
             ax.set_title(name, fontsize=8)
-        fig.tight_layout()
-        path = directory / f"attention_{i}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_figure(fig, directory / f"attention_{i}.png"))
     return paths
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Writes `fig` (tight layout, 100 dpi) to `path`, closes it, returns `path`."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def plot_image_attention(run: Run, images, hyps, lengths, maps, directory: Path) -> list[Path]:
@@ -482,11 +488,7 @@ def plot_image_attention(run: Run, images, hyps, lengths, maps, directory: Path)
             ax.set_xticks([])
             ax.set_yticks([])
         fig.suptitle(run.tgt_tokenizer.decode(ids), fontsize=9)
-        fig.tight_layout()
-        path = directory / f"attention_{i}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_figure(fig, directory / f"attention_{i}.png"))
     return paths
 
 

@@ -39,6 +39,7 @@ from models.transformer import (
     ACTIVATIONS,
     DecoderLayer,
     cached_decoder_layers,
+    empty_decode_state,
     sinusoidal_positions,
     teacher_forced_decoder_layers,
 )
@@ -319,13 +320,7 @@ class Captioner(nn.Module):
             del max_len
             return {"carries": self.initial_carries(memory)}
         self._check_length("decode", max_len)
-        batch = memory["mask"].shape[0]
-        shape = (batch, max_len, self.num_heads, self.d_model // self.num_heads)
-        cache = tuple(
-            (jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
-            for _ in self.decoder_layers
-        )
-        return {"pos": jnp.zeros((batch,), jnp.int32), "cache": cache}
+        return empty_decode_state(self, memory, max_len)
 
     def decode_step(self, memory: dict, tokens: jax.Array, state: dict) -> tuple[jax.Array, dict]:
         """One incremental decoder step; sows the attention over the grid: `attention [N, S]` (rnn)

@@ -329,6 +329,19 @@ def teacher_forced_decoder_layers(
     return x
 
 
+def empty_decode_state(module: nn.Module, memory: dict, max_len: int) -> dict:
+    """The state before BOS for `cached_decoder_layers`: `pos` int32 `[batch]` zeros and, per layer
+    of `module.decoder_layers`, a zero (keys, values) cache `[batch, max_len, heads, head_dim]` in
+    `module.dtype` (`module` has `num_heads`, `d_model`, `dtype`)."""
+    batch = memory["mask"].shape[0]
+    shape = (batch, max_len, module.num_heads, module.d_model // module.num_heads)
+    cache = tuple(
+        (jnp.zeros(shape, module.dtype), jnp.zeros(shape, module.dtype))
+        for _ in module.decoder_layers
+    )
+    return {"pos": jnp.zeros((batch,), jnp.int32), "cache": cache}
+
+
 def cached_decoder_layers(module: nn.Module, layers, x: jax.Array, memory: dict, state: dict):
     """One decoding step through `layers` (`DecoderLayer`s of `module`) with the KV cache.
 
@@ -536,13 +549,7 @@ class Transformer(nn.Module):
           (keys, values) `[batch, max_len, heads, head_dim]` in the computation dtype.
         """
         self._check_length("decode", max_len)
-        batch = memory["mask"].shape[0]
-        shape = (batch, max_len, self.num_heads, self.d_model // self.num_heads)
-        cache = tuple(
-            (jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
-            for _ in self.decoder_layers
-        )
-        return {"pos": jnp.zeros((batch,), jnp.int32), "cache": cache}
+        return empty_decode_state(self, memory, max_len)
 
     def decode_step(self, memory: dict, tokens: jax.Array, state: dict) -> tuple[jax.Array, dict]:
         """One incremental decoder step; sows each layer's cross-attention weights `[N, heads, src_len]`.
