@@ -33,7 +33,7 @@ import numpy as np
 
 from data.tokenizers import BOS_ID, EOS_ID
 
-BUCKET_MULTIPLE = 8  # bucket lengths are multiples of this (or max_len)
+BUCKET_MULTIPLE = 4  # bucket lengths are multiples of this (or max_len)
 DEFAULT_NUM_BUCKETS = 4
 
 Batch = dict[str, np.ndarray]
@@ -158,18 +158,45 @@ def _round_up(lengths: np.ndarray, max_len: int) -> np.ndarray:
 def bucket_lengths(
     src_lengths: np.ndarray, tgt_lengths: np.ndarray, *, num_buckets: int, max_len: int
 ) -> list[tuple[int, int]]:
-    """At most `num_buckets` (src_len, tgt_len) pairs, increasing in both, the last fitting all.
+    """At most `num_buckets` (src_len, tgt_len) pairs, increasing in both, the last fitting all,
+    chosen to pad as little as possible.
 
-    Bucket i holds the (i+1)/num_buckets length quantile of each side, rounded up to a multiple of
-    BUCKET_MULTIPLE (capped at max_len): buckets are evenly filled, and correlated source and target
-    lengths share a bucket. Lengths are padded lengths (`padded_lengths`), int [num_examples].
+    Examples are grouped by their longer side, at the boundaries (multiples of BUCKET_MULTIPLE, capped
+    at max_len) that minimize the padded length summed over examples, by dynamic programming; each
+    group's bucket is its longest source and target, rounded up. With token-based batching that sum is
+    the compute spent per epoch. Lengths are padded lengths (`padded_lengths`), int [num_examples].
     """
     if num_buckets < 1:
         raise ValueError(f"num_buckets must be >= 1, got {num_buckets}")
-    quantiles = np.arange(1, num_buckets + 1) / num_buckets
-    src = _round_up(np.quantile(src_lengths, quantiles, method="higher"), max_len)
-    tgt = _round_up(np.quantile(tgt_lengths, quantiles, method="higher"), max_len)
-    return sorted({(int(s), int(t)) for s, t in zip(src, tgt, strict=True)})
+    longer = _round_up(np.maximum(src_lengths, tgt_lengths), max_len)
+    # Every distinct rounded length is a candidate boundary; count[i] examples end at candidate i.
+    # cost[k][j]: least padded length of the examples up to candidate j in exactly k + 1 groups, the
+    # last one ending at j; start[k][j]: the candidate its last group begins after (-1: none). More
+    # groups never pad more, so the answer uses min(num_buckets, len(candidates)) of them.
+    candidates, count = np.unique(longer, return_counts=True)
+    before = np.concatenate([[0], np.cumsum(count)])
+    n = len(candidates)
+    padded = lambda i, j: int(before[j + 1] - before[i + 1]) * int(candidates[j])  # noqa: E731
+    cost, start = [[padded(-1, j) for j in range(n)]], [[-1] * n]
+    for k in range(1, min(num_buckets, n)):
+        row, arg = [np.inf] * n, [-1] * n
+        for j in range(k, n):
+            for i in range(k - 1, j):
+                if cost[-1][i] + padded(i, j) < row[j]:
+                    row[j], arg[j] = cost[-1][i] + padded(i, j), i
+        cost.append(row)
+        start.append(arg)
+    ends, j = [], n - 1
+    for k in reversed(range(len(cost))):
+        ends.append(j)
+        j = start[k][j]
+    buckets, previous = [], (0, 0)
+    for end in sorted(ends):
+        members = longer <= candidates[end]
+        src = max(previous[0], int(_round_up(src_lengths[members].max(), max_len)))
+        tgt = max(previous[1], int(_round_up(tgt_lengths[members].max(), max_len)))
+        buckets.append(previous := (src, tgt))
+    return buckets
 
 
 def assign_buckets(

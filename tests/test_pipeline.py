@@ -78,7 +78,7 @@ def test_buckets_increase_and_fit_everything(train, data):
     for (s0, t0), (s1, t1) in zip(train.buckets, train.buckets[1:]):
         assert s0 <= s1 and t0 <= t1
     for s, t in train.buckets:
-        assert s <= MAX_LEN and t <= MAX_LEN and (s % 8 == 0 or s == MAX_LEN)
+        assert s <= MAX_LEN and t <= MAX_LEN and (s % pipeline.BUCKET_MULTIPLE == 0 or s == MAX_LEN)
     buckets = pipeline.assign_buckets(src_lengths[kept], tgt_lengths[kept], train.buckets)
     assert (buckets >= 0).all() and len(np.unique(buckets)) == len(train.buckets)
 
