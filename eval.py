@@ -24,6 +24,7 @@ from absl import app, flags, logging
 
 import decoding
 import experiment
+import plots
 import sharding
 from data import input_pipeline, tokenizers
 from models import registry
@@ -385,14 +386,9 @@ def translate_lines(run: Run, lines, search: Search, batch_size: int, sink):
 
 
 def plot_attention(run: Run, eval_data, sequences, count: int, directory: Path) -> list[Path]:
-    """Heatmaps of attention over source tokens for each generated token, one PNG per example."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Attention of the model teacher-forced on its own outputs for the first `count` examples, one
+    PNG per example: heatmaps over source tokens, or over the image's feature grid per word."""
     directory.mkdir(parents=True, exist_ok=True)
-    paths = []
     batch = eval_data.batches[0]
     count = min(count, int(batch["mask"].sum()), len(sequences))
     hyps = np.asarray(sequences[:count])
@@ -409,108 +405,29 @@ def plot_attention(run: Run, eval_data, sequences, count: int, directory: Path) 
     if not maps:
         notice(f"--plot_attention: {run.config.model} has no attention to plot")
         return []
-    if src.ndim == 4:  # images: attention over the feature grid, one panel per generated word
-        return plot_image_attention(run, src, hyps, lengths, maps, directory)
+    paths = []
+    if src.ndim == 4:  # images: one row per decoder layer, heads averaged
+        grid = run.model.grid_shape(*src.shape[1:3])
+        layers: dict[str, list[np.ndarray]] = {}
+        for name, weights in maps:
+            layers.setdefault(name.split(" head ")[0], []).append(weights)
+        rows = [(name, np.mean(stack, axis=0)) for name, stack in layers.items()]
+        for i, image in enumerate(np.asarray(src)):
+            ids = hyps[i, : lengths[i]].tolist()
+            words = plots.word_spans(ids, run.tgt_tokenizer.pieces(ids))
+            panels = [(name, weights[i]) for name, weights in rows]
+            caption = run.tgt_tokenizer.decode(ids)
+            path = directory / f"attention_{i}.png"
+            paths.append(plots.image_attention(image, caption, words, panels, grid, path))
+        return paths
     for i in range(count):
         src_len = int((src[i] != 0).sum())
-        src_tokens = run.src_tokenizer.pieces(src[i, :src_len].tolist())
-        tgt_tokens = run.tgt_tokenizer.pieces(hyps[i, : lengths[i]].tolist())
-        panels = [(name, m[i]) for name, m in maps]
-        cols = min(4, len(panels))  # Transformer: one row per layer, one panel per head
-        rows = -(-len(panels) // cols)
-        fig, axes = plt.subplots(
-            rows,
-            cols,
-            figsize=(max(4, 0.35 * src_len) * cols, max(3, 0.35 * len(tgt_tokens)) * rows),
-            squeeze=False,
-        )
-        for ax in axes.flat[len(panels) :]:
-            ax.axis("off")
-        for ax, (name, weights) in zip(axes.flat, panels):
-            ax.imshow(weights[: len(tgt_tokens), :src_len], cmap="viridis", vmin=0, vmax=1)
-            ax.set_xticks(range(src_len), src_tokens, rotation=90, fontsize=7)
-            ax.set_yticks(range(len(tgt_tokens)), tgt_tokens, fontsize=7)
-            ax.set_title(name, fontsize=8)
-        paths.append(save_figure(fig, directory / f"attention_{i}.png"))
+        src_pieces = run.src_tokenizer.pieces(src[i, :src_len].tolist())
+        tgt_pieces = run.tgt_tokenizer.pieces(hyps[i, : lengths[i]].tolist())
+        panels = [(name, weights[i]) for name, weights in maps]
+        path = directory / f"attention_{i}.png"
+        paths.append(plots.text_attention(src_pieces, tgt_pieces, panels, path))
     return paths
-
-
-def save_figure(fig, path: Path) -> Path:
-    """Writes `fig` (tight layout, 100 dpi) to `path`, closes it, returns `path`."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def plot_image_attention(run: Run, images, hyps, lengths, maps, directory: Path) -> list[Path]:
-    """For each image a PNG grid: the image, then per generated word the attention over the model's
-    feature grid (mean over the word's tokens) overlaid on the image. One row per decoder layer
-    (heads averaged; the attention RNN has one).
-
-    Args:
-      images: float `[n, height, width, channels]`; hyps: int `[n, max_len]` generated ids;
-      lengths: `[n]` tokens per hypothesis (EOS included); maps: (name, `[n, tgt_len, H' * W']`)
-      from `attention_maps`, with `(H', W') = run.model.grid_shape(height, width)`.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    height, width = images.shape[1:3]
-    grid = run.model.grid_shape(height, width)
-    layers: dict[str, list[np.ndarray]] = {}
-    for name, weights in maps:
-        layers.setdefault(name.split(" head ")[0], []).append(weights)
-    rows = [(name, np.mean(stack, axis=0)) for name, stack in layers.items()]
-    extent = (-0.5, width - 0.5, height - 0.5, -0.5)  # the coarse grid stretched over the pixels
-    paths = []
-    for i, image in enumerate(np.asarray(images)):
-        ids = hyps[i, : lengths[i]].tolist()
-        words = word_spans(ids, run.tgt_tokenizer.pieces(ids))
-        cols = 1 + len(words)
-        fig, axes = plt.subplots(
-            len(rows), cols, figsize=(1.5 * cols, 1.7 * len(rows) + 0.4), squeeze=False
-        )
-        picture = image.mean(axis=-1)
-        for row, (name, weights) in enumerate(rows):
-            axes[row, 0].imshow(picture, cmap="gray")
-            axes[row, 0].set_title(name, fontsize=7)
-            for ax, (word, steps) in zip(axes[row, 1:], words, strict=True):
-                attention = weights[i, steps].mean(axis=0).reshape(grid)
-                ax.imshow(picture, cmap="gray")
-                ax.imshow(attention, cmap="inferno", alpha=0.6, extent=extent, vmin=0)
-                ax.set_title(word, fontsize=8)
-        for ax in axes.flat:
-            ax.set_xticks([])
-            ax.set_yticks([])
-        fig.suptitle(run.tgt_tokenizer.decode(ids), fontsize=9)
-        paths.append(save_figure(fig, directory / f"attention_{i}.png"))
-    return paths
-
-
-def word_spans(ids: list[int], pieces: list[str]) -> list[tuple[str, list[int]]]:
-    """Generated tokens grouped into whitespace-separated words: (word, token positions).
-
-    Special tokens (pad, BOS, EOS) are left out; a whitespace piece (a character tokenizer's " ")
-    ends a word, a piece starting with whitespace or SentencePiece's "▁" starts one.
-    """
-    words: list[tuple[str, list[int]]] = []
-    new_word = True
-    for position, (token, piece) in enumerate(zip(ids, pieces, strict=True)):
-        text = piece.replace("\u2581", " ")
-        if token in (tokenizers.PAD_ID, tokenizers.BOS_ID, tokenizers.EOS_ID) or not text.strip():
-            new_word = True
-            continue
-        if new_word or text[0].isspace():
-            words.append((text.strip(), [position]))
-        else:
-            words[-1] = (words[-1][0] + text, [*words[-1][1], position])
-        new_word = text[-1].isspace()
-    return words
 
 
 def attention_maps(intermediates) -> list[tuple[str, np.ndarray]]:

@@ -403,33 +403,3 @@ def read_metrics(workdir: Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def plot_learning_curves(workdir: Path, metric: str) -> Path:
-    """Train/validation loss and the validation metric against steps, as `<workdir>/learning_curves.png`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = read_metrics(workdir)
-    train = [r for r in records if r.get("split") == "train"]
-    valid = [r for r in records if r.get("split") == "validation"]
-    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
-    if train:
-        ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
-    if valid:
-        ax_loss.plot(
-            [r["step"] for r in valid], [r["loss"] for r in valid], "o-", label="validation"
-        )
-        points = [(r["step"], r[metric]) for r in valid if metric in r]
-        if points:
-            ax_metric.plot(*zip(*points), "o-", color="tab:green")
-    ax_loss.set(xlabel="step", ylabel="loss (per token)", title="Loss", yscale="log")
-    ax_loss.legend()
-    ax_metric.set(xlabel="step", ylabel=metric, title=f"Validation {metric}")
-    fig.tight_layout()
-    path = Path(workdir) / "learning_curves.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path

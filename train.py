@@ -34,6 +34,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 import experiment
+import plots
 import sharding
 from data import input_pipeline
 
@@ -283,7 +284,11 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None):
             if is_main:
                 experiment.append_metrics(workdir, {"step": step, "split": "validation", **metrics})
                 report_validation(progress, step, metrics, samples[: config.num_samples_to_log])
-                experiment.plot_learning_curves(workdir, config.eval_metric)
+                plots.learning_curves(
+                    experiment.read_metrics(workdir),
+                    config.eval_metric,
+                    workdir / "learning_curves.png",
+                )
         if step % config.checkpoint_every == 0 or is_last:
             if not experiment.all_finite(state.params):
                 ckpt.wait_until_finished()

@@ -275,18 +275,3 @@ def test_train_and_eval_run_unchanged_on_images(tiny_captioner_run, tmp_path):
     assert picture.shape[0] > 100 and picture.shape[1] > picture.shape[0]  # a row of panels
     with pytest.raises(experiment.RunError, match="reads images: evaluate a split instead"):
         evaluation.evaluate(workdir, evaluation.Options(input="-"))
-
-
-def test_word_spans_group_tokens_into_words():
-    chars = tokenizers.CharTokenizer(sorted(set("two left of")))
-    ids = chars.encode("two left") + [tokenizers.EOS_ID]
-    assert evaluation.word_spans(ids, chars.pieces(ids)) == [
-        ("two", [0, 1, 2]),
-        ("left", [4, 5, 6, 7]),
-    ]
-    pieces = ["\u2581two", "\u2581le", "ft", "\u2581", "of", "<eos>"]
-    assert evaluation.word_spans([4, 5, 6, 7, 8, 2], pieces) == [
-        ("two", [0]),
-        ("left", [1, 2]),
-        ("of", [4]),
-    ]

@@ -1,5 +1,7 @@
 """The batching machinery on synthetic token ids (no TFDS): fast and exact."""
 
+import itertools
+
 import grain
 import numpy as np
 import orbax.checkpoint as ocp
@@ -81,6 +83,27 @@ def test_buckets_increase_and_fit_everything(train, data):
         assert s <= MAX_LEN and t <= MAX_LEN and (s % pipeline.BUCKET_MULTIPLE == 0 or s == MAX_LEN)
     buckets = pipeline.assign_buckets(src_lengths[kept], tgt_lengths[kept], train.buckets)
     assert (buckets >= 0).all() and len(np.unique(buckets)) == len(train.buckets)
+
+
+@pytest.mark.parametrize("num_buckets", [1, 2, 3, 5])
+def test_buckets_pad_least(num_buckets):
+    """Against brute force: no choice of boundaries (by the longer side) pads fewer positions."""
+    rng = np.random.default_rng(num_buckets)
+    src = np.clip(rng.lognormal(2.5, 0.45, size=300).astype(int), 1, 38)  # skewed, like sentences
+    tgt = np.clip(src + rng.integers(-3, 6, size=300), 1, 40)
+    buckets = pipeline.bucket_lengths(src, tgt, num_buckets=num_buckets, max_len=40)
+    which = pipeline.assign_buckets(src, tgt, buckets)
+    assert len(buckets) <= num_buckets and (which >= 0).all()
+    padded = np.array([max(buckets[b]) for b in which]).sum()
+    longer = -(-np.maximum(src, tgt) // pipeline.BUCKET_MULTIPLE) * pipeline.BUCKET_MULTIPLE
+    candidates = np.unique(longer)
+    best = min(
+        np.sort(ends)[np.searchsorted(np.sort(ends), longer)].sum()
+        for k in range(num_buckets)
+        for ends in map(list, itertools.combinations(candidates[:-1], k))
+        for ends in [ends + [candidates[-1]]]
+    )
+    assert padded == best
 
 
 def test_long_examples_are_dropped_and_counted(train, data):
