@@ -553,4 +553,4 @@ def open_input(path: str):
 if __name__ == "__main__":
     FLAGS = flags.FLAGS
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=experiment.parse_flags)

@@ -9,9 +9,11 @@ A run lives in a workdir:
   learning_curves.png
 """
 
+import contextlib
 import functools
 import json
 import math
+import sys
 from pathlib import Path
 
 import jax
@@ -21,6 +23,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import sacrebleu
+from absl import flags
 from jax.sharding import Mesh
 
 import decoding
@@ -403,3 +406,33 @@ def read_metrics(workdir: Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@contextlib.contextmanager
+def flag_errors():
+    """Turns a bad flag value, a config file that is not there, or an override `--config.<field>` of a
+    field the config does not have into a one-line error (exit status 1), where absl and
+    ml_collections would print a traceback or a FATAL banner. Wrap `DEFINE_config_file` in it (it
+    reads the overrides of its default file at once); `parse_flags` wraps the parsing."""
+    try:
+        yield
+    except flags.Error as e:
+        sys.exit(f"error: {e} (see --helpshort)")
+    except OSError as e:
+        cause = str(e.__cause__ or e).strip().splitlines()[-1].strip()
+        path = flags.FLAGS["config"].config_filename
+        sys.exit(f"error: config file {path} did not load ({cause}): pass one of configs/*.py")
+    except (AttributeError, KeyError) as e:
+        sys.exit(
+            f"error: the config has no field {str(e).strip(chr(34))}: a --config.<field>=value "
+            "override must name one of the config file's fields"
+        )
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """`app.run`'s flags parser, with `flag_errors`."""
+    with flag_errors():
+        argv = flags.FLAGS(argv)
+        if "config" in flags.FLAGS:
+            flags.FLAGS.config.keys()  # a config file that failed to load raises only when used
+        return argv

@@ -352,6 +352,7 @@ def main(argv):
 
 if __name__ == "__main__":
     FLAGS = flags.FLAGS
-    config_flags.DEFINE_config_file("config", "configs/default.py", "Experiment config file.")
+    with experiment.flag_errors():
+        config_flags.DEFINE_config_file("config", "configs/default.py", "Experiment config file.")
     flags.DEFINE_string("workdir", "runs/default", "Run directory: checkpoints, metrics, plots.")
-    app.run(main)
+    app.run(main, flags_parser=experiment.parse_flags)

@@ -117,13 +117,26 @@ def test_workdir_of_another_experiment_is_refused(tiny_run, tfds_data_dir, token
         train.train_and_evaluate(config, workdir)
 
 
-def test_command_line_reports_bad_flag_in_one_line(tmp_path):
+@pytest.mark.parametrize(
+    "args, problem",
+    [
+        (["--config.no_such_field=1"], "the config has no field 'no_such_field'"),
+        (
+            ["--config", "configs/no_such_file.py"],
+            "config file configs/no_such_file.py did not load",
+        ),
+        (["--config.seed=abc"], "flag --config.seed=abc: invalid literal"),
+    ],
+)
+def test_command_line_reports_bad_flag_in_one_line(tmp_path, args, problem):
     result = subprocess.run(
-        [sys.executable, "train.py", "--workdir", str(tmp_path), "--config.no_such_field=1"],
+        [sys.executable, "train.py", "--workdir", str(tmp_path), *args],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert result.returncode != 0
-    assert "no_such_field" in result.stderr
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {problem}")
+    assert not (tmp_path / "config.json").exists()  # nothing written
