@@ -314,7 +314,7 @@ class Captioner(nn.Module):
 
         rnn: per-layer carries `tanh(W_l mean(grid))`, leaves `[batch, hidden_dim]` (`max_len` unused);
         transformer: `pos` int32 `[batch]` zeros and a self-attention `cache` per layer (keys, values)
-        `[batch, max_len, heads, head_dim]` of zeros.
+        `[batch, heads, max_len, head_dim]` of zeros.
         """
         if self.decoder == "rnn":
             del max_len

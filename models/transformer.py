@@ -56,8 +56,9 @@ def attention_scores(query: jax.Array, keys: jax.Array) -> jax.Array:
     `[batch, kv_len, heads, head_dim]`.
 
     Per-head batched matmuls need the keys head-major, so XLA transposes them: worth it for many
-    queries (teacher forcing), not for the few of a decoding step, which would transpose the whole KV
-    cache to use it once. Few queries instead multiply the keys as they lie, `[batch, kv_len, heads x
+    queries (teacher forcing), not for the few of a decoding step's cross-attention (the beams of a
+    sentence), which would transpose the encoder memory at every step. (The self-attention KV cache is
+    stored head-major instead: `MultiHeadAttention` with `present`.) Few queries instead multiply the keys as they lie, `[batch, kv_len, heads x
     head_dim]`, by a block-diagonal query matrix (each query row is zero outside its own head): no copy
     of the keys, for `heads` times the (small) multiply-adds.
     """
@@ -131,7 +132,9 @@ class MultiHeadAttention(nn.Module):
     ) -> tuple[jax.Array, jax.Array]:
         """Args:
           x: queries `[batch, q_len, d_model]`.
-          keys, values: `[batch, kv_len, heads, head_dim]`.
+          keys, values: `[batch, kv_len, heads, head_dim]`, or with `present` the head-major KV
+            cache `[batch, heads, kv_len, head_dim]`, which per-head batched matmuls read as it lies
+            (the sequence-major layout would be transposed whole at every decoding step).
           mask: bool, broadcastable to `[batch, heads, q_len, kv_len]`, True where attention is allowed.
           present: for one query position (q_len 1), its own key and value `[batch, 1, heads,
             head_dim]`, attended besides `keys`/`values` (incremental decoding: the cache holds the past
@@ -142,13 +145,15 @@ class MultiHeadAttention(nn.Module):
           present, last)]` before attention dropout).
         """
         query = self.query(x) * keys.shape[-1] ** -0.5
-        scores = attention_scores(query, keys)
-        if present is not None:
+        if present is None:
+            scores = attention_scores(query, keys)
+        else:
+            scores = jnp.einsum("bqhd,bhkd->bhqk", query, keys)
             own = jnp.einsum("bqhd,bqhd->bhq", query, present[0])[..., None]
             scores = jnp.concatenate([scores, own], axis=-1)
             mask = jnp.concatenate(
                 [
-                    jnp.broadcast_to(mask, scores.shape[:-1] + (keys.shape[1],)),
+                    jnp.broadcast_to(mask, scores.shape[:-1] + (keys.shape[2],)),
                     jnp.ones_like(own, bool),
                 ],
                 axis=-1,
@@ -158,7 +163,7 @@ class MultiHeadAttention(nn.Module):
         if present is None:
             return self.out(attention_mix(dropped, values)), weights
         past, own = dropped[..., :-1], dropped[..., -1:]
-        mixed = attention_mix(past, values) + jnp.swapaxes(own, 1, 2) * present[1]
+        mixed = jnp.einsum("bhqk,bhkd->bqhd", past, values) + jnp.swapaxes(own, 1, 2) * present[1]
         return self.out(mixed), weights
 
 
@@ -271,7 +276,7 @@ class DecoderLayer(Sublayers):
           cross_kv: this layer's encoder keys/values `[batch, src_len, heads, head_dim]` (sentence batch).
           cross_mask: bool `[batch, 1, 1, src_len]`.
           cache: None (teacher-forced), or `(keys, values, pos)`: this layer's self-attention cache
-            `[rows, max_len, heads, head_dim]` and the int32 position where `x`'s keys/values go.
+            `[rows, heads, max_len, head_dim]` (head-major) and the int32 position where `x`'s keys/values go.
 
         Returns:
           (`[rows, q_len, d_model]`, the updated cache (keys, values) or None, float32 cross-attention
@@ -286,10 +291,10 @@ class DecoderLayer(Sublayers):
             out, _ = self.self_attention(
                 h, cache_k, cache_v, self_mask, train, present=(keys, values)
             )
-            write = (0, pos, 0, 0)
-            return out, (
-                jax.lax.dynamic_update_slice(cache_k, keys.astype(cache_k.dtype), write),
-                jax.lax.dynamic_update_slice(cache_v, values.astype(cache_v.dtype), write),
+            write = (0, 0, pos, 0)
+            return out, tuple(
+                jax.lax.dynamic_update_slice(c, jnp.swapaxes(new, 1, 2).astype(c.dtype), write)
+                for c, new in ((cache_k, keys), (cache_v, values))
             )
 
         def attend_source(h):
@@ -331,10 +336,10 @@ def teacher_forced_decoder_layers(
 
 def empty_decode_state(module: nn.Module, memory: dict, max_len: int) -> dict:
     """The state before BOS for `cached_decoder_layers`: `pos` int32 `[batch]` zeros and, per layer
-    of `module.decoder_layers`, a zero (keys, values) cache `[batch, max_len, heads, head_dim]` in
+    of `module.decoder_layers`, a zero head-major (keys, values) cache `[batch, heads, max_len, head_dim]` in
     `module.dtype` (`module` has `num_heads`, `d_model`, `dtype`)."""
     batch = memory["mask"].shape[0]
-    shape = (batch, max_len, module.num_heads, module.d_model // module.num_heads)
+    shape = (batch, module.num_heads, max_len, module.d_model // module.num_heads)
     cache = tuple(
         (jnp.zeros(shape, module.dtype), jnp.zeros(shape, module.dtype))
         for _ in module.decoder_layers
@@ -351,14 +356,14 @@ def cached_decoder_layers(module: nn.Module, layers, x: jax.Array, memory: dict,
     Args:
       x: `[N, 1, d_model]`, the embedded previous tokens (N = batch x beam).
       memory: `cross_kv` per layer and `mask`, from the model's `encode`.
-      state: `pos` int32 `[N]` and `cache` per layer, `(keys, values)` `[N, max_len, heads, head_dim]`.
+      state: `pos` int32 `[N]` and `cache` per layer, `(keys, values)` `[N, heads, max_len, head_dim]`.
 
     Returns:
       (`[N, 1, d_model]`, the new state: `pos + 1`, the cache written at `pos`).
     """
     pos = state["pos"]
     rows = x.shape[0]
-    cache_len = state["cache"][0][0].shape[1]
+    cache_len = state["cache"][0][0].shape[2]
     past = (jnp.arange(cache_len)[None, :] < pos[:, None])[:, None, None, :]
     new_cache = []
     for i, (layer, (cache_k, cache_v)) in enumerate(zip(layers, state["cache"], strict=True)):
@@ -546,7 +551,7 @@ class Transformer(nn.Module):
 
         Returns:
           dict of `pos`: int32 `[batch]` zeros (the next position), and `cache`: per decoder layer
-          (keys, values) `[batch, max_len, heads, head_dim]` in the computation dtype.
+          (keys, values) `[batch, heads, max_len, head_dim]` in the computation dtype.
         """
         self._check_length("decode", max_len)
         return empty_decode_state(self, memory, max_len)
@@ -562,7 +567,7 @@ class Transformer(nn.Module):
           memory: from `encode`, sentence batch first; broadcast over the beams of each sentence.
           tokens: int32 `[N]`, the previous token of each row (N = batch x beam, row n in sentence
             n // beam).
-          state: `pos` int32 `[N]` and `cache` leaves `[N, max_len, heads, head_dim]`.
+          state: `pos` int32 `[N]` and `cache` leaves `[N, heads, max_len, head_dim]`.
 
         Returns:
           (float32 logits `[N, tgt_vocab_size]`, new state with `pos + 1` and the cache written at `pos`).

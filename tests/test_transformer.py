@@ -97,7 +97,7 @@ def test_kv_cache_is_preallocated_and_filled_in_place_with_beams_sharing_the_mem
     state = model.apply(variables, memory, max_len, method=model.init_decode_state)
     assert state["pos"].dtype == jnp.int32 and state["pos"].shape == (4,)
     for keys, values in state["cache"]:
-        assert keys.shape == values.shape == (4, max_len, TINY["num_heads"], head_dim)
+        assert keys.shape == values.shape == (4, TINY["num_heads"], max_len, head_dim)
     # Cross-attention keys/values are computed once, per sentence, not per beam.
     for keys, values in memory["cross_kv"]:
         assert keys.shape == values.shape == (4, 6, TINY["num_heads"], head_dim)
@@ -116,8 +116,8 @@ def test_kv_cache_is_preallocated_and_filled_in_place_with_beams_sharing_the_mem
             np.testing.assert_allclose(weights[1::BEAM], expected, atol=1e-5)
     np.testing.assert_array_equal(state["pos"], 3)
     for keys, values in state["cache"]:
-        assert np.all(np.abs(keys[:, :3]).sum(axis=(2, 3)) > 0)
-        assert np.all(keys[:, 3:] == 0) and np.all(values[:, 3:] == 0)
+        assert np.all(np.abs(keys[:, :, :3]).sum(axis=(1, 3)) > 0)  # [N, heads, max_len, head_dim]
+        assert np.all(keys[:, :, 3:] == 0) and np.all(values[:, :, 3:] == 0)
 
 
 def test_output_and_embedding_sharing_options_change_the_parameters():
