@@ -1,15 +1,22 @@
 """Figures as PNG files (matplotlib, Agg backend): learning curves (train.py) and attention maps
-(`eval.py --plot_attention`). Pure drawing: the callers compute what is drawn."""
+(`eval.py --plot_attention`). Pure drawing: the callers compute what is drawn. matplotlib is
+imported on the first figure, not at start-up (~0.3 s that most train.py/eval.py runs never use)."""
 
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+from data import tokenizers
 
-from data import tokenizers  # noqa: E402
+
+def _pyplot():
+    """`matplotlib.pyplot` on the non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def learning_curves(records: list[dict], metric: str, path: Path) -> Path:
@@ -20,7 +27,7 @@ def learning_curves(records: list[dict], metric: str, path: Path) -> Path:
     """
     train = [r for r in records if r.get("split") == "train"]
     valid = [r for r in records if r.get("split") == "validation"]
-    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_loss, ax_metric) = _pyplot().subplots(1, 2, figsize=(10, 4))
     if train:
         ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
     if valid:
@@ -48,7 +55,7 @@ def text_attention(
     src_len, tgt_len = len(src_pieces), len(tgt_pieces)
     cols = min(4, len(panels))
     rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(
+    fig, axes = _pyplot().subplots(
         rows,
         cols,
         figsize=(max(4, 0.35 * src_len) * cols, max(3, 0.35 * tgt_len) * rows),
@@ -82,7 +89,7 @@ def image_attention(
     height, width = image.shape[:2]
     extent = (-0.5, width - 0.5, height - 0.5, -0.5)  # the coarse grid stretched over the pixels
     cols = 1 + len(words)
-    fig, axes = plt.subplots(
+    fig, axes = _pyplot().subplots(
         len(rows), cols, figsize=(1.5 * cols, 1.7 * len(rows) + 0.4), squeeze=False
     )
     picture = image.mean(axis=-1)
@@ -126,5 +133,5 @@ def save_figure(fig, path: Path) -> Path:
     """Writes `fig` (tight layout, 100 dpi) to `path`, closes it, returns `path`."""
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path

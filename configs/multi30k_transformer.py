@@ -3,8 +3,8 @@
 Sized for a budget of 90 minutes on 2 CPU cores (see README, Results): 1,950 updates of ~4,096
 padded target tokens (~14.5 epochs) in 8 length buckets chosen to pad least (~87% of target
 positions are real tokens; 78% with 4), pre-LN (the registry default) so a high peak learning rate
-is stable, short warmup and cosine decay to zero, label smoothing 0.1, dropout 0.2. Checkpoints every 150
-steps, the last 5 kept for checkpoint averaging (`python eval.py --average_checkpoints 5`).
+is stable, short warmup and cosine decay to zero, label smoothing 0.1, dropout 0.2. Checkpoints
+every 150 steps, the last 5 kept for checkpoint averaging (`python eval.py --average_checkpoints 5`).
 """
 
 import ml_collections

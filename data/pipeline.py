@@ -161,10 +161,10 @@ def bucket_lengths(
     """At most `num_buckets` (src_len, tgt_len) pairs, increasing in both, the last fitting all,
     chosen to pad as little as possible.
 
-    Examples are grouped by their longer side, at the boundaries (multiples of BUCKET_MULTIPLE, capped
-    at max_len) that minimize the padded length summed over examples, by dynamic programming; each
-    group's bucket is its longest source and target, rounded up. With token-based batching that sum is
-    the compute spent per epoch. Lengths are padded lengths (`padded_lengths`), int [num_examples].
+    Examples are grouped by their longer side, at the boundaries (multiples of BUCKET_MULTIPLE,
+    capped at max_len) that minimize the padded length summed over examples, by dynamic programming;
+    each group's bucket is its longest source and target, rounded up. With token-based batching that
+    sum is the compute spent per epoch. Lengths are padded lengths (`padded_lengths`), int [num_examples].
     """
     if num_buckets < 1:
         raise ValueError(f"num_buckets must be >= 1, got {num_buckets}")
@@ -176,7 +176,10 @@ def bucket_lengths(
     candidates, count = np.unique(longer, return_counts=True)
     before = np.concatenate([[0], np.cumsum(count)])
     n = len(candidates)
-    padded = lambda i, j: int(before[j + 1] - before[i + 1]) * int(candidates[j])  # noqa: E731
+
+    def padded(i: int, j: int) -> int:  # the examples after candidate i up to j, padded to j
+        return int(before[j + 1] - before[i + 1]) * int(candidates[j])
+
     cost, start = [[padded(-1, j) for j in range(n)]], [[-1] * n]
     for k in range(1, min(num_buckets, n)):
         row, arg = [np.inf] * n, [-1] * n

@@ -58,9 +58,10 @@ def attention_scores(query: jax.Array, keys: jax.Array) -> jax.Array:
     Per-head batched matmuls need the keys head-major, so XLA transposes them: worth it for many
     queries (teacher forcing), not for the few of a decoding step's cross-attention (the beams of a
     sentence), which would transpose the encoder memory at every step. (The self-attention KV cache is
-    stored head-major instead: `MultiHeadAttention` with `present`.) Few queries instead multiply the keys as they lie, `[batch, kv_len, heads x
-    head_dim]`, by a block-diagonal query matrix (each query row is zero outside its own head): no copy
-    of the keys, for `heads` times the (small) multiply-adds.
+    stored head-major instead: `MultiHeadAttention` with `present`.) Few queries instead multiply the
+    keys as they lie, `[batch, kv_len, heads x head_dim]`, by a block-diagonal query matrix (each
+    query row is zero outside its own head): no copy of the keys, for `heads` times the (small)
+    multiply-adds.
     """
     batch, q_len, heads, head_dim = query.shape
     if q_len * heads > FEW_QUERY_ROWS:
@@ -276,7 +277,8 @@ class DecoderLayer(Sublayers):
           cross_kv: this layer's encoder keys/values `[batch, src_len, heads, head_dim]` (sentence batch).
           cross_mask: bool `[batch, 1, 1, src_len]`.
           cache: None (teacher-forced), or `(keys, values, pos)`: this layer's self-attention cache
-            `[rows, heads, max_len, head_dim]` (head-major) and the int32 position where `x`'s keys/values go.
+            `[rows, heads, max_len, head_dim]` (head-major) and the int32 position where `x`'s
+            keys/values go.
 
         Returns:
           (`[rows, q_len, d_model]`, the updated cache (keys, values) or None, float32 cross-attention
@@ -336,8 +338,8 @@ def teacher_forced_decoder_layers(
 
 def empty_decode_state(module: nn.Module, memory: dict, max_len: int) -> dict:
     """The state before BOS for `cached_decoder_layers`: `pos` int32 `[batch]` zeros and, per layer
-    of `module.decoder_layers`, a zero head-major (keys, values) cache `[batch, heads, max_len, head_dim]` in
-    `module.dtype` (`module` has `num_heads`, `d_model`, `dtype`)."""
+    of `module.decoder_layers`, a zero head-major (keys, values) cache `[batch, heads, max_len,
+    head_dim]` in `module.dtype` (`module` has `num_heads`, `d_model`, `dtype`)."""
     batch = memory["mask"].shape[0]
     shape = (batch, module.num_heads, max_len, module.d_model // module.num_heads)
     cache = tuple(
