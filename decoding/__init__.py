@@ -1,10 +1,12 @@
 """Decoding on a step function and a state pytree, never on a model (see README "Design").
 
 `step_fn(tokens [N] int32, state) -> (logits [N, vocab], new_state)`; every leaf of `state` has the N
-rows first. Length normalization and the length T are defined in `decoding.length_penalty`.
+rows first; beam search reorders the rows after each step to follow the hypotheses' parents, except
+under `BeamShared`. Length normalization and the length T are defined in `decoding.length_penalty`.
 """
 
 from decoding.beam_search import BeamSearchResult, beam_search
+from decoding.common import BeamShared
 from decoding.error_analysis import error_analysis, format_error_analysis
 from decoding.greedy import DecodeResult, greedy
 from decoding.sampling import sample
@@ -12,6 +14,7 @@ from decoding.scoring import ScoreResult, score
 
 __all__ = [
     "BeamSearchResult",
+    "BeamShared",
     "DecodeResult",
     "ScoreResult",
     "beam_search",

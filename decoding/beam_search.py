@@ -95,7 +95,8 @@ def beam_search(
         row n belongs to sentence n // beam. Models close it over their encoder memory (which keeps the
         sentence batch); only `state` is reordered between beams.
       init_state: pytree, every leaf `[batch, ...]`: the decoder state before BOS. It is repeated once
-        to `[batch x beam, ...]`.
+        to `[batch x beam, ...]`, and after each step gathered by rows to follow the hypotheses'
+        parents, except under `decoding.BeamShared`.
       bos_id, eos_id: token ids (Python ints, inside the vocabulary).
       batch_size, beam_size, max_len: static shapes; one compilation per triple. max_len is the most
         tokens generated per hypothesis, EOS included.
@@ -186,7 +187,11 @@ def beam_search(
         )
         if beam > 1:  # reorder the decoder state: row b * beam + k continues its parent's row
             rows_from = (row_base + parent).reshape(rows)
-            new_state = jax.tree.map(lambda x: jnp.take(x, rows_from, axis=0), new_state)
+            new_state = jax.tree.map(
+                lambda x: x if isinstance(x, common.BeamShared) else jnp.take(x, rows_from, axis=0),
+                new_state,
+                is_leaf=lambda x: isinstance(x, common.BeamShared),
+            )
         return step + 1, token.reshape(rows), new_state, alive, finished, done
 
     carry = (

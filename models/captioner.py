@@ -313,8 +313,8 @@ class Captioner(nn.Module):
         """Decoder state before BOS, leaves with the sentence batch first.
 
         rnn: per-layer carries `tanh(W_l mean(grid))`, leaves `[batch, hidden_dim]` (`max_len` unused);
-        transformer: `pos` int32 `[batch]` zeros and a self-attention `cache` per layer (keys, values)
-        `[batch, heads, max_len, head_dim]` of zeros.
+        transformer: `models.transformer.empty_decode_state`'s (`pos`, `slots`, and the self-attention
+        `cache` per layer, which beam search does not reorder).
         """
         if self.decoder == "rnn":
             del max_len

@@ -17,11 +17,15 @@ sentence are just more queries against the same keys), and the self-attention ca
 incremental paths call the same `MultiHeadAttention` modules, so they share parameters and agree to
 float rounding.
 
-Decoding speed (see benchmarks/decode.py): a step attends over the cache as it was given plus its own
-new key/value, so the cache write does not wait on the read; and attention with few queries (a step's
-one query per row, or a sentence's beams against its source) multiplies the cache and the source
-keys/values as they lie in memory instead of transposing them head-major every step
-(`attention_scores`, `attention_mix`).
+Decoding speed (see benchmarks/decode.py): the self-attention cache is never copied. Beam search does
+not reorder it (`decoding.BeamShared`): each row writes its step's keys/values in its own cache row, and
+`slots` (ordinary state, which the search reorders with the hypotheses) records which beam's row holds
+each position of each hypothesis; a step multiplies every cache row of a sentence by the queries of all
+its beams and keeps each hypothesis' own products (`beam_cache_scores`, `beam_cache_mix`). The cache is
+written before it is read, so XLA updates it in place, and it is laid out for the per-head matmuls to
+read as it lies: keys `[N, heads, head_dim, max_len]`, values `[N, heads, max_len, head_dim]`.
+Attention with few queries (a sentence's beams against its source) multiplies the source keys/values
+as they lie instead of transposing them head-major every step (`attention_scores`, `attention_mix`).
 """
 
 import math
@@ -32,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+import decoding
 from models import common
 
 ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu}
@@ -58,7 +63,7 @@ def attention_scores(query: jax.Array, keys: jax.Array) -> jax.Array:
     Per-head batched matmuls need the keys head-major, so XLA transposes them: worth it for many
     queries (teacher forcing), not for the few of a decoding step's cross-attention (the beams of a
     sentence), which would transpose the encoder memory at every step. (The self-attention KV cache is
-    stored head-major instead: `MultiHeadAttention` with `present`.) Few queries instead multiply the
+    stored head-major instead: `MultiHeadAttention` with `head_major`.) Few queries instead multiply the
     keys as they lie, `[batch, kv_len, heads x head_dim]`, by a block-diagonal query matrix (each
     query row is zero outside its own head): no copy of the keys, for `heads` times the (small)
     multiply-adds.
@@ -89,6 +94,40 @@ def attention_mix(weights: jax.Array, values: jax.Array) -> jax.Array:
     # block (h, h) starts at h * (heads + 1) * head_dim, so the diagonal is a slice, not a gather.
     padded = jnp.pad(mixed.reshape(batch, q_len, -1), ((0, 0), (0, 0), (0, heads * head_dim)))
     return padded.reshape(batch, q_len, heads, (heads + 1) * head_dim)[..., :head_dim]
+
+
+def beam_cache_scores(query: jax.Array, keys: jax.Array, holds: jax.Array) -> jax.Array:
+    """Dot products `[N, heads, 1, max_len]` of one query per row `[N, 1, heads, head_dim]` with the
+    keys of its own hypothesis in a beam-shared key cache `[N, heads, head_dim, max_len]`.
+
+    The cache is never reordered between beams (`decoding.BeamShared`): position t of hypothesis i is
+    in the row of its sentence's beam j where `holds [batch, j, 1, i, max_len]` is True. Each cache row
+    meets the queries of all `beam` hypotheses of its sentence, `beam` times the (small) multiply-adds
+    of reading the cache as it lies, then each query keeps its own rows' scores; reordering instead
+    copies the whole cache at every step.
+    """
+    rows, _, heads, head_dim = query.shape
+    batch, beam, _, _, max_len = holds.shape
+    queries = jnp.broadcast_to(
+        jnp.transpose(query.reshape(batch, 1, beam, heads, head_dim), (0, 1, 3, 2, 4)),
+        (batch, beam, heads, beam, head_dim),
+    )  # [batch, j, heads, i, head_dim]
+    scores = jnp.einsum("nhid,nhdk->nhik", queries.reshape(rows, heads, beam, head_dim), keys)
+    scores = jnp.where(holds, scores.reshape(batch, beam, heads, beam, max_len), 0.0).sum(axis=1)
+    return jnp.swapaxes(scores, 1, 2).reshape(rows, heads, 1, max_len)
+
+
+def beam_cache_mix(weights: jax.Array, values: jax.Array, holds: jax.Array) -> jax.Array:
+    """`[N, 1, heads, head_dim]`: the values of each row's own hypothesis in a beam-shared value cache
+    `[N, heads, max_len, head_dim]` averaged under weights `[N, heads, 1, max_len]`; `holds` as in
+    `beam_cache_scores` (each cache row mixes its values for every hypothesis that reads it)."""
+    rows, heads, _, max_len = weights.shape
+    batch, beam = holds.shape[:2]
+    per_query = jnp.swapaxes(weights.reshape(batch, beam, heads, max_len), 1, 2)[:, None]
+    per_row = jnp.where(holds, per_query, 0.0).reshape(rows, heads, beam, max_len)
+    mixed = jnp.einsum("nhik,nhkd->nhid", per_row, values)
+    mixed = mixed.reshape(batch, beam, heads, beam, -1).sum(axis=1)  # [batch, heads, i, head_dim]
+    return jnp.swapaxes(mixed, 1, 2).reshape(rows, 1, heads, -1)
 
 
 class MultiHeadAttention(nn.Module):
@@ -129,42 +168,39 @@ class MultiHeadAttention(nn.Module):
         values: jax.Array,
         mask: jax.Array,
         train: bool,
-        present: tuple[jax.Array, jax.Array] | None = None,
+        head_major: bool = False,
+        holds: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         """Args:
           x: queries `[batch, q_len, d_model]`.
-          keys, values: `[batch, kv_len, heads, head_dim]`, or with `present` the head-major KV
-            cache `[batch, heads, kv_len, head_dim]`, which per-head batched matmuls read as it lies
-            (the sequence-major layout would be transposed whole at every decoding step).
+          keys, values: `[batch, kv_len, heads, head_dim]`; or with `head_major` a KV cache, keys
+            `[batch, heads, head_dim, kv_len]` and values `[batch, heads, kv_len, head_dim]`, which
+            per-head batched matmuls read as they lie (the sequence-major layout would be
+            transposed whole at every decoding step).
           mask: bool, broadcastable to `[batch, heads, q_len, kv_len]`, True where attention is allowed.
-          present: for one query position (q_len 1), its own key and value `[batch, 1, heads,
-            head_dim]`, attended besides `keys`/`values` (incremental decoding: the cache holds the past
-            positions, so it is read as it was given and written apart).
+          holds: with a beam-shared cache (`head_major`, q_len 1, beam > 1), bool `[batch, beam, 1,
+            beam, kv_len]`: which cache row of a sentence holds each position of each of its
+            hypotheses (`beam_cache_scores`); None reads row n's past in cache row n.
 
         Returns:
-          (output `[batch, q_len, d_model]`, float32 weights `[batch, heads, q_len, kv_len (+ 1 with
-          present, last)]` before attention dropout).
+          (output `[batch, q_len, d_model]`, float32 weights `[batch, heads, q_len, kv_len]` before
+          attention dropout).
         """
-        query = self.query(x) * keys.shape[-1] ** -0.5
-        if present is None:
+        query = self.query(x) * (self.d_model // self.num_heads) ** -0.5
+        if not head_major:
             scores = attention_scores(query, keys)
+        elif holds is None:
+            scores = jnp.einsum("bqhd,bhdk->bhqk", query, keys)
         else:
-            scores = jnp.einsum("bqhd,bhkd->bhqk", query, keys)
-            own = jnp.einsum("bqhd,bqhd->bhq", query, present[0])[..., None]
-            scores = jnp.concatenate([scores, own], axis=-1)
-            mask = jnp.concatenate(
-                [
-                    jnp.broadcast_to(mask, scores.shape[:-1] + (keys.shape[2],)),
-                    jnp.ones_like(own, bool),
-                ],
-                axis=-1,
-            )
+            scores = beam_cache_scores(query, keys, holds)
         weights = common.masked_softmax(scores, mask)
         dropped = self.dropout(weights, deterministic=not train).astype(self.dtype)
-        if present is None:
-            return self.out(attention_mix(dropped, values)), weights
-        past, own = dropped[..., :-1], dropped[..., -1:]
-        mixed = jnp.einsum("bhqk,bhkd->bqhd", past, values) + jnp.swapaxes(own, 1, 2) * present[1]
+        if not head_major:
+            mixed = attention_mix(dropped, values)
+        elif holds is None:
+            mixed = jnp.einsum("bhqk,bhkd->bqhd", dropped, values)
+        else:
+            mixed = beam_cache_mix(dropped, values, holds)
         return self.out(mixed), weights
 
 
@@ -266,22 +302,23 @@ class DecoderLayer(Sublayers):
         cross_kv: tuple[jax.Array, jax.Array],
         cross_mask: jax.Array,
         train: bool,
-        cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+        cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array | None] | None = None,
     ) -> tuple[jax.Array, Any, jax.Array]:
         """One decoder layer, teacher-forced or incremental.
 
         Args:
           x: `[rows, q_len, d_model]` (teacher-forced: rows = batch; incremental: rows = N, q_len = 1).
           self_mask: bool, broadcastable to `[rows, heads, q_len, kv_len]`: over the positions of `x`
-            (teacher-forced) or of the cache (incremental: the past positions only).
+            (teacher-forced) or of the cache (incremental: up to and including the position being written).
           cross_kv: this layer's encoder keys/values `[batch, src_len, heads, head_dim]` (sentence batch).
           cross_mask: bool `[batch, 1, 1, src_len]`.
-          cache: None (teacher-forced), or `(keys, values, pos)`: this layer's self-attention cache
-            `[rows, heads, max_len, head_dim]` (head-major) and the int32 position where `x`'s
-            keys/values go.
+          cache: None (teacher-forced), or `(keys, values, pos, holds)`: this layer's self-attention
+            cache, keys `[rows, heads, head_dim, max_len]` and values `[rows, heads, max_len,
+            head_dim]`; the int32 position where `x`'s keys/values go (in each row's own cache row);
+            and where each row's past is (`MultiHeadAttention`'s `holds`).
 
         Returns:
-          (`[rows, q_len, d_model]`, the updated cache (keys, values) or None, float32 cross-attention
+          (`[rows, q_len, d_model]`, the written cache (keys, values) or None, float32 cross-attention
           weights `[batch, heads, rows // batch * q_len, src_len]`).
         """
 
@@ -289,15 +326,16 @@ class DecoderLayer(Sublayers):
             keys, values = self.self_attention.kv(h)
             if cache is None:
                 return self.self_attention(h, keys, values, self_mask, train)[0], None
-            cache_k, cache_v, pos = cache
+            cache_k, cache_v, pos, holds = cache
+            # Written before it is read: XLA updates the cache in place (read first, it copies it).
+            new_k = jnp.transpose(keys, (0, 2, 3, 1)).astype(cache_k.dtype)  # [rows, heads, hd, 1]
+            new_v = jnp.swapaxes(values, 1, 2).astype(cache_v.dtype)  # [rows, heads, 1, hd]
+            cache_k = jax.lax.dynamic_update_slice(cache_k, new_k, (0, 0, 0, pos))
+            cache_v = jax.lax.dynamic_update_slice(cache_v, new_v, (0, 0, pos, 0))
             out, _ = self.self_attention(
-                h, cache_k, cache_v, self_mask, train, present=(keys, values)
+                h, cache_k, cache_v, self_mask, train, head_major=True, holds=holds
             )
-            write = (0, 0, pos, 0)
-            return out, tuple(
-                jax.lax.dynamic_update_slice(c, jnp.swapaxes(new, 1, 2).astype(c.dtype), write)
-                for c, new in ((cache_k, keys), (cache_v, values))
-            )
+            return out, (cache_k, cache_v)
 
         def attend_source(h):
             # Rows of the same sentence (its beams) become extra query positions of that sentence.
@@ -337,16 +375,30 @@ def teacher_forced_decoder_layers(
 
 
 def empty_decode_state(module: nn.Module, memory: dict, max_len: int) -> dict:
-    """The state before BOS for `cached_decoder_layers`: `pos` int32 `[batch]` zeros and, per layer
-    of `module.decoder_layers`, a zero head-major (keys, values) cache `[batch, heads, max_len,
-    head_dim]` in `module.dtype` (`module` has `num_heads`, `d_model`, `dtype`)."""
-    batch = memory["mask"].shape[0]
-    shape = (batch, module.num_heads, max_len, module.d_model // module.num_heads)
+    """The state before BOS for `cached_decoder_layers` (`module` has `num_heads`, `d_model`, `dtype`
+    and `decoder_layers`):
+      pos: int32 `[batch]` zeros, the next position;
+      slots: int32 `[batch, max_len]` zeros: for each past position, the beam (of the row's sentence)
+        whose cache row holds its keys/values;
+      cache: `decoding.BeamShared`, per decoder layer a zero cache in `module.dtype`, keys `[batch,
+        heads, head_dim, max_len]` and values `[batch, heads, max_len, head_dim]`. Beam search does
+        not reorder it: each row writes its own keys/values, and reads its hypothesis' past where
+        `slots` says.
+    """
+    batch, heads = memory["mask"].shape[0], module.num_heads
+    head_dim = module.d_model // heads
     cache = tuple(
-        (jnp.zeros(shape, module.dtype), jnp.zeros(shape, module.dtype))
+        (
+            jnp.zeros((batch, heads, head_dim, max_len), module.dtype),
+            jnp.zeros((batch, heads, max_len, head_dim), module.dtype),
+        )
         for _ in module.decoder_layers
     )
-    return {"pos": jnp.zeros((batch,), jnp.int32), "cache": cache}
+    return {
+        "pos": jnp.zeros((batch,), jnp.int32),
+        "slots": jnp.zeros((batch, max_len), jnp.int32),
+        "cache": decoding.BeamShared(cache),
+    }
 
 
 def cached_decoder_layers(module: nn.Module, layers, x: jax.Array, memory: dict, state: dict):
@@ -358,30 +410,40 @@ def cached_decoder_layers(module: nn.Module, layers, x: jax.Array, memory: dict,
     Args:
       x: `[N, 1, d_model]`, the embedded previous tokens (N = batch x beam).
       memory: `cross_kv` per layer and `mask`, from the model's `encode`.
-      state: `pos` int32 `[N]` and `cache` per layer, `(keys, values)` `[N, heads, max_len, head_dim]`.
+      state: as `empty_decode_state` makes it, rows repeated to N: `pos` int32 `[N]`, `slots` int32
+        `[N, max_len]`, `cache` per layer `(keys, values)`.
 
     Returns:
-      (`[N, 1, d_model]`, the new state: `pos + 1`, the cache written at `pos`).
+      (`[N, 1, d_model]`, the new state: `pos + 1`; each row's keys/values written at `pos` in its own
+      cache row, which `slots` records as the row's beam there).
     """
     pos = state["pos"]
     rows = x.shape[0]
-    cache_len = state["cache"][0][0].shape[2]
-    past = (jnp.arange(cache_len)[None, :] < pos[:, None])[:, None, None, :]
+    batch = memory["mask"].shape[0]
+    beam = common.beams_per_sentence(batch, rows)
+    own_slot = (jnp.arange(rows, dtype=jnp.int32) % beam)[:, None]
+    slots = jax.lax.dynamic_update_slice(state["slots"], own_slot, (0, pos[0]))
+    cache_len = slots.shape[1]
+    visible = (jnp.arange(cache_len)[None, :] <= pos[:, None])[:, None, None, :]
+    # [batch, j, 1, i, max_len]: beam j's cache row holds hypothesis i's keys/values at that position.
+    holds = None
+    if beam > 1:
+        holds = slots.reshape(batch, 1, 1, beam, cache_len) == jnp.arange(beam)[:, None, None, None]
     new_cache = []
-    for i, (layer, (cache_k, cache_v)) in enumerate(zip(layers, state["cache"], strict=True)):
+    for i, (layer, (cache_k, cache_v)) in enumerate(zip(layers, state["cache"].value, strict=True)):
         x, kv, weights = layer(
             x,
-            past,
+            visible,
             memory["cross_kv"][i],
             memory["mask"],
             train=False,
-            cache=(cache_k, cache_v, pos[0]),
+            cache=(cache_k, cache_v, pos[0], holds),
         )
         new_cache.append(kv)
         # [batch, heads, beam, src_len] -> [N, heads, src_len]
         weights = jnp.swapaxes(weights, 1, 2).reshape(rows, weights.shape[1], -1)
         module.sow("intermediates", f"cross_attention_{i}", weights)
-    return x, {"pos": pos + 1, "cache": tuple(new_cache)}
+    return x, {"pos": pos + 1, "slots": slots, "cache": decoding.BeamShared(tuple(new_cache))}
 
 
 class Transformer(nn.Module):
@@ -552,8 +614,8 @@ class Transformer(nn.Module):
         """Empty self-attention KV cache for `max_len` decoded tokens.
 
         Returns:
-          dict of `pos`: int32 `[batch]` zeros (the next position), and `cache`: per decoder layer
-          (keys, values) `[batch, heads, max_len, head_dim]` in the computation dtype.
+          `empty_decode_state`'s dict: `pos` int32 `[batch]` zeros (the next position), `slots` and
+          `cache` (`decoding.BeamShared`, per decoder layer (keys, values), computation dtype).
         """
         self._check_length("decode", max_len)
         return empty_decode_state(self, memory, max_len)
@@ -569,7 +631,7 @@ class Transformer(nn.Module):
           memory: from `encode`, sentence batch first; broadcast over the beams of each sentence.
           tokens: int32 `[N]`, the previous token of each row (N = batch x beam, row n in sentence
             n // beam).
-          state: `pos` int32 `[N]` and `cache` leaves `[N, heads, max_len, head_dim]`.
+          state: `init_decode_state`'s, rows repeated to N (`cached_decoder_layers`).
 
         Returns:
           (float32 logits `[N, tgt_vocab_size]`, new state with `pos + 1` and the cache written at `pos`).

@@ -234,6 +234,75 @@ def test_a_sentence_decodes_the_same_alone_and_in_any_batch():
             np.testing.assert_array_equal(got[row], want[0])
 
 
+def prefix_logits(table, start, prefix, t):
+    """Logits `[N, vocab]` from a hash of `start [N]` and the tokens `prefix [N, max_len]` up to `t`."""
+    h = start
+    for s in range(prefix.shape[1]):
+        h = jnp.where(s <= t, (h * 31 + prefix[:, s] + 1) % ROWS, h)
+    return table[(h + 7 * prefix[:, t]) % ROWS]
+
+
+def prefix_step_fn(table):
+    """The prefix kept in ordinary state: reordered by the search with its hypothesis."""
+
+    def step_fn(tokens, state):
+        t = state["t"][0]
+        prefix = state["prefix"].at[:, t].set(tokens)
+        logits = prefix_logits(table, state["start"], prefix, t)
+        return logits, {**state, "prefix": prefix, "t": state["t"] + 1}
+
+    return step_fn
+
+
+def shared_history_step_fn(table, beam):
+    """The prefix kept as a flat KV cache is: each row writes its token in its own row of a history
+    that the beams of a sentence share, and reads its hypothesis' earlier tokens from the rows that
+    `slots` (ordinary state, reordered by the search) names, position by position."""
+
+    def step_fn(tokens, state):
+        rows, t = tokens.shape[0], state["t"][0]
+        history = state["history"]
+        shared = isinstance(history, decoding.BeamShared)
+        history = (history.value if shared else history).at[:, t].set(tokens)
+        slots = state["slots"].at[:, t].set(jnp.arange(rows) % beam)
+        first_row = jnp.arange(rows)[:, None] // beam * beam
+        prefix = history[first_row + slots, jnp.arange(history.shape[1])]
+        logits = prefix_logits(table, state["start"], prefix, t)
+        history = decoding.BeamShared(history) if shared else history
+        return logits, {**state, "history": history, "slots": slots, "t": state["t"] + 1}
+
+    return step_fn
+
+
+def test_beam_shared_state_is_never_reordered():
+    table, beam, max_len, batch = random_table(6, 6), 3, 6, 4
+    start = jnp.arange(batch, dtype=jnp.int32) * 17 + 3
+    zeros = jnp.zeros((batch, max_len), jnp.int32)
+    search = functools.partial(
+        decoding.beam_search,
+        bos_id=BOS,
+        eos_id=EOS,
+        batch_size=batch,
+        beam_size=beam,
+        max_len=max_len,
+        alpha=0.6,
+    )
+    t0 = jnp.zeros((batch,), jnp.int32)
+    want = jax.jit(
+        lambda: search(prefix_step_fn(table), {"start": start, "prefix": zeros, "t": t0})
+    )()
+    state = {"start": start, "slots": zeros, "t": t0}
+    shared_step_fn = shared_history_step_fn(table, beam)
+    got = jax.jit(
+        lambda: search(shared_step_fn, {**state, "history": decoding.BeamShared(zeros)})
+    )()
+    for name, x, y in zip(want._fields, want, got, strict=True):
+        np.testing.assert_array_equal(x, y, err_msg=name)
+    # The same history as ordinary state is reordered, and then read through `slots`, wrongly.
+    wrong = jax.jit(lambda: search(shared_step_fn, {**state, "history": zeros}))()
+    assert np.any(np.asarray(wrong.sequences) != np.asarray(want.sequences))
+
+
 @pytest.mark.parametrize("decode", ["beam", "greedy"])
 def test_a_sentence_limit_decodes_it_as_alone_with_that_max_len(decode):
     # Limits per sentence (e.g. from source lengths): each sentence's result is exactly its search

@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+import decoding
 from models.transformer import Transformer, sinusoidal_positions
 
 # Four examples: trailing source padding, targets of different lengths (BOS=1, EOS=2, pad=0).
@@ -96,8 +97,11 @@ def test_kv_cache_is_preallocated_and_filled_in_place_with_beams_sharing_the_mem
     max_len, head_dim = 8, TINY["d_model"] // TINY["num_heads"]
     state = model.apply(variables, memory, max_len, method=model.init_decode_state)
     assert state["pos"].dtype == jnp.int32 and state["pos"].shape == (4,)
-    for keys, values in state["cache"]:
-        assert keys.shape == values.shape == (4, TINY["num_heads"], max_len, head_dim)
+    assert state["slots"].dtype == jnp.int32 and state["slots"].shape == (4, max_len)
+    assert isinstance(state["cache"], decoding.BeamShared)
+    for keys, values in state["cache"].value:
+        assert keys.shape == (4, TINY["num_heads"], head_dim, max_len)
+        assert values.shape == (4, TINY["num_heads"], max_len, head_dim)
     # Cross-attention keys/values are computed once, per sentence, not per beam.
     for keys, values in memory["cross_kv"]:
         assert keys.shape == values.shape == (4, 6, TINY["num_heads"], head_dim)
@@ -115,9 +119,59 @@ def test_kv_cache_is_preallocated_and_filled_in_place_with_beams_sharing_the_mem
             np.testing.assert_allclose(weights[::BEAM], expected, atol=1e-5)
             np.testing.assert_allclose(weights[1::BEAM], expected, atol=1e-5)
     np.testing.assert_array_equal(state["pos"], 3)
-    for keys, values in state["cache"]:
-        assert np.all(np.abs(keys[:, :, :3]).sum(axis=(1, 3)) > 0)  # [N, heads, max_len, head_dim]
-        assert np.all(keys[:, :, 3:] == 0) and np.all(values[:, :, 3:] == 0)
+    # Each row wrote its own cache row and slot (a beam search reorders `slots`, not the cache).
+    own_slot = np.broadcast_to(np.arange(4 * BEAM)[:, None] % BEAM, (4 * BEAM, 3))
+    np.testing.assert_array_equal(state["slots"][:, :3], own_slot)
+    for keys, values in state["cache"].value:
+        assert np.all(np.abs(keys[..., :3]).sum(axis=(1, 2)) > 0)
+        assert np.all(keys[..., 3:] == 0) and np.all(values[:, :, 3:] == 0)
+
+
+def test_beam_search_with_the_kv_cache_matches_recomputing_every_prefix():
+    """The beam-shared cache, read through `slots` while the search reorders hypotheses, gives the
+    search exactly what the teacher-forced model gives for each hypothesis' whole prefix."""
+    model, variables, _ = tiny()
+    # Sharper than at init, so that hypotheses differ from the first tokens on and beams reorder.
+    variables = jax.tree.map(lambda p: 2.0 * p, variables)
+    beam, max_len, batch = 3, 7, SRC.shape[0]
+    search = functools.partial(
+        decoding.beam_search,
+        bos_id=1,
+        eos_id=2,
+        batch_size=batch,
+        beam_size=beam,
+        max_len=max_len,
+        alpha=0.6,
+    )
+
+    @jax.jit
+    def cached():
+        memory = model.apply(variables, SRC, method=model.encode)
+        state = model.apply(variables, memory, max_len, method=model.init_decode_state)
+
+        def step_fn(tokens, state):
+            return model.apply(variables, memory, tokens, state, method=model.decode_step)
+
+        return search(step_fn, state)
+
+    @jax.jit
+    def recomputed():
+        def step_fn(tokens, state):
+            t = state["t"][0]
+            prefix = state["prefix"].at[:, t].set(tokens)
+            logits = model.apply(variables, state["src"], prefix)[:, t]
+            return logits, {**state, "prefix": prefix, "t": state["t"] + 1}
+
+        zeros = jnp.zeros((batch,), jnp.int32)
+        return search(
+            step_fn, {"src": SRC, "prefix": jnp.zeros((batch, max_len), jnp.int32), "t": zeros}
+        )
+
+    got, want = cached(), recomputed()
+    np.testing.assert_array_equal(got.sequences, want.sequences)
+    np.testing.assert_allclose(got.log_probs, want.log_probs, rtol=1e-4)
+    prefixes = {tuple(row[:3]) for row in np.asarray(got.sequences).reshape(-1, max_len)}
+    assert len(prefixes) > batch + beam, "the test needs hypotheses that part early"
 
 
 def test_output_and_embedding_sharing_options_change_the_parameters():
