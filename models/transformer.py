@@ -24,8 +24,8 @@ each position of each hypothesis; a step multiplies every cache row of a sentenc
 its beams and keeps each hypothesis' own products (`beam_cache_scores`, `beam_cache_mix`). The cache is
 written before it is read, so XLA updates it in place, and it is laid out for the per-head matmuls to
 read as it lies: keys `[N, heads, head_dim, max_len]`, values `[N, heads, max_len, head_dim]`.
-Attention with few queries (a sentence's beams against its source) multiplies the source keys/values
-as they lie instead of transposing them head-major every step (`attention_scores`, `attention_mix`).
+The encoder-decoder attention reads the source keys/values head-major too: `cached_decoder_layers`
+transposes them once per decode (teacher forcing keeps them sequence-major, as `encode` returns them).
 """
 
 import math
@@ -50,50 +50,6 @@ def sinusoidal_positions(max_len: int, d_model: int) -> np.ndarray:
     table[:, 0::2] = np.sin(positions * inv_freq)
     table[:, 1::2] = np.cos(positions * inv_freq)
     return table.astype(np.float32)
-
-
-# Up to this many query rows (queries x heads) per sentence, attention takes its few-query form.
-FEW_QUERY_ROWS = 64
-
-
-def attention_scores(query: jax.Array, keys: jax.Array) -> jax.Array:
-    """Dot products `[batch, heads, q_len, kv_len]` of query `[batch, q_len, heads, head_dim]` with keys
-    `[batch, kv_len, heads, head_dim]`.
-
-    Per-head batched matmuls need the keys head-major, so XLA transposes them: worth it for many
-    queries (teacher forcing), not for the few of a decoding step's cross-attention (the beams of a
-    sentence), which would transpose the encoder memory at every step. (The self-attention KV cache is
-    stored head-major instead: `MultiHeadAttention` with `head_major`.) Few queries instead multiply the
-    keys as they lie, `[batch, kv_len, heads x head_dim]`, by a block-diagonal query matrix (each
-    query row is zero outside its own head): no copy of the keys, for `heads` times the (small)
-    multiply-adds.
-    """
-    batch, q_len, heads, head_dim = query.shape
-    if q_len * heads > FEW_QUERY_ROWS:
-        return jnp.einsum("bqhd,bkhd->bhqk", query, keys)
-    eye = jnp.eye(heads, dtype=query.dtype)
-    blocks = (query[:, :, :, None, :] * eye[:, :, None]).reshape(batch, q_len * heads, -1)
-    scores = jnp.einsum("bkc,bxc->bkx", keys.reshape(batch, keys.shape[1], -1), blocks)
-    return jnp.transpose(scores.reshape(batch, -1, q_len, heads), (0, 3, 2, 1))
-
-
-def attention_mix(weights: jax.Array, values: jax.Array) -> jax.Array:
-    """`[batch, q_len, heads, head_dim]`: values `[batch, kv_len, heads, head_dim]` averaged under
-    weights `[batch, heads, q_len, kv_len]`; the few-query form of `attention_scores` likewise.
-
-    Few queries: every query row mixes the values of every head as they lie (`[batch, q_len x heads,
-    heads x head_dim]`), then keeps its own head's block, the diagonal of the `[heads, heads]` blocks.
-    """
-    batch, heads, q_len, kv_len = weights.shape
-    if q_len * heads > FEW_QUERY_ROWS:
-        return jnp.einsum("bhqk,bkhd->bqhd", weights, values)
-    head_dim = values.shape[-1]
-    rows = jnp.swapaxes(weights, 1, 2).reshape(batch, q_len * heads, kv_len)
-    mixed = jnp.einsum("bxk,bkc->bxc", rows, values.reshape(batch, kv_len, heads * head_dim))
-    # Row-major [heads, heads, head_dim] padded by one block is [heads, heads + 1, head_dim]-strided:
-    # block (h, h) starts at h * (heads + 1) * head_dim, so the diagonal is a slice, not a gather.
-    padded = jnp.pad(mixed.reshape(batch, q_len, -1), ((0, 0), (0, 0), (0, heads * head_dim)))
-    return padded.reshape(batch, q_len, heads, (heads + 1) * head_dim)[..., :head_dim]
 
 
 def beam_cache_scores(query: jax.Array, keys: jax.Array, holds: jax.Array) -> jax.Array:
@@ -188,7 +144,7 @@ class MultiHeadAttention(nn.Module):
         """
         query = self.query(x) * (self.d_model // self.num_heads) ** -0.5
         if not head_major:
-            scores = attention_scores(query, keys)
+            scores = jnp.einsum("bqhd,bkhd->bhqk", query, keys)
         elif holds is None:
             scores = jnp.einsum("bqhd,bhdk->bhqk", query, keys)
         else:
@@ -196,9 +152,9 @@ class MultiHeadAttention(nn.Module):
         weights = common.masked_softmax(scores, mask)
         dropped = self.dropout(weights, deterministic=not train).astype(self.dtype)
         if not head_major:
-            mixed = attention_mix(dropped, values)
+            mixed = jnp.einsum("bhqk,bkhd->bqhd", dropped, values)
         elif holds is None:
-            mixed = jnp.einsum("bhqk,bhkd->bqhd", dropped, values)
+            mixed = jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", dropped, values), 1, 2)
         else:
             mixed = beam_cache_mix(dropped, values, holds)
         return self.out(mixed), weights
@@ -310,7 +266,8 @@ class DecoderLayer(Sublayers):
           x: `[rows, q_len, d_model]` (teacher-forced: rows = batch; incremental: rows = N, q_len = 1).
           self_mask: bool, broadcastable to `[rows, heads, q_len, kv_len]`: over the positions of `x`
             (teacher-forced) or of the cache (incremental: up to and including the position being written).
-          cross_kv: this layer's encoder keys/values `[batch, src_len, heads, head_dim]` (sentence batch).
+          cross_kv: this layer's encoder keys/values, sentence batch first: `[batch, src_len, heads,
+            head_dim]` (teacher-forced), or head-major like the cache (incremental; `cached_decoder_layers`).
           cross_mask: bool `[batch, 1, 1, src_len]`.
           cache: None (teacher-forced), or `(keys, values, pos, holds)`: this layer's self-attention
             cache, keys `[rows, heads, head_dim, max_len]` and values `[rows, heads, max_len,
@@ -343,7 +300,9 @@ class DecoderLayer(Sublayers):
             batch = cross_mask.shape[0]
             beam = common.beams_per_sentence(batch, rows)
             grouped = h.reshape(batch, beam * q_len, self.d_model)
-            out, weights = self.cross_attention(grouped, *cross_kv, cross_mask, train)
+            out, weights = self.cross_attention(
+                grouped, *cross_kv, cross_mask, train, head_major=cache is not None
+            )
             return out.reshape(h.shape), weights
 
         x, kv = self.residual(x, self.norm1, attend_self, train)
@@ -431,10 +390,17 @@ def cached_decoder_layers(module: nn.Module, layers, x: jax.Array, memory: dict,
         holds = slots.reshape(batch, 1, 1, beam, cache_len) == jnp.arange(beam)[:, None, None, None]
     new_cache = []
     for i, (layer, (cache_k, cache_v)) in enumerate(zip(layers, state["cache"].value, strict=True)):
+        keys, values = memory["cross_kv"][i]
+        # Head-major, as the per-head matmuls read them. Loop-invariant behind the barrier (else XLA
+        # folds the transposes into the matmuls, every step), so XLA hoists them out of the decoding
+        # loop: transposed once per decode.
+        cross_kv = jax.lax.optimization_barrier(
+            (jnp.transpose(keys, (0, 2, 3, 1)), jnp.swapaxes(values, 1, 2))
+        )
         x, kv, weights = layer(
             x,
             visible,
-            memory["cross_kv"][i],
+            cross_kv,
             memory["mask"],
             train=False,
             cache=(cache_k, cache_v, pos[0], holds),
