@@ -3,6 +3,7 @@ interface is checked for every model in test_registry.py)."""
 
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -172,6 +173,40 @@ def test_beam_search_with_the_kv_cache_matches_recomputing_every_prefix():
     np.testing.assert_allclose(got.log_probs, want.log_probs, rtol=1e-4)
     prefixes = {tuple(row[:3]) for row in np.asarray(got.sequences).reshape(-1, max_len)}
     assert len(prefixes) > batch + beam, "the test needs hypotheses that part early"
+
+
+def test_the_decoding_loop_updates_the_kv_cache_in_place():
+    """No cache-sized copy inside the compiled beam search loop (with the cache reordered between
+    beams, or read before it is written, XLA copied every layer's cache at every step)."""
+    model, variables, _ = tiny()
+    beam, max_len, batch = 3, 7, SRC.shape[0]
+
+    def run(variables, src):
+        memory = model.apply(variables, src, method=model.encode)
+        state = model.apply(variables, memory, max_len, method=model.init_decode_state)
+
+        def step_fn(tokens, state):
+            return model.apply(variables, memory, tokens, state, method=model.decode_step)
+
+        search = decoding.beam_search(
+            step_fn, state, bos_id=1, eos_id=2, batch_size=batch, beam_size=beam, max_len=max_len
+        )
+        return search.sequences, state
+
+    (_, state) = jax.eval_shape(run, variables, SRC)
+    cache_shapes = {
+        f"f32[{','.join(str(n) for n in (batch * beam, *x.shape[1:]))}]"
+        for x in jax.tree.leaves(state["cache"].value)
+    }
+    hlo = jax.jit(run).lower(variables, SRC).compile().as_text()
+    bodies = re.findall(r"while\(.*?body=%?([\w.\-]+)", hlo)
+    assert bodies, "no while loop found in the compiled beam search"
+    for body in bodies:
+        text = re.search(rf"^%?{re.escape(body)} .*?^}}", hlo, re.S | re.M).group(0)
+        copied = set(re.findall(r"= (f32\[[\d,]+\])\S* copy\(", text))
+        assert not copied & cache_shapes, (
+            f"the loop copies cache-sized arrays {copied & cache_shapes}"
+        )
 
 
 def test_output_and_embedding_sharing_options_change_the_parameters():
