@@ -12,6 +12,7 @@ import optax
 import pytest
 
 import decoding
+import experiment
 from models.transformer import Transformer, sinusoidal_positions
 
 # Four examples: trailing source padding, targets of different lengths (BOS=1, EOS=2, pad=0).
@@ -128,77 +129,59 @@ def test_kv_cache_is_preallocated_and_filled_in_place_with_beams_sharing_the_mem
         assert np.all(keys[..., 3:] == 0) and np.all(values[:, :, 3:] == 0)
 
 
+BEAM_SEARCH = dict(bos_id=1, eos_id=2, batch_size=SRC.shape[0], beam_size=3, max_len=7, alpha=0.6)
+
+
+def cached_beam_search(params, src):
+    """The tiny Transformer's beam search over its KV cache, as train.py and eval.py run it."""
+    model, _, _ = tiny()
+    step_fn, state = experiment.step_function(model, params, src, BEAM_SEARCH["max_len"])
+    return decoding.beam_search(step_fn, state, **BEAM_SEARCH)
+
+
 def test_beam_search_with_the_kv_cache_matches_recomputing_every_prefix():
     """The beam-shared cache, read through `slots` while the search reorders hypotheses, gives the
     search exactly what the teacher-forced model gives for each hypothesis' whole prefix."""
     model, variables, _ = tiny()
     # Sharper than at init, so that hypotheses differ from the first tokens on and beams reorder.
-    variables = jax.tree.map(lambda p: 2.0 * p, variables)
-    beam, max_len, batch = 3, 7, SRC.shape[0]
-    search = functools.partial(
-        decoding.beam_search,
-        bos_id=1,
-        eos_id=2,
-        batch_size=batch,
-        beam_size=beam,
-        max_len=max_len,
-        alpha=0.6,
-    )
-
-    @jax.jit
-    def cached():
-        memory = model.apply(variables, SRC, method=model.encode)
-        state = model.apply(variables, memory, max_len, method=model.init_decode_state)
-
-        def step_fn(tokens, state):
-            return model.apply(variables, memory, tokens, state, method=model.decode_step)
-
-        return search(step_fn, state)
+    params = jax.tree.map(lambda p: 2.0 * p, variables["params"])
+    batch, max_len = BEAM_SEARCH["batch_size"], BEAM_SEARCH["max_len"]
 
     @jax.jit
     def recomputed():
         def step_fn(tokens, state):
             t = state["t"][0]
             prefix = state["prefix"].at[:, t].set(tokens)
-            logits = model.apply(variables, state["src"], prefix)[:, t]
+            logits = model.apply({"params": params}, state["src"], prefix)[:, t]
             return logits, {**state, "prefix": prefix, "t": state["t"] + 1}
 
         zeros = jnp.zeros((batch,), jnp.int32)
-        return search(
-            step_fn, {"src": SRC, "prefix": jnp.zeros((batch, max_len), jnp.int32), "t": zeros}
-        )
+        state = {"src": SRC, "prefix": jnp.zeros((batch, max_len), jnp.int32), "t": zeros}
+        return decoding.beam_search(step_fn, state, **BEAM_SEARCH)
 
-    got, want = cached(), recomputed()
+    got, want = jax.jit(cached_beam_search)(params, SRC), recomputed()
     np.testing.assert_array_equal(got.sequences, want.sequences)
     np.testing.assert_allclose(got.log_probs, want.log_probs, rtol=1e-4)
     prefixes = {tuple(row[:3]) for row in np.asarray(got.sequences).reshape(-1, max_len)}
-    assert len(prefixes) > batch + beam, "the test needs hypotheses that part early"
+    assert len(prefixes) > batch + BEAM_SEARCH["beam_size"], (
+        "the test needs hypotheses that part early"
+    )
 
 
 def test_the_decoding_loop_updates_the_kv_cache_in_place():
     """No cache-sized copy inside the compiled beam search loop (with the cache reordered between
     beams, or read before it is written, XLA copied every layer's cache at every step)."""
     model, variables, _ = tiny()
-    beam, max_len, batch = 3, 7, SRC.shape[0]
-
-    def run(variables, src):
-        memory = model.apply(variables, src, method=model.encode)
-        state = model.apply(variables, memory, max_len, method=model.init_decode_state)
-
-        def step_fn(tokens, state):
-            return model.apply(variables, memory, tokens, state, method=model.decode_step)
-
-        search = decoding.beam_search(
-            step_fn, state, bos_id=1, eos_id=2, batch_size=batch, beam_size=beam, max_len=max_len
-        )
-        return search.sequences, state
-
-    (_, state) = jax.eval_shape(run, variables, SRC)
+    params = variables["params"]
+    state = jax.eval_shape(
+        lambda p: experiment.step_function(model, p, SRC, BEAM_SEARCH["max_len"])[1], params
+    )
+    rows = BEAM_SEARCH["batch_size"] * BEAM_SEARCH["beam_size"]
     cache_shapes = {
-        f"f32[{','.join(str(n) for n in (batch * beam, *x.shape[1:]))}]"
+        f"f32[{','.join(str(n) for n in (rows, *x.shape[1:]))}]"
         for x in jax.tree.leaves(state["cache"].value)
     }
-    hlo = jax.jit(run).lower(variables, SRC).compile().as_text()
+    hlo = jax.jit(cached_beam_search).lower(params, SRC).compile().as_text()
     bodies = re.findall(r"while\(.*?body=%?([\w.\-]+)", hlo)
     assert bodies, "no while loop found in the compiled beam search"
     for body in bodies:
