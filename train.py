@@ -2,357 +2,45 @@ r"""Train a seqzoo model.
 
   python train.py                                   # dates + attention RNN (configs/default.py)
   python train.py --config configs/multi30k_transformer.py --workdir runs/m30k_tf \
-      --config.num_train_steps=20000
+      --config.manual_dir=../shared/data/multi30k
   python train.py --config.mesh.fsdp=4              # params and optimizer state over 4 devices
 
-Runs on every device (of every host) with jax.sharding: the global batch is split over all devices,
-params and optimizer state are sharded FSDP-style over `config.mesh.fsdp` of them (sharding.py).
-Multi-host: the same command on every host with `--config.distributed=True` (README "Scale-out").
-
-Pointing --workdir at an existing run resumes it from its latest checkpoint (params, optimizer state,
-step and data-iterator state), so an interrupted run ends with exactly the params of an uninterrupted one.
+Runs on every device (of every host) with jax.sharding (experiment/training.py). Multi-host: the same
+command on every host with `--config.distributed=True` (README "Scale-out"). Pointing --workdir at an
+existing run resumes it from its newest intact checkpoint, so an interrupted run ends with exactly
+the params of an uninterrupted one.
 """
 
-import functools
-import math
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
 
-import flax
-import grain
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-import orbax.checkpoint as ocp
 from absl import app, flags, logging
-from jax.sharding import Mesh
 from ml_collections import config_flags
-from tqdm import tqdm
 
-import experiment
-import plots
-import sharding
-from data import input_pipeline
-
-
-class TrainingDiverged(experiment.RunError):
-    pass
-
-
-@flax.struct.dataclass
-class TrainState:
-    """What a checkpoint holds of training (the model and optimizer are rebuilt from the config)."""
-
-    step: jax.Array  # int32 scalar: optimizer steps taken
-    params: Any
-    opt_state: Any
-
-
-def fresh_state(model, optimizer, seed) -> TrainState:
-    """Step 0: params from `seed` (int32 scalar; `fold_in(key(seed), 0)`), fresh optimizer state."""
-    params = experiment.init_params_from_seed(model, seed)
-    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
-
-
-def train_step(state, batch, seed, *, model, optimizer, label_smoothing):
-    """One optimizer step on a batch; returns (new_state, {"loss_sum", "tokens"}).
-
-    `batch` holds int32 `src [batch, src_len]`, `tgt_in` and `tgt_out` `[batch, tgt_len]`; `seed` is
-    the int32 scalar config seed: dropout at step `s` uses `fold_in(fold_in(key(seed), 1), s)`.
-    """
-    dropout_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 1), state.step + 1)
-
-    def loss_fn(params):
-        logits = model.apply(
-            {"params": params},
-            batch["src"],
-            batch["tgt_in"],
-            train=True,
-            rngs={"dropout": dropout_key},
-        )
-        loss_sum, tokens = experiment.cross_entropy(logits, batch["tgt_out"], label_smoothing)
-        return loss_sum / jnp.maximum(tokens, 1.0), (loss_sum, tokens)
-
-    grads, (loss_sum, tokens) = jax.grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    state = TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
-    return state, {"loss_sum": loss_sum, "tokens": tokens}
-
-
-class Programs(NamedTuple):
-    """The jitted programs of a (model, optimizer) on a mesh (see `programs`):
-
-    init: `(seed) -> TrainState`, created directly in `state_shardings`;
-    train_step: `(state, global batch, seed) -> (state, {"loss_sum", "tokens"})`, donating `state`;
-    state_shardings: a `NamedSharding` per leaf of the train state (the FSDP rule over the mesh).
-    """
-
-    init: Callable
-    train_step: Callable
-    state_shardings: TrainState
-
-
-@functools.cache
-def programs(model, optimizer, label_smoothing: float, mesh: Mesh) -> Programs:
-    """Init and train step jitted with explicit shardings (cached: one compilation per batch shape).
-
-    State (params, optimizer state) is sharded by the FSDP rule (`sharding.tree_shardings`), batches
-    over every device (`sharding.batch_sharding`), the seed and the metrics replicated. The step
-    donates the state, so the old state's buffers are reused for the new one.
-    """
-    init = functools.partial(fresh_state, model, optimizer)
-    state_shardings = sharding.tree_shardings(mesh, jax.eval_shape(init, 0))
-    replicated = sharding.replicated(mesh)
-    step = functools.partial(
-        train_step, model=model, optimizer=optimizer, label_smoothing=label_smoothing
-    )
-    return Programs(
-        init=jax.jit(init, in_shardings=replicated, out_shardings=state_shardings),
-        train_step=jax.jit(
-            step,
-            in_shardings=(state_shardings, sharding.batch_sharding(mesh), replicated),
-            out_shardings=(state_shardings, replicated),
-            donate_argnums=0,
-        ),
-        state_shardings=state_shardings,
-    )
-
-
-@functools.partial(jax.jit, static_argnames="model")
-def eval_step(params, batch, model):
-    """Summed token loss on a batch; the batch's sharding (and the params') carry over."""
-    logits = model.apply({"params": params}, batch["src"], batch["tgt_in"], train=False)
-    loss_sum, tokens = experiment.cross_entropy(logits, batch["tgt_out"])
-    return {"loss_sum": loss_sum, "tokens": tokens}
-
-
-def evaluate(config, model, params, eval_data, tgt_tokenizer, num_examples, mesh):
-    """Validation loss (all examples) and decoding metrics (the first `num_examples`, 0 = all).
-
-    Each batch is split over the devices of `mesh` (its size must divide the eval batch size).
-    """
-    decode = experiment.decode_fn(
-        model,
-        config.decode,
-        config.beam_size,
-        config.max_decode_len,
-        config.length_penalty,
-        mesh,
-        config.max_decode_len_a,
-        config.max_decode_len_b,
-    )
-    limit = num_examples or len(eval_data.references)
-    loss_sum = tokens = 0.0
-    hypotheses = []
-    for batch in eval_data.batches:
-        arrays = sharding.shard_batch({k: batch[k] for k in ("src", "tgt_in", "tgt_out")}, mesh)
-        out = eval_step(params, arrays, model)
-        loss_sum += float(out["loss_sum"])
-        tokens += float(out["tokens"])
-        if len(hypotheses) < limit:
-            result = decode(params, arrays["src"], config.alpha)
-            ids = experiment.best_sequences(result)[batch["mask"]]
-            hypotheses.extend(tgt_tokenizer.decode(row.tolist()) for row in ids)
-    hypotheses = hypotheses[:limit]
-    metrics = {"loss": loss_sum / max(tokens, 1.0)}
-    metrics.update(
-        experiment.text_metrics(
-            hypotheses,
-            eval_data.references[:limit],
-            exact_match=config.eval_metric == "exact_match",
-        )
-    )
-    samples = list(zip(eval_data.sources, eval_data.references, hypotheses))
-    return metrics, samples
-
-
-def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None):
-    """Trains `config` in `workdir` (resuming if it holds a run); returns (train state, last metrics).
-
-    `stop_after_steps` stops this process after that many steps without a final save, as a crash
-    would (tests use it to check exact resume).
-
-    Runs on the mesh of `config.mesh` (`sharding.mesh_from_config`): one device, the local devices,
-    or every device of a multi-host job (`config.distributed`), where each host reads its own rows of
-    every global batch and only process 0 writes files other than checkpoints.
-    """
-    workdir = Path(workdir)
-    sharding.initialize_distributed(config)
-    mesh = sharding.mesh_from_config(config)
-    is_main = jax.process_index() == 0
-    if (workdir / experiment.CONFIG_FILE).exists():
-        experiment.check_same_experiment(config, experiment.load_config(workdir), workdir)
-    data = input_pipeline.get_datasets(config, batch_multiple=mesh.size)
-    stats = data.stats
-    if is_main:
-        print(
-            f"{config.dataset}: {stats['train_kept']} training pairs, {stats['train_dropped']} "
-            f"dropped as longer than max_len={config.max_len} tokens; batch shapes "
-            f"{[tuple(s) for s in data.train.batch_shapes()]}; mesh {dict(mesh.shape)}"
-        )
-        data.src_tokenizer.save(workdir / experiment.SRC_TOKENIZER)
-        data.tgt_tokenizer.save(workdir / experiment.TGT_TOKENIZER)
-    model = experiment.create_model(
-        config, data.src_tokenizer.vocab_size, data.tgt_tokenizer.vocab_size
-    )
-    optimizer = experiment.make_optimizer(config)
-    run = programs(model, optimizer, config.label_smoothing, mesh)
-    seed = np.int32(config.seed)
-    train_iter = data.train.iterator(*sharding.host_shard(mesh))
-    ckpt = experiment.checkpoint_manager(workdir, config.keep_checkpoints)
-    best = experiment.best_manager(workdir, config.eval_metric)
-    if ckpt.latest_step() is None:
-        state = run.init(seed)
-    else:
-        check_data_state_hosts(ckpt, ckpt.latest_step())
-        try:
-            restored = ckpt.restore(
-                ckpt.latest_step(),
-                args=ocp.args.Composite(
-                    # Read into this mesh's shardings, whatever device count wrote the checkpoint.
-                    state=ocp.args.StandardRestore(jax.eval_shape(run.init, seed)),
-                    data=grain.checkpoint.CheckpointRestore(train_iter),
-                ),
-            )
-        except Exception as e:  # noqa: BLE001 — any failure to read means a damaged checkpoint
-            raise experiment.RunError(
-                f"checkpoint {workdir}/checkpoints/{ckpt.latest_step()} is corrupt or from another "
-                f"config ({type(e).__name__}): delete it to resume from an older one"
-            ) from None
-        state = restored["state"]
-        logging.info("Resumed %s from step %d.", workdir, int(state.step))
-    if is_main:
-        experiment.save_config(config, workdir)
-
-    start = int(state.step)
-    last_metrics: dict = {}
-    window_loss = window_tokens = 0.0
-    window_start = time.perf_counter()
-    progress = tqdm(
-        total=config.num_train_steps,
-        initial=start,
-        desc="train",
-        dynamic_ncols=True,
-        mininterval=1,
-        disable=not is_main,
-    )
-    for step in range(start + 1, config.num_train_steps + 1):
-        batch = sharding.global_batch(next(train_iter), mesh)
-        state, out = run.train_step(state, batch, seed)
-        progress.update(1)
-        if stop_after_steps is not None and step - start >= stop_after_steps:
-            break
-        window_loss += out["loss_sum"]  # Device-side sums: no host sync per step.
-        window_tokens += out["tokens"]
-        if step % config.log_every == 0 or step == config.num_train_steps:
-            loss = float(window_loss) / max(float(window_tokens), 1.0)
-            if not math.isfinite(loss):
-                ckpt.wait_until_finished()
-                raise TrainingDiverged(
-                    f"loss is {loss} at step {step}; the last good checkpoint "
-                    f"(step {ckpt.latest_step()}) is kept in {workdir}/checkpoints: "
-                    "lower --config.learning_rate or raise --config.warmup_steps and resume"
-                )
-            record = {
-                "step": step,
-                "split": "train",
-                "loss": loss,
-                "tokens_per_sec": float(window_tokens) / (time.perf_counter() - window_start),
-            }
-            if is_main:
-                experiment.append_metrics(workdir, record)
-            progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}")
-            window_loss = window_tokens = 0.0
-            window_start = time.perf_counter()
-        is_last = step == config.num_train_steps
-        if step % config.eval_every == 0 or is_last:
-            metrics, samples = evaluate(
-                config,
-                model,
-                state.params,
-                data.eval["validation"],
-                data.tgt_tokenizer,
-                config.num_eval_examples,
-                mesh,
-            )
-            best.save(step, args=ocp.args.StandardSave(state.params), metrics=metrics)
-            last_metrics = metrics
-            if is_main:
-                experiment.append_metrics(workdir, {"step": step, "split": "validation", **metrics})
-                report_validation(progress, step, metrics, samples[: config.num_samples_to_log])
-                plots.learning_curves(
-                    experiment.read_metrics(workdir),
-                    config.eval_metric,
-                    workdir / "learning_curves.png",
-                )
-        if step % config.checkpoint_every == 0 or is_last:
-            if not experiment.all_finite(state.params):
-                ckpt.wait_until_finished()
-                raise TrainingDiverged(
-                    f"params are not finite at step {step}; the last good checkpoint "
-                    f"(step {ckpt.latest_step()}) is kept in {workdir}/checkpoints: "
-                    "lower --config.learning_rate and resume"
-                )
-            ckpt.save(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state),
-                    data=grain.checkpoint.CheckpointSave(train_iter),
-                ),
-            )
-    progress.close()
-    ckpt.wait_until_finished()
-    best.wait_until_finished()
-    ckpt.close()
-    best.close()
-    return state, last_metrics
-
-
-def report_validation(progress, step, metrics, samples) -> None:
-    summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
-    progress.write(f"step {step} validation: {summary}")
-    for source, reference, hypothesis in samples:
-        progress.write(f"  src: {source}\n  ref: {reference}\n  hyp: {hypothesis}")
-
-
-def check_data_state_hosts(ckpt: ocp.CheckpointManager, step: int) -> None:
-    """Grain saves each host's iterator position as `data/process_<i>-of-<n>.json` and restores only
-    that file, so a run resumes on as many hosts as it was saved from (any device count per host)."""
-    data_dir = Path(ckpt.directory) / str(step) / "data"
-    mine = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-    saved = sorted(p.name for p in data_dir.glob("process_*.json"))
-    if saved and mine not in saved:
-        raise experiment.RunError(
-            f"checkpoint {data_dir.parent} holds the data-iterator positions of hosts {saved}, "
-            f"not {mine}: resume with the number of hosts (processes) that saved it"
-        )
+from experiment import RunError, metrics, training
+from experiment import config as run_config
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}: use --config.key=value flags")
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-    config = FLAGS.config
     workdir = Path(FLAGS.workdir)
     try:
-        _, metrics = train_and_evaluate(config, workdir)
-    except (experiment.RunError, ValueError) as e:  # DataError is a ValueError
+        _, last = training.train_and_evaluate(FLAGS.config, workdir)
+    except (RunError, ValueError) as e:  # DataError is a ValueError
         sys.exit(f"error: {e}")
     print(f"checkpoints: {workdir}/checkpoints (best: {workdir}/best)")
-    print(f"metrics:     {workdir}/{experiment.METRICS_FILE}")
+    print(f"metrics:     {workdir}/{metrics.METRICS_FILE}")
     print(f"plot:        {workdir}/learning_curves.png")
-    final = {k: v for k, v in metrics.items() if isinstance(v, float)}
+    final = {k: v for k, v in last.items() if isinstance(v, float)}
     print("validation:  " + ", ".join(f"{k} {v:.4g}" for k, v in final.items()))
     print(f"next:        python eval.py --workdir {workdir}")
 
 
 if __name__ == "__main__":
     FLAGS = flags.FLAGS
-    with experiment.flag_errors():
+    with run_config.flag_errors():
         config_flags.DEFINE_config_file("config", "configs/default.py", "Experiment config file.")
     flags.DEFINE_string("workdir", "runs/default", "Run directory: checkpoints, metrics, plots.")
-    app.run(main, flags_parser=experiment.parse_flags)
+    app.run(main, flags_parser=run_config.parse_flags)

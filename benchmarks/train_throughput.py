@@ -9,7 +9,7 @@ devices (`XLA_FLAGS=--xla_force_host_platform_device_count=N`): the N devices sh
 cores, so this measures what splitting costs (partitioned programs, collectives) rather than a
 speed-up; on GPUs or TPUs it counts real devices (`--devices` must not exceed them).
 
-What is timed: `train.programs(...).train_step`, exactly as train.py runs it (params and optimizer
+What is timed: `training.jitted_programs(...).train_step`, exactly as train.py runs it (params and optimizer
 state sharded by the mesh, the batch split over every device, state donated), on the config's own
 training batches, assembled as global arrays before timing (the input pipeline is not timed).
 After `--warmup` steps (compilation), `--steps` steps run back to back and the clock stops when the
@@ -42,10 +42,9 @@ def child(args) -> dict:
     import jax
     import numpy as np
 
-    import experiment
     import sharding
-    import train
     from data import input_pipeline
+    from experiment import programs, training
 
     config = importlib.import_module(f"configs.{args.config}").get_config()
     if args.batch_size:
@@ -55,10 +54,12 @@ def child(args) -> dict:
     config.mesh.data, config.mesh.fsdp = (devices, 1) if args.mesh == "dp" else (1, devices)
     mesh = sharding.mesh_from_config(config)
     data = input_pipeline.get_datasets(config, batch_multiple=mesh.size)
-    model = experiment.create_model(
+    model = programs.create_model(
         config, data.src_tokenizer.vocab_size, data.tgt_tokenizer.vocab_size
     )
-    run = train.programs(model, experiment.make_optimizer(config), config.label_smoothing, mesh)
+    run = training.jitted_programs(
+        model, programs.make_optimizer(config), config.label_smoothing, mesh
+    )
     seed = np.int32(config.seed)
     state = run.init(seed)
     iterator = data.train.iterator(*sharding.host_shard(mesh))

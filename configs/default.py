@@ -14,20 +14,21 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Data (see data/input_pipeline.py).
     config.dataset = "dates"
-    config.data_dir = config_dict.placeholder(
-        str
-    )  # None: the TFDS default (~/tensorflow_datasets).
+    config.data_dir = config_dict.placeholder(str)  # TFDS data_dir; None: ~/tensorflow_datasets.
     config.manual_dir = config_dict.placeholder(str)  # Local copy of downloadable data (Multi30k).
     config.tokenizer = "char"  # "char" | "sentencepiece".
     config.vocab_size = 8000  # SentencePiece only.
     config.sp_model_type = "unigram"  # "unigram" | "bpe".
-    config.shared_vocab = True
-    config.tokenizer_dir = config_dict.placeholder(str)  # None: <workdir>/tokenizer.
-    config.max_len = (
-        64  # Training pairs longer than this (tokens, either side) are dropped and counted.
-    )
+    config.shared_vocab = True  # One tokenizer for source and target.
+    # Where trained tokenizers are cached, by a hash of their training text and options (each run
+    # also keeps a copy in <workdir>/tokenizer); None: ~/.cache/seqzoo/tokenizers.
+    config.tokenizer_dir = config_dict.placeholder(str)
+    # Longest training example, in tokens with EOS (source) or BOS (target): longer pairs are
+    # dropped and counted; evaluation examples are truncated to it.
+    config.max_len = 64
     config.batch_size = 64  # Sentences per batch (when tokens_per_batch == 0).
-    config.tokens_per_batch = 0  # > 0: batch by tokens instead of sentences.
+    config.tokens_per_batch = 0  # > 0: batch by padded tokens (batch x longer side) instead.
+    config.num_buckets = 4  # Length buckets (batch shapes, so train-step compilations).
     config.eval_batch_size = 128
 
     # Model (see models/registry.py for the defaults these override).
@@ -42,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.warmup_steps = 200
     config.schedule = "cosine"  # "cosine" | "rsqrt" | "constant".
     config.weight_decay = 0.0
-    config.grad_clip_norm = 1.0
+    config.grad_clip_norm = 1.0  # Global-norm gradient clipping; 0: none.
     config.label_smoothing = 0.0
 
     # Evaluation, logging, checkpoints.
@@ -52,7 +53,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_samples_to_log = 3
     config.eval_metric = "exact_match"  # Selects the best checkpoint: "exact_match" | "bleu".
     config.max_decode_len = 16  # Target tokens generated at most (EOS included).
-    # > 0: each sentence stops at min(max_decode_len, ceil(a * source tokens) + b) tokens.
+    # > 0: each sentence stops at min(max_decode_len, ceil(a * source tokens) + b) tokens
+    # (fairseq's --max-len-a/b).
     config.max_decode_len_a = 0.0
     config.max_decode_len_b = 0
     config.decode = "greedy"  # Decoder used for validation during training.
@@ -60,7 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.alpha = 0.6
     config.length_penalty = "gnmt"
     config.checkpoint_every = 500
-    config.keep_checkpoints = 3
+    config.keep_checkpoints = 3  # Periodic checkpoints kept (the latest); best/ keeps one more.
 
     # Scale-out (see sharding.py): a (data, fsdp) device mesh over every device of every host.
     # Batches are split over all devices; params and optimizer state are sharded over `fsdp` and

@@ -1,7 +1,8 @@
 """A seconds-long dates run for tests and smoke checks: tiny data, tiny model.
 
 python train.py --config configs/tiny_dates.py --workdir /tmp/tiny
-python train.py --config configs/tiny_dates.py --config.model=transformer ...
+python train.py --config configs/tiny_dates.py --workdir /tmp/tiny_lstm \
+    --config.model_hparams.cell=lstm --config.num_train_steps=40
 """
 
 import ml_collections

@@ -9,8 +9,8 @@
 
 Config fields: `dataset`, `data_dir`, `manual_dir`, `tokenizer` ("char" | "sentencepiece"),
 `vocab_size`, `sp_model_type` ("unigram" | "bpe"), `shared_vocab`, `tokenizer_dir`, `max_len`,
-`batch_size`, `tokens_per_batch`, `seed`; optional `eval_batch_size` (default: batch_size) and
-`num_buckets` (default 4). `max_len` bounds every array length: a training example is dropped when
+`batch_size`, `tokens_per_batch`, `num_buckets`, `seed`; optional `eval_batch_size` (default:
+batch_size). `max_len` bounds every array length: a training example is dropped when
 its source + EOS or BOS + target is longer; evaluation examples are truncated instead (the
 reference strings stay whole).
 
@@ -126,7 +126,7 @@ def get_datasets(config, *, batch_multiple: int = 1) -> Datasets:
         batch_size=config.batch_size,
         tokens_per_batch=config.tokens_per_batch,
         batch_multiple=batch_multiple,
-        num_buckets=config.get("num_buckets", pipeline.DEFAULT_NUM_BUCKETS),
+        num_buckets=config.num_buckets,
         seed=config.seed,
     )
     stats = {
@@ -179,7 +179,7 @@ def _eval_data(
     buckets = pipeline.bucket_lengths(
         src_lengths,
         tgt_lengths,
-        num_buckets=config.get("num_buckets", pipeline.DEFAULT_NUM_BUCKETS),
+        num_buckets=config.num_buckets,
         max_len=config.max_len,
     )
     return pipeline.make_eval_data(
@@ -204,11 +204,29 @@ def get_eval_data(
     return _eval_data(config, data, sources, references, batch_size)
 
 
+def source_lengths(max_len: int) -> list[int]:
+    """The source lengths user input is padded to: 8, 16, 32, ... up to `max_len` (and `max_len`).
+
+    Fixed, whatever the input, so translating any number of chunks compiles each decode program at
+    most once per length here.
+    """
+    lengths, length = [], 8
+    while length < max_len:
+        lengths.append(length)
+        length *= 2
+    return [*lengths, max_len]
+
+
 def source_batches(config, src_ids: Sequence[Sequence[int]], batch_size: int) -> list:
-    """Ordered decode batches of already tokenized sources (user input), with `mask` for real rows."""
+    """Ordered decode batches of already tokenized sources (user input, each at most
+    `config.max_len - 1` tokens), with `mask` for real rows; every batch is `[batch_size, L]` with L
+    from `source_lengths(config.max_len)`."""
     data = pipeline.Tokenized.from_lists(src_ids, [[] for _ in src_ids])
     blanks = [""] * len(src_ids)
-    return _eval_data(config, data, blanks, blanks, batch_size).batches
+    buckets = [(length, pipeline.BUCKET_MULTIPLE) for length in source_lengths(config.max_len)]
+    return pipeline.make_eval_data(
+        data, blanks, blanks, buckets=buckets, batch_size=batch_size, max_len=config.max_len
+    ).batches
 
 
 def head(eval_data: pipeline.EvalData, count: int) -> pipeline.EvalData:

@@ -22,10 +22,9 @@ from typing import Protocol
 
 import sentencepiece as spm
 
+from contracts import BOS_ID, EOS_ID, NUM_SPECIAL, PAD_ID, UNK_ID  # noqa: F401 (re-exported)
 from data import DataError
 
-PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
-NUM_SPECIAL = 4
 UNK_TEXT = "\u2047"  # "⁇", what SentencePiece decodes UNK to
 SPECIAL_NAMES = {PAD_ID: "<pad>", BOS_ID: "<bos>", EOS_ID: "<eos>", UNK_ID: "<unk>"}
 KINDS = ("char", "sentencepiece")

@@ -4,41 +4,12 @@ A step function is `step_fn(tokens [N] int32, state) -> (logits [N, vocab], new_
 `state` has the `N` rows first and `new_state` has exactly the structure, shapes and dtypes of `state`.
 """
 
-import numbers
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-# The project's padding id (README "Special ids"): never generated, and the filler after EOS.
-PAD_ID = 0
-
-
-class BeamShared(NamedTuple):
-    """Decoder state that beam search does not reorder: its rows are shared by the beams of a sentence.
-
-    After each step, beam search makes row `n` of the state continue its parent hypothesis' row by
-    gathering every leaf by rows; under `BeamShared` it does not. Like any state, its leaves have the
-    `N` rows first (repeated from `[batch, ...]` at the start); the step function writes row `n` only
-    for hypothesis `n` and reads a hypothesis' past through indices it keeps in the ordinary, reordered
-    state. A KV cache kept so is written in place, never copied between beams: each step's new keys go
-    to their own row, and a hypothesis' attention reads position `t` from the row recorded for `t`.
-    (Greedy, sampling and scoring never reorder rows, so there it is plain state.)
-    """
-
-    value: Any
-
-
-def is_int(value: Any) -> bool:
-    """True for a Python or numpy integer (not a bool, not an array)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def check_positive(**fields: Any) -> None:
-    """Raises a one-line ValueError for the first field that is not a positive integer."""
-    for field, value in fields.items():
-        if not is_int(value) or value < 1:
-            raise ValueError(f"{field}={value!r} must be a positive integer")
+from contracts import PAD_ID, BeamShared, check_positive, is_int  # noqa: F401 (re-exported)
 
 
 def check_batch(state: Any, batch_size: int, what: str = "init_state") -> None:

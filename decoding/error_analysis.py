@@ -4,7 +4,7 @@ For each sentence with reference y* and beam output ŷ, both scored by the same 
 length normalization (`decoding.score` for y*, the beam's own score for ŷ):
 - ŷ == y* (the same tokens up to and including EOS): correct, not an error;
 - score(y*) > score(ŷ): a search error. The model prefers the reference, but the search did not find
-  it: a wider beam (or a larger max_len, when y* is longer than it) can help;
+  it: a wider beam can help, unless y* is longer than the sentence's length limit (then raise it);
 - score(y*) <= score(ŷ): a model error. The model ranks its wrong output at least as high as the
   reference, so no search can fix it: improve the model.
 """
@@ -24,6 +24,7 @@ def error_analysis(
     hypothesis_scores: Any,
     *,
     eos_id: int,
+    max_lengths: Any = None,
     num_examples: int = 3,
 ) -> dict:
     """Splits the errors of a decoder into search errors and model errors.
@@ -35,13 +36,15 @@ def error_analysis(
       hypothesis_scores: float `[n]`, its normalized score (`beam_search(...).scores[:, 0]`), under
         the same alpha and length penalty as `reference_scores`.
       eos_id: the EOS id, which ends a sequence (see `decoding.scoring.sequence_lengths`).
+      max_lengths: int `[n]`, the most tokens (EOS included) the decoder could generate for each
+        sentence (its own limit, e.g. `ceil(a * source tokens) + b`); None: `max_len` for all.
       num_examples: how many examples of each kind to keep, those with the largest score gap first.
 
     Returns:
       A report dict: `num_sentences`, `num_correct`, `num_search_errors`, `num_model_errors`,
       `search_error_fraction` and `model_error_fraction` (fractions of the errors, 0 without errors),
-      `num_reference_too_long` (search errors whose reference is longer than max_len, which no beam
-      can find), `records` (one per sentence: `index`, `kind` in correct/search/model,
+      `num_reference_too_long` (search errors whose reference is longer than its sentence's length
+      limit, which no beam can find), `records` (one per sentence: `index`, `kind` in correct/search/model,
       `reference_score`, `hypothesis_score`), `examples` (`{"search": [...], "model": [...]}`, records
       with `reference` and `hypothesis` token lists added), `verdict` ("search", "model", "tie" or
       "none") and `suggested_fix` (one sentence).
@@ -65,6 +68,9 @@ def error_analysis(
             f"and hypothesis_scores [n], got {references.shape}, {reference_scores.shape}, "
             f"{hypotheses.shape} and {hypothesis_scores.shape}"
         )
+    limits = np.full(n, hypotheses.shape[1]) if max_lengths is None else np.asarray(max_lengths)
+    if limits.shape != (n,):
+        raise ValueError(f"error_analysis needs max_lengths [n={n}], got {limits.shape}")
     reference_lengths = np.asarray(scoring.sequence_lengths(references, eos_id))
     hypothesis_lengths = np.asarray(scoring.sequence_lengths(hypotheses, eos_id))
     records, tokens = [], []
@@ -99,7 +105,7 @@ def error_analysis(
         )[:num_examples]
         examples[kind] = [dict(r, **tokens[r["index"]]) for r in chosen]
     too_long = sum(
-        r["kind"] == "search" and reference_lengths[r["index"]] > hypotheses.shape[1]
+        r["kind"] == "search" and reference_lengths[r["index"]] > limits[r["index"]]
         for r in records
     )
     if errors == 0:
@@ -119,13 +125,20 @@ def error_analysis(
         records=records,
         examples=examples,
         verdict=verdict,
-        suggested_fix=_suggested_fix(verdict, int(too_long)),
+        suggested_fix=_suggested_fix(verdict, int(too_long), counts["search"]),
     )
 
 
-def _suggested_fix(verdict: str, too_long: int) -> str:
+def _suggested_fix(verdict: str, too_long: int, search_errors: int) -> str:
+    limit = "the length limit (max_decode_len, or max_decode_len_a/b per sentence)"
+    if verdict == "search" and too_long == search_errors:
+        return (
+            f"Most errors are search errors, and in every one the reference is longer than its "
+            f"sentence's length limit, which no beam can reach: raise {limit}."
+        )
     longer = (
-        f" (in {too_long} search errors the reference is longer than max_len: raise max_len too)"
+        f" (in {too_long} search errors the reference is longer than its sentence's length "
+        f"limit: raise {limit} too)"
         if too_long
         else ""
     )

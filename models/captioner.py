@@ -240,6 +240,7 @@ class Captioner(nn.Module):
                     activation=self.activation,
                     dropout_rate=self.dropout_rate,
                     attention_dropout_rate=self.attention_dropout_rate,
+                    activation_dropout_rate=self.dropout_rate,
                     pre_ln=self.pre_ln,
                     **dtypes,
                 )

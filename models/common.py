@@ -1,4 +1,4 @@
-"""Pieces shared by the model families: special ids, masks, RNN cells, masked softmax, validation."""
+"""Pieces shared by the model families: masks, RNN cells, masked softmax, validation."""
 
 from typing import Any
 
@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+from contracts import PAD_ID, check_positive  # noqa: F401 (re-exported)
 
 CELLS = ("gru", "lstm")
 
@@ -15,13 +15,6 @@ def check_choice(field: str, value: Any, choices: tuple) -> None:
     """Raises a one-line ValueError unless `value` is one of `choices`."""
     if value not in choices:
         raise ValueError(f"{field}={value!r} is not supported: use one of {', '.join(choices)}")
-
-
-def check_positive(**fields: int) -> None:
-    """Raises a one-line ValueError for the first field that is not a positive integer."""
-    for field, value in fields.items():
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{field}={value!r} must be a positive integer")
 
 
 def check_rate(**fields: float) -> None:

@@ -18,7 +18,7 @@ incremental paths call the same `MultiHeadAttention` modules, so they share para
 float rounding.
 
 Decoding speed (see benchmarks/decode.py): the self-attention cache is never copied. Beam search does
-not reorder it (`decoding.BeamShared`): each row writes its step's keys/values in its own cache row, and
+not reorder it (`contracts.BeamShared`): each row writes its step's keys/values in its own cache row, and
 `slots` (ordinary state, which the search reorders with the hypotheses) records which beam's row holds
 each position of each hypothesis; a step multiplies every cache row of a sentence by the queries of all
 its beams and keeps each hypothesis' own products (`beam_cache_scores`, `beam_cache_mix`). The cache is
@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-import decoding
+from contracts import BeamShared
 from models import common
 
 ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu}
@@ -56,7 +56,7 @@ def beam_cache_scores(query: jax.Array, keys: jax.Array, holds: jax.Array) -> ja
     """Dot products `[N, heads, 1, max_len]` of one query per row `[N, 1, heads, head_dim]` with the
     keys of its own hypothesis in a beam-shared key cache `[N, heads, head_dim, max_len]`.
 
-    The cache is never reordered between beams (`decoding.BeamShared`): position t of hypothesis i is
+    The cache is never reordered between beams (`contracts.BeamShared`): position t of hypothesis i is
     in the row of its sentence's beam j where `holds [batch, j, 1, i, max_len]` is True. Each cache row
     meets the queries of all `beam` hypotheses of its sentence, `beam` times the (small) multiply-adds
     of reading the cache as it lies, then each query keeps its own rows' scores; reordering instead
@@ -166,7 +166,7 @@ class FeedForward(nn.Module):
     d_model: int
     ffn_dim: int
     activation: str
-    dropout_rate: float
+    dropout_rate: float  # on the activations (fairseq's activation dropout)
     dtype: Any
     param_dtype: Any
 
@@ -192,6 +192,7 @@ class Sublayers(nn.Module):
     activation: str
     dropout_rate: float
     attention_dropout_rate: float
+    activation_dropout_rate: float
     pre_ln: bool
     dtype: Any
     param_dtype: Any
@@ -209,7 +210,7 @@ class Sublayers(nn.Module):
             self.d_model,
             self.ffn_dim,
             self.activation,
-            self.dropout_rate,
+            self.activation_dropout_rate,
             self.dtype,
             self.param_dtype,
         )
@@ -339,7 +340,7 @@ def empty_decode_state(module: nn.Module, memory: dict, max_len: int) -> dict:
       pos: int32 `[batch]` zeros, the next position;
       slots: int32 `[batch, max_len]` zeros: for each past position, the beam (of the row's sentence)
         whose cache row holds its keys/values;
-      cache: `decoding.BeamShared`, per decoder layer a zero cache in `module.dtype`, keys `[batch,
+      cache: `contracts.BeamShared`, per decoder layer a zero cache in `module.dtype`, keys `[batch,
         heads, head_dim, max_len]` and values `[batch, heads, max_len, head_dim]`. Beam search does
         not reorder it: each row writes its own keys/values, and reads its hypothesis' past where
         `slots` says.
@@ -356,7 +357,7 @@ def empty_decode_state(module: nn.Module, memory: dict, max_len: int) -> dict:
     return {
         "pos": jnp.zeros((batch,), jnp.int32),
         "slots": jnp.zeros((batch, max_len), jnp.int32),
-        "cache": decoding.BeamShared(cache),
+        "cache": BeamShared(cache),
     }
 
 
@@ -409,7 +410,7 @@ def cached_decoder_layers(module: nn.Module, layers, x: jax.Array, memory: dict,
         # [batch, heads, beam, src_len] -> [N, heads, src_len]
         weights = jnp.swapaxes(weights, 1, 2).reshape(rows, weights.shape[1], -1)
         module.sow("intermediates", f"cross_attention_{i}", weights)
-    return x, {"pos": pos + 1, "slots": slots, "cache": decoding.BeamShared(tuple(new_cache))}
+    return x, {"pos": pos + 1, "slots": slots, "cache": BeamShared(tuple(new_cache))}
 
 
 class Transformer(nn.Module):
@@ -421,8 +422,9 @@ class Transformer(nn.Module):
       num_heads: attention heads.
       num_encoder_layers, num_decoder_layers: stack depths.
       ffn_dim: inner size of the position-wise FFN.
-      dropout_rate: dropout on embeddings, sublayer outputs and FFN activations.
+      dropout_rate: dropout on embeddings and sublayer outputs.
       attention_dropout_rate: dropout on attention weights.
+      activation_dropout_rate: dropout on the FFN's inner activations; None: `dropout_rate`.
       pre_ln: LayerNorm before each sublayer (plus a final one per stack) if True, after the residual
         sum (the original post-LN) if False.
       share_embeddings: one embedding table for source and target (needs equal vocabulary sizes).
@@ -442,6 +444,7 @@ class Transformer(nn.Module):
     ffn_dim: int = 1024
     dropout_rate: float = 0.1
     attention_dropout_rate: float = 0.1
+    activation_dropout_rate: float | None = None
     pre_ln: bool = True
     share_embeddings: bool = False
     tie_output: bool = True
@@ -462,7 +465,9 @@ class Transformer(nn.Module):
             max_len=self.max_len,
         )
         common.check_rate(
-            dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate
+            dropout_rate=self.dropout_rate,
+            attention_dropout_rate=self.attention_dropout_rate,
+            activation_dropout_rate=self.activation_dropout,
         )
         common.check_choice("activation", self.activation, tuple(ACTIVATIONS))
         if self.d_model % self.num_heads or self.d_model % 2:
@@ -495,6 +500,7 @@ class Transformer(nn.Module):
             activation=self.activation,
             dropout_rate=self.dropout_rate,
             attention_dropout_rate=self.attention_dropout_rate,
+            activation_dropout_rate=self.activation_dropout,
             pre_ln=self.pre_ln,
             **dtypes,
         )
@@ -507,6 +513,14 @@ class Transformer(nn.Module):
             self.output = nn.Dense(self.tgt_vocab_size, **dtypes)
         self.dropout = nn.Dropout(self.dropout_rate)
         self.positions = sinusoidal_positions(self.max_len, self.d_model)
+
+    @property
+    def activation_dropout(self) -> float:
+        return (
+            self.dropout_rate
+            if self.activation_dropout_rate is None
+            else self.activation_dropout_rate
+        )
 
     def _check_length(self, what: str, length: int) -> None:
         if length > self.max_len:
@@ -581,7 +595,7 @@ class Transformer(nn.Module):
 
         Returns:
           `empty_decode_state`'s dict: `pos` int32 `[batch]` zeros (the next position), `slots` and
-          `cache` (`decoding.BeamShared`, per decoder layer (keys, values), computation dtype).
+          `cache` (`contracts.BeamShared`, per decoder layer (keys, values), computation dtype).
         """
         self._check_length("decode", max_len)
         return empty_decode_state(self, memory, max_len)

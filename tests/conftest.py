@@ -7,6 +7,7 @@
 - `tokenizer_dir`: a session tokenizer cache, so each tokenizer is trained once per session.
 - `dates_config()` / `multi30k_config()`: fresh ConfigDicts for `input_pipeline.get_datasets`.
 - `dates_data` / `multi30k_data`: `get_datasets` of those configs, built once per session.
+- `damage_checkpoint(step_dir)`: flips bytes in a checkpoint's array data.
 """
 
 import os
@@ -72,6 +73,7 @@ def data_config(**fields) -> ml_collections.ConfigDict:
         tokens_per_batch=0,
         seed=0,
         eval_batch_size=32,
+        num_buckets=4,
     )
     config.update(fields)
     return ml_collections.ConfigDict(config)
@@ -135,10 +137,22 @@ def tiny_run(tmp_path_factory, tfds_data_dir, tokenizer_dir):
 
     Tests must not modify its workdir (copy it first).
     """
-    import train
+    from experiment import training
 
     workdir = tmp_path_factory.mktemp("tiny_run")
-    state, metrics = train.train_and_evaluate(
+    state, metrics = training.train_and_evaluate(
         tiny_run_config(tfds_data_dir, tokenizer_dir), workdir
     )
     return workdir, state, metrics
+
+
+def damage_checkpoint(step_dir: Path) -> Path:
+    """Flips 64 bytes in the middle of the largest file of checkpoint `step_dir` (array data), as a
+    failing disk would; returns that file."""
+    files = (p for p in step_dir.rglob("*") if p.is_file() and p.name != "integrity.json")
+    path = max(files, key=lambda p: p.stat().st_size)
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
+    path.write_bytes(bytes(data))
+    return path

@@ -16,11 +16,10 @@ import optax
 import pytest
 
 import decoding
-import eval as evaluation
-import experiment
-import train
+import eval as eval_script
 from configs import tiny_digits_captioner
 from data import digit_captions, pipeline, tokenizers
+from experiment import RunError, programs, training
 from models import registry
 from models.captioner import Captioner
 
@@ -65,7 +64,7 @@ def test_shapes_and_attention_over_the_grid(overrides):
     model = build(20, **overrides)
     images = jax.ShapeDtypeStruct((3, 20, 28, 1), jnp.float32)  # 20x28 -> a 5x7 grid
     tgt_in = jax.ShapeDtypeStruct((3, 4), jnp.int32)
-    params = jax.eval_shape(experiment.init_params_from_seed, model, 0)
+    params = jax.eval_shape(programs.init_params_from_seed, model, 0)
     variables = {"params": params}
     logits, state = jax.eval_shape(
         functools.partial(model.apply, mutable=["intermediates"]), variables, images, tgt_in
@@ -93,7 +92,7 @@ def test_grid_features_know_where_they_are():
     model = build(20)
     # Random weights (no compilation, unlike init) and zero biases, as init has them: the blank
     # background then gives the same features as the convolutions' zero padding.
-    shapes = jax.eval_shape(experiment.init_params_from_seed, model, 0)
+    shapes = jax.eval_shape(programs.init_params_from_seed, model, 0)
     rng = np.random.default_rng(1)
     params = jax.tree_util.tree_map_with_path(
         lambda path, x: (
@@ -131,14 +130,14 @@ def overfit(tiny_batch) -> Overfit:
     """The rnn captioner trained from seed 0 on the 8-example batch until it knows it."""
     batch, _, tokenizer = tiny_batch
     model = build(tokenizer.vocab_size, d_model=64, hidden_dim=64, dropout_rate=0.0)
-    initial = params = experiment.init_params_from_seed(model, 0)
+    initial = params = programs.init_params_from_seed(model, 0)
     optimizer = optax.adam(1e-2)
 
     @jax.jit
     def step(params, opt_state):
         def loss_fn(params):
             logits = model.apply({"params": params}, batch["src"], batch["tgt_in"], train=False)
-            loss_sum, tokens = experiment.cross_entropy(logits, batch["tgt_out"])
+            loss_sum, tokens = programs.cross_entropy(logits, batch["tgt_out"])
             return loss_sum / tokens
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
@@ -153,7 +152,7 @@ def overfit(tiny_batch) -> Overfit:
 
 
 def test_init_is_determined_by_the_seed(overfit):
-    again, other = (experiment.init_params_from_seed(overfit.model, s) for s in (0, 1))
+    again, other = (programs.init_params_from_seed(overfit.model, s) for s in (0, 1))
     leaves = jax.tree.leaves(overfit.initial)
     assert all(np.array_equal(x, y) for x, y in zip(leaves, jax.tree.leaves(again), strict=True))
     assert not any(
@@ -165,25 +164,25 @@ def test_overfits_a_tiny_batch(overfit, tiny_batch):
     model, _, params, losses = overfit
     batch, captions, tokenizer = tiny_batch
     assert losses[0] > 2.0 and losses[-1] < 0.01, losses[::25]
-    result = experiment.decode_fn(model, "greedy", 1, 48, "none")(params, batch["src"], 0.0)
-    assert [tokenizer.decode(row) for row in experiment.best_sequences(result)] == captions
+    result = programs.decode_fn(model, "greedy", 1, 48, "none")(params, batch["src"], 0.0)
+    assert [tokenizer.decode(row) for row in programs.best_sequences(result)] == captions
 
 
 def test_beam_search_through_the_shared_interface(overfit, tiny_batch):
-    """`experiment.decode_fn` (decoding.beam_search over experiment.step_function, i.e. the model's
+    """`programs.decode_fn` (decoding.beam_search over programs.step_function, i.e. the model's
     encode / init_decode_state / decode_step) returns the captions, with the scores decoding.score
     gives them; images of a batch do not leak into each other's beams."""
     model, _, params, _ = overfit
     batch, captions, tokenizer = tiny_batch
     src = jnp.asarray(batch["src"])
-    beam = experiment.decode_fn(model, "beam", 3, 48, "none")
+    beam = programs.decode_fn(model, "beam", 3, 48, "none")
     result = beam(params, src, 0.0)
-    best = experiment.best_sequences(result)
+    best = programs.best_sequences(result)
     assert [tokenizer.decode(row) for row in best] == captions
 
     @jax.jit
     def score(params, src, targets):
-        step_fn, state = experiment.step_function(model, params, src, targets.shape[1])
+        step_fn, state = programs.step_function(model, params, src, targets.shape[1])
         return decoding.score(
             step_fn,
             state,
@@ -198,7 +197,7 @@ def test_beam_search_through_the_shared_interface(overfit, tiny_batch):
     np.testing.assert_allclose(scored.scores, np.asarray(result.scores)[:, 0], atol=1e-4)
     # The same images in another order give the same captions in that order.
     order = np.array([3, 1, 7, 0, 5, 2, 6, 4])
-    again = experiment.best_sequences(beam(params, src[order], 0.0))
+    again = programs.best_sequences(beam(params, src[order], 0.0))
     assert [tokenizer.decode(r) for r in again] == [captions[i] for i in order]
 
 
@@ -238,7 +237,7 @@ def tiny_captioner_run(tmp_path_factory):
     config.data_dir = str(root / "tfds")
     config.tokenizer_dir = str(root / "tokenizers")
     workdir = root / "run"
-    state, metrics = train.train_and_evaluate(config, workdir)
+    state, metrics = training.train_and_evaluate(config, workdir)
     assert int(state.step) == 20
     return workdir, metrics
 
@@ -246,13 +245,13 @@ def tiny_captioner_run(tmp_path_factory):
 def test_train_and_eval_run_unchanged_on_images(tiny_captioner_run, tmp_path):
     workdir, metrics = tiny_captioner_run
     assert {"loss", "bleu", "exact_match"} <= set(metrics)
-    records = experiment.read_metrics(workdir)
+    records = metrics.read_metrics(workdir)
     train_losses = [r["loss"] for r in records if r["split"] == "train"]
     assert train_losses[-1] < train_losses[0]
     # Greedy as in validation: eval.py reuses the decoder train.py compiled (beam is tested above).
-    report = evaluation.evaluate(
+    report = eval_script.evaluate(
         workdir,
-        evaluation.Options(
+        eval_script.Options(
             split="test",
             decode="greedy",
             num_examples=24,
@@ -273,5 +272,5 @@ def test_train_and_eval_run_unchanged_on_images(tiny_captioner_run, tmp_path):
 
     picture = matplotlib.image.imread(paths[0])
     assert picture.shape[0] > 100 and picture.shape[1] > picture.shape[0]  # a row of panels
-    with pytest.raises(experiment.RunError, match="reads images: evaluate a split instead"):
-        evaluation.evaluate(workdir, evaluation.Options(input="-"))
+    with pytest.raises(RunError, match="reads images: evaluate a split instead"):
+        eval_script.evaluate(workdir, eval_script.Options(input="-"))

@@ -88,7 +88,7 @@ def test_categories_ties_padding_and_references_longer_than_max_len():
     assert report["num_sentences"] == 5 and report["num_correct"] == 1
     assert report["search_error_fraction"] == report["model_error_fraction"] == 0.5
     assert report["num_reference_too_long"] == 1
-    assert report["verdict"] == "tie" and "raise max_len" in report["suggested_fix"]
+    assert report["verdict"] == "tie" and "raise the length limit" in report["suggested_fix"]
     # One example of each kind, the largest score gap first, with its tokens cut after EOS.
     (search,) = report["examples"]["search"]
     assert search["index"] == 4 and search["reference"] == [3, 3, 3, 3, EOS]
@@ -114,3 +114,31 @@ def test_mismatched_shapes_raise_a_one_line_value_error():
     with pytest.raises(ValueError, match=r"error_analysis needs references \[n, T\]") as error:
         decoding.error_analysis(tokens, [-1.0], tokens, [-1.0, -2.0], eos_id=EOS)
     assert "\n" not in str(error.value)
+
+
+def test_references_past_their_own_length_limit_are_not_blamed_on_the_beam():
+    # Two search errors with 5-token references; the decoder could generate 8 tokens (array width)
+    # but sentence 0's own limit (e.g. ceil(a * source) + b) was 4.
+    references = np.array([[A, C, D, C, EOS], [A, C, D, C, EOS]])
+    hypotheses = np.array([[B, EOS, 0, 0, 0, 0, 0, 0]] * 2)
+    report = decoding.error_analysis(
+        references,
+        np.array([-1.0, -1.0]),
+        hypotheses,
+        np.array([-2.0, -2.0]),
+        eos_id=EOS,
+        max_lengths=np.array([4, 8]),
+    )
+    assert report["num_search_errors"] == 2 and report["num_reference_too_long"] == 1
+    assert "raise the length limit" in report["suggested_fix"]
+    only_cut = decoding.error_analysis(
+        references[:1],
+        np.array([-1.0]),
+        hypotheses[:1],
+        np.array([-2.0]),
+        eos_id=EOS,
+        max_lengths=np.array([4]),
+    )
+    assert only_cut["num_reference_too_long"] == 1
+    assert "widen the beam" not in only_cut["suggested_fix"]
+    assert "no beam can reach" in only_cut["suggested_fix"]

@@ -1,5 +1,6 @@
 """eval.py on the session's tiny dates run: reports, sweep, error analysis, plots, user input, errors."""
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -8,23 +9,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import damage_checkpoint
 
-import eval as evaluation
-import experiment
-from data import input_pipeline
+import eval as eval_script
+from data import input_pipeline, tokenizers
+from evaluation import decode_report, loading, translate
+from experiment import RunError, checkpoints, metrics, programs
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def options(**fields) -> evaluation.Options:
-    return evaluation.Options(**{"split": "validation", "num_examples": 40, **fields})
+def options(**fields) -> eval_script.Options:
+    return eval_script.Options(**{"split": "validation", "num_examples": 40, **fields})
 
 
 @pytest.fixture(scope="module")
 def beam_report(tiny_run, tmp_path_factory):
     workdir, _, _ = tiny_run
     out = tmp_path_factory.mktemp("eval")
-    report = evaluation.evaluate(
+    report = eval_script.evaluate(
         workdir,
         options(
             error_analysis=True,
@@ -90,7 +93,7 @@ def test_by_source_length_groups_and_scores():
     hypotheses = ["a", "b", "x", "d", "e", "y"]
     references = ["a", "b", "c", "d", "e", "f"]
     lengths = [5, 1, 9, 1, 5, 9]
-    rows = evaluation.by_source_length(hypotheses, references, lengths, exact_match=True, bins=3)
+    rows = metrics.by_source_length(hypotheses, references, lengths, exact_match=True, bins=3)
     assert [(r["min_len"], r["max_len"], r["count"]) for r in rows] == [
         (1, 1, 2),
         (5, 5, 2),
@@ -98,7 +101,7 @@ def test_by_source_length_groups_and_scores():
     ]
     assert [r["exact_match"] for r in rows] == [1.0, 1.0, 0.0]
     # Ties never split: one length, one group.
-    rows = evaluation.by_source_length(["a"] * 4, ["a"] * 4, [3, 3, 3, 3], exact_match=True)
+    rows = metrics.by_source_length(["a"] * 4, ["a"] * 4, [3, 3, 3, 3], exact_match=True)
     assert [(r["min_len"], r["max_len"], r["count"]) for r in rows] == [(3, 3, 4)]
 
 
@@ -107,19 +110,19 @@ def test_checkpoint_averaging_is_the_mean_of_the_last_checkpoints(tiny_run, tmp_
     import numpy as np
 
     workdir, _, _ = tiny_run  # periodic checkpoints at steps 10 and 20
-    run = evaluation.Run(workdir)
+    run = loading.Run(workdir)
     template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), run.params)
-    restore = experiment._restore_params
+    restore = checkpoints._restore_params
     import orbax.checkpoint as ocp
 
     with ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints") as manager:
         assert sorted(manager.all_steps()) == [10, 20]
         at_10, at_20 = (restore(manager, s, "checkpoints", template) for s in (10, 20))
-    mean, step, which = experiment.restore_params(workdir, template, average_last=2)
+    mean, step, which = checkpoints.restore_params(workdir, template, average_last=2)
     assert step == 20 and which == "average of checkpoints 10-20 (2)"
     for m, a, b in zip(*(jax.tree.leaves(t) for t in (mean, at_10, at_20)), strict=True):
         np.testing.assert_allclose(m, (np.asarray(a) + np.asarray(b)) / 2, rtol=1e-6)
-    report = evaluation.evaluate(
+    report = eval_script.evaluate(
         workdir,
         options(
             average_checkpoints=2,
@@ -129,18 +132,18 @@ def test_checkpoint_averaging_is_the_mean_of_the_last_checkpoints(tiny_run, tmp_
         ),
     )
     assert report["checkpoint"] == "average of checkpoints 10-20 (2)"
-    with pytest.raises(experiment.RunError, match="cannot average 3 checkpoints.*holds 2"):
-        experiment.restore_params(workdir, template, average_last=3)
+    with pytest.raises(RunError, match="cannot average 3 checkpoints.*holds 2"):
+        checkpoints.restore_params(workdir, template, average_last=3)
 
 
 def test_greedy_equals_beam_of_one(tiny_run, tmp_path):
     workdir, _, _ = tiny_run
     greedy = tmp_path / "greedy.txt"
     beam1 = tmp_path / "beam1.txt"
-    evaluation.evaluate(
+    eval_script.evaluate(
         workdir, options(decode="greedy", output=str(greedy), report=str(tmp_path / "g.json"))
     )
-    evaluation.evaluate(
+    eval_script.evaluate(
         workdir, options(beam_size=1, output=str(beam1), report=str(tmp_path / "b.json"))
     )
     assert greedy.read_text() == beam1.read_text()
@@ -148,7 +151,7 @@ def test_greedy_equals_beam_of_one(tiny_run, tmp_path):
 
 def test_sweep_covers_greedy_and_beams_with_and_without_normalization(tiny_run, tmp_path):
     workdir, _, _ = tiny_run
-    report = evaluation.evaluate(
+    report = eval_script.evaluate(
         workdir,
         options(
             num_examples=16,
@@ -169,13 +172,13 @@ def test_input_lines_skip_empty_and_truncate_long(tiny_run, tmp_path, capsys):
     source = tmp_path / "in.txt"
     source.write_text("3 May 1979\n\n" + "1" * 100 + "\nThursday, May 3, 1979\n")
     output = tmp_path / "out.txt"
-    assert evaluation.evaluate(workdir, options(input=str(source), output=str(output))) is None
+    assert eval_script.evaluate(workdir, options(input=str(source), output=str(output))) is None
     lines = output.read_text().split("\n")
     assert len(lines) == 5 and lines[-1] == ""  # four outputs, aligned with the inputs
     assert lines[1] == ""
     err = capsys.readouterr().err
     assert "line 2 is empty: skipped" in err
-    assert "line 3 has 100 tokens: truncated to 64" in err
+    assert "line 3 has 100 tokens: truncated to 63 (max_len=64 with EOS)" in err
 
 
 def test_failure_mid_file_keeps_what_was_written(tiny_run, tmp_path, monkeypatch):
@@ -183,7 +186,7 @@ def test_failure_mid_file_keeps_what_was_written(tiny_run, tmp_path, monkeypatch
     source = tmp_path / "in.txt"
     source.write_text("".join(f"{day} May 1979\n" for day in range(1, 7)))
     output = tmp_path / "out.txt"
-    real = evaluation.decode_batches
+    real = decode_report.decode_batches
     calls = []
 
     def failing(*args, **kwargs):
@@ -192,37 +195,132 @@ def test_failure_mid_file_keeps_what_was_written(tiny_run, tmp_path, monkeypatch
             raise RuntimeError("device lost")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(evaluation, "decode_batches", failing)
+    monkeypatch.setattr(translate, "decode_batches", failing)
     with pytest.raises(RuntimeError, match="device lost"):
-        evaluation.evaluate(workdir, options(input=str(source), output=str(output), batch_size=2))
+        eval_script.evaluate(workdir, options(input=str(source), output=str(output), batch_size=2))
     assert len(output.read_text().splitlines()) == 2
 
 
 def test_missing_run_and_checkpoint_errors(tmp_path):
-    with pytest.raises(experiment.RunError, match="no run at"):
-        evaluation.evaluate(tmp_path / "nope", options())
+    with pytest.raises(RunError, match="no run at"):
+        eval_script.evaluate(tmp_path / "nope", options())
     (tmp_path / "empty").mkdir()
-    with pytest.raises(experiment.RunError, match="config.json is missing"):
-        evaluation.evaluate(tmp_path / "empty", options())
+    with pytest.raises(RunError, match="config.json is missing"):
+        eval_script.evaluate(tmp_path / "empty", options())
 
 
-def test_corrupt_or_mismatched_checkpoint_errors(tiny_run, tmp_path):
+def test_damaged_or_mismatched_checkpoint_errors(tiny_run, tmp_path):
     workdir, _, _ = tiny_run
     broken = tmp_path / "broken"
     shutil.copytree(workdir, broken)
-    for path in (broken / "best").rglob("*"):
-        if path.is_file() and path.stat().st_size > 0:
-            path.write_bytes(b"garbage")
-    with pytest.raises(experiment.RunError, match="corrupt or incompatible"):
-        evaluation.evaluate(broken, options())
+    [best] = (broken / "best").iterdir()
+    damage_checkpoint(best)
+    with pytest.raises(RunError, match=rf"checkpoint {best.absolute()} is damaged \(.*SHA-256"):
+        eval_script.evaluate(broken, options())
+
+    averaged = tmp_path / "averaged"
+    shutil.copytree(workdir, averaged)
+    damage_checkpoint(averaged / "checkpoints" / "10")
+    with pytest.raises(RunError, match=r"checkpoints/10 is damaged.*average the others"):
+        eval_script.evaluate(averaged, options(average_checkpoints=2))
 
     other = tmp_path / "other"
     shutil.copytree(workdir, other)
     config = json.loads((other / "config.json").read_text())
     config["model_hparams"]["hidden_dim"] = 64  # a config from another model
     (other / "config.json").write_text(json.dumps(config))
-    with pytest.raises(experiment.RunError, match="corrupt or incompatible"):
-        evaluation.evaluate(other, options())
+    with pytest.raises(RunError, match="is intact but does not match this config"):
+        eval_script.evaluate(other, options())
+
+
+def test_input_that_is_not_utf8_names_the_line_and_keeps_the_lines_before(tiny_run, tmp_path):
+    workdir, _, _ = tiny_run
+    source = tmp_path / "in.txt"
+    source.write_bytes(b"3 May 1979\n4 May 1979\nMay \xff 1979\n5 May 1979\n")
+    output = tmp_path / "out.txt"
+    with pytest.raises(RunError, match=r"line 3 is not valid UTF-8 \(byte 0xff at byte 5\)"):
+        eval_script.evaluate(workdir, options(input=str(source), output=str(output), batch_size=4))
+    assert len(output.read_text().split("\n")) == 3  # lines 1 and 2 translated and written
+
+
+def test_greedy_error_analysis_scores_both_sides_alike(tiny_run, tmp_path):
+    workdir, _, _ = tiny_run
+    reports = {}
+    for decode in ("greedy", "beam"):
+        reports[decode] = eval_script.evaluate(
+            workdir,
+            options(
+                decode=decode,
+                beam_size=1,
+                error_analysis=True,
+                output=str(tmp_path / f"{decode}.txt"),
+                report=str(tmp_path / f"{decode}.json"),
+            ),
+        )["error_analysis"]
+    # Greedy and beam 1 find the same hypotheses, so under one normalization their analyses agree.
+    keys = ("num_correct", "num_search_errors", "num_model_errors", "verdict")
+    assert {k: reports["greedy"][k] for k in keys} == {k: reports["beam"][k] for k in keys}
+    for kind in ("search", "model"):
+        for g, b in zip(reports["greedy"]["examples"][kind], reports["beam"]["examples"][kind]):
+            assert g["hypothesis_score"] == pytest.approx(b["hypothesis_score"], abs=1e-5)
+    assert reports["greedy"]["num_search_errors"] + reports["greedy"]["num_model_errors"] > 0
+
+
+def test_hypotheses_with_line_separators_stay_aligned(tiny_run, tmp_path, monkeypatch):
+    workdir, _, _ = tiny_run
+    decode = tokenizers.CharTokenizer.decode
+    odd = ["\x0b", "\x1c", "\x85", "\u2028", "\n"]
+    monkeypatch.setattr(
+        tokenizers.CharTokenizer,
+        "decode",
+        lambda self, ids: decode(self, ids) + odd[len(decode(self, ids)) % len(odd)] + "x",
+    )
+    output = tmp_path / "h.txt"
+    report = eval_script.evaluate(
+        workdir, options(output=str(output), report=str(tmp_path / "r.json"))
+    )
+    assert report["num_examples"] == 40
+    lines = output.read_text(encoding="utf-8").split("\n")
+    assert len(lines) == 41 and lines[-1] == ""  # one line per sentence
+    assert all(line.endswith("x") for line in lines[:-1])
+
+
+def test_input_compiles_each_shape_once_and_decodes_each_batch_once(
+    tiny_run, tmp_path, monkeypatch
+):
+    workdir, _, _ = tiny_run
+    calls = []
+    wrapped = {}
+
+    class Counting:
+        """The jitted decode, counting executions (compilations go through `lower`)."""
+
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __call__(self, *args):
+            calls.append(args[1].shape)
+            return self.fn(*args)
+
+        def lower(self, *args):
+            return self.fn.lower(*args)
+
+    real = loading.Search.decode_fn
+    monkeypatch.setattr(
+        loading.Search,
+        "decode_fn",
+        lambda self, run: wrapped.setdefault(id(run), Counting(real(self, run))),
+    )
+    lines = ["3 May 1979", "Thursday, May 3, 1979", "1979-05-03", "May 3rd, 1979, a Thursday"]
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(lines * 3) + "\n")  # 12 lines: 6 chunks of 2
+    search_options = options(input=str(source), output=str(tmp_path / "o.txt"), batch_size=2)
+    eval_script.evaluate(workdir, dataclasses.replace(search_options, beam_size=3))
+    [counting] = wrapped.values()
+    assert len(calls) == 6  # each batch decoded once
+    shapes = set(calls)
+    assert shapes <= {(2, n) for n in input_pipeline.source_lengths(64)}
+    assert counting.fn._cache_size() == len(shapes) <= 2  # one compilation per shape
 
 
 def test_command_line_error_is_one_line(tmp_path):
@@ -243,7 +341,7 @@ def test_command_line_error_is_one_line(tmp_path):
 def test_source_length_limits_cut_each_sentence_at_its_own_length(tiny_run, tmp_path):
     workdir, _, _ = tiny_run
     a, b = 0.2, 0
-    report = evaluation.evaluate(
+    report = eval_script.evaluate(
         workdir,
         options(
             decode="greedy",
@@ -255,14 +353,14 @@ def test_source_length_limits_cut_each_sentence_at_its_own_length(tiny_run, tmp_
         ),
     )
     assert (report["max_decode_len_a"], report["max_decode_len_b"]) == (a, b)
-    run = evaluation.Run(workdir)
+    run = loading.Run(workdir)
     src = input_pipeline.get_eval_data(
         run.config, "validation", run.src_tokenizer, run.tgt_tokenizer, batch_size=16
     ).batches[0]["src"]
     limits = np.ceil(a * np.sum(src != 0, axis=1)).astype(int) + b
     max_len = run.config.max_decode_len
-    free = experiment.decode_fn(run.model, "greedy", 1, max_len, "none")(run.params, src, 0.0)
-    cut = experiment.decode_fn(run.model, "greedy", 1, max_len, "none", None, a, b)(
+    free = programs.decode_fn(run.model, "greedy", 1, max_len, "none")(run.params, src, 0.0)
+    cut = programs.decode_fn(run.model, "greedy", 1, max_len, "none", None, a, b)(
         run.params, src, 0.0
     )
     # Greedy with a limit is greedy without one, truncated at the limit.
@@ -272,7 +370,7 @@ def test_source_length_limits_cut_each_sentence_at_its_own_length(tiny_run, tmp_
     assert np.all(free.lengths > limits) and len(set(limits)) > 1, "the test needs varied cuts"
     hyps = (tmp_path / "h.txt").read_text().splitlines()
     assert hyps == [run.tgt_tokenizer.decode(row.tolist()) for row in want]
-    beam = experiment.decode_fn(run.model, "beam", 4, max_len, "gnmt", None, a, b)(
+    beam = programs.decode_fn(run.model, "beam", 4, max_len, "gnmt", None, a, b)(
         run.params, src, 0.6
     )
     assert np.all(np.asarray(beam.lengths) <= limits[:, None])

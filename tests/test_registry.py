@@ -15,8 +15,8 @@ import optax
 import pytest
 from flax import nnx
 
-import experiment
 from data import tokenizers
+from experiment import programs
 from models import registry
 from models.attention_rnn import AttentionRNN
 from models.captioner import Captioner
@@ -179,7 +179,7 @@ def test_beam_search_scores_are_the_teacher_forced_log_probs(compiled):
     # returns (RNN carries, a KV cache): each n-best hypothesis' log-probability must still be the
     # model's teacher-forced one for its tokens.
     v, max_len = compiled.variables, 6
-    result = experiment.decode_fn(compiled.model, "beam", BEAM, max_len, "none")(
+    result = programs.decode_fn(compiled.model, "beam", BEAM, max_len, "none")(
         v["params"], compiled.src, 0.0
     )
     assert np.all(result.valid)

@@ -109,19 +109,18 @@ def _gather(tree) -> dict[str, np.ndarray]:
 
 def _job_train(paths, workdir, out, mesh, resume_from=None, **overrides):
     """Train (or resume a copy of `resume_from` without its last checkpoint) and dump the state."""
-    import experiment
-    import train
+    from experiment import metrics, training
 
     workdir = Path(workdir)
     if resume_from:
         shutil.copytree(resume_from, workdir)
         shutil.rmtree(workdir / "checkpoints" / str(STEPS))
     config = _config(paths, mesh=mesh, **overrides)
-    state, _ = train.train_and_evaluate(config, workdir)
+    state, _ = training.train_and_evaluate(config, workdir)
     params, opt_state = _gather(state.params), _gather(state.opt_state)
     specs = {k: str(x.sharding.spec) for k, x in _flat(state.params).items()}
     if jax.process_index() == 0:
-        records = experiment.read_metrics(workdir)
+        records = metrics.read_metrics(workdir)
         losses = [r["loss"] for r in records if r["split"] == "train"]
         np.savez(
             out,
@@ -139,18 +138,18 @@ def _flat(tree) -> dict:
 
 def _job_decode(workdir, out):
     """Decode the run's best checkpoint (greedy and beam 4) on this process's devices."""
-    import eval as evaluation
     from data import input_pipeline
+    from evaluation import decode_report, loading
 
-    run = evaluation.Run(Path(workdir))
+    run = loading.Run(Path(workdir))
     eval_data = input_pipeline.get_eval_data(
         run.config, "validation", run.src_tokenizer, run.tgt_tokenizer, batch_size=32
     )
     eval_data = input_pipeline.head(eval_data, 32)
     arrays = {"devices": jax.device_count()}
     for decode in ("greedy", "beam"):
-        search = evaluation.Search(decode, 4, 0.6, "gnmt", run.config.max_decode_len)
-        ids, _, _ = evaluation.decode_batches(run, eval_data.batches, search, lambda line: None)
+        search = loading.Search(decode, 4, 0.6, "gnmt", run.config.max_decode_len)
+        ids, _, _ = decode_report.decode_batches(run, eval_data.batches, search, lambda line: None)
         arrays[decode] = ids
     arrays.update({f"params{k}": np.asarray(v) for k, v in _flat(run.params).items()})
     np.savez(out, **arrays)
@@ -297,14 +296,13 @@ def test_decoding_is_identical_on_1_2_and_4_devices(runs, devices):
 def test_resuming_on_another_number_of_hosts_is_refused(
     runs, tmp_path, tfds_data_dir, tokenizer_dir
 ):
-    import experiment
-    import train
+    from experiment import RunError, training
 
     workdir = tmp_path / "hosts"
     shutil.copytree(runs["hosts_workdir"], workdir)
     config = _config({"data_dir": tfds_data_dir, "tokenizer_dir": tokenizer_dir})
-    with pytest.raises(experiment.RunError, match=r"resume with the number of hosts") as error:
-        train.train_and_evaluate(config, workdir)
+    with pytest.raises(RunError, match=r"resume with the number of hosts") as error:
+        training.train_and_evaluate(config, workdir)
     assert "process_0-of-2.json" in str(error.value) and "\n" not in str(error.value)
 
 

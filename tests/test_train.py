@@ -9,10 +9,9 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_run_config
+from conftest import damage_checkpoint, tiny_run_config
 
-import experiment
-import train
+from experiment import RunError, checkpoints, metrics, training
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,20 +24,22 @@ def leaves_equal(a, b) -> bool:
 
 
 def losses(workdir: Path) -> list[tuple[int, str, float]]:
-    return [(r["step"], r["split"], r["loss"]) for r in experiment.read_metrics(workdir)]
+    return [(r["step"], r["split"], r["loss"]) for r in metrics.read_metrics(workdir)]
 
 
 def test_run_writes_checkpoints_metrics_and_plot(tiny_run):
-    workdir, state, metrics = tiny_run
+    workdir, state, last = tiny_run
     assert int(state.step) == 20
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["10", "20"]
+    for step_dir in (workdir / "checkpoints" / "10", *(workdir / "best").iterdir()):
+        assert (step_dir / "integrity.json").is_file() and checkpoints.verify(step_dir) is None
     assert len(list((workdir / "best").iterdir())) == 1  # only the best is kept
-    records = experiment.read_metrics(workdir)
+    records = metrics.read_metrics(workdir)
     assert [r["step"] for r in records if r["split"] == "train"] == [5, 10, 15, 20]
     validation = [r for r in records if r["split"] == "validation"]
     assert [r["step"] for r in validation] == [10, 20]
     assert {"loss", "bleu", "chrf", "exact_match"} <= set(validation[-1])
-    assert metrics["loss"] == validation[-1]["loss"]
+    assert last["loss"] == validation[-1]["loss"]
     assert all(np.isfinite(r["loss"]) for r in records)
     assert (workdir / "learning_curves.png").stat().st_size > 1000
     saved = json.loads((workdir / "config.json").read_text())
@@ -56,13 +57,13 @@ def test_same_seed_is_bit_identical_other_seed_differs(
     tiny_run, tmp_path, tfds_data_dir, tokenizer_dir
 ):
     workdir, state, _ = tiny_run
-    again, again_metrics = train.train_and_evaluate(
+    again, again_metrics = training.train_and_evaluate(
         tiny_run_config(tfds_data_dir, tokenizer_dir), tmp_path / "again"
     )
     assert losses(tmp_path / "again") == losses(workdir)
     assert leaves_equal(again.params, state.params)
 
-    other, _ = train.train_and_evaluate(
+    other, _ = training.train_and_evaluate(
         tiny_run_config(tfds_data_dir, tokenizer_dir, seed=1), tmp_path / "other"
     )
     assert losses(tmp_path / "other") != losses(workdir)
@@ -76,10 +77,10 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(
     config = tiny_run_config(tfds_data_dir, tokenizer_dir)
     resumed = tmp_path / "resumed"
     # "Crash" at step 14: the checkpoint of step 10 survives, steps 11-14 are lost.
-    crashed, _ = train.train_and_evaluate(config, resumed, stop_after_steps=14)
+    crashed, _ = training.train_and_evaluate(config, resumed, stop_after_steps=14)
     assert int(crashed.step) == 14
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["10"]
-    final, _ = train.train_and_evaluate(config, resumed)
+    final, _ = training.train_and_evaluate(config, resumed)
     assert int(final.step) == 20
     assert leaves_equal(final.params, state.params)
     assert leaves_equal(final.opt_state, state.opt_state)
@@ -93,28 +94,91 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(
     shutil.copytree(workdir, diverging)
     shutil.rmtree(diverging / "checkpoints" / "20")
     config = tiny_run_config(tfds_data_dir, tokenizer_dir, learning_rate=float("nan"))
-    with pytest.raises(train.TrainingDiverged, match=r"loss is nan at step 15.*step 10"):
-        train.train_and_evaluate(config, diverging)
+    with pytest.raises(training.TrainingDiverged, match=r"loss is nan at step 15.*step 10"):
+        training.train_and_evaluate(config, diverging)
     assert sorted(p.name for p in (diverging / "checkpoints").iterdir()) == ["10"]
 
 
-def test_corrupt_checkpoint_gives_a_clear_error(tiny_run, tmp_path, tfds_data_dir, tokenizer_dir):
+def test_damaged_checkpoint_is_set_aside_and_resume_falls_back(
+    tiny_run, tmp_path, tfds_data_dir, tokenizer_dir, capsys
+):
+    workdir, state, _ = tiny_run
+    broken = tmp_path / "broken"
+    shutil.copytree(workdir, broken)
+    damage_checkpoint(broken / "checkpoints" / "20")
+    config = tiny_run_config(tfds_data_dir, tokenizer_dir)
+    final, _ = training.train_and_evaluate(config, broken)
+    err = capsys.readouterr().err
+    assert f"checkpoint {broken.absolute()}/checkpoints/20 is damaged (state/" in err
+    assert "SHA-256 differs from its record): moved to 20.damaged, not loaded" in err
+    # Resumed from step 10, not from the damaged 20: the uninterrupted run's params exactly.
+    assert leaves_equal(final.params, state.params)
+    names = sorted(p.name for p in (broken / "checkpoints").iterdir())
+    assert names == ["10", "20", "20.damaged"]
+
+
+def test_resume_refuses_when_every_checkpoint_is_damaged(
+    tiny_run, tmp_path, tfds_data_dir, tokenizer_dir
+):
     workdir, _, _ = tiny_run
     broken = tmp_path / "broken"
     shutil.copytree(workdir, broken)
-    for path in (broken / "checkpoints" / "20" / "state").rglob("*"):
-        if path.is_file():
-            path.write_bytes(b"garbage")
+    for step in ("10", "20"):
+        damage_checkpoint(broken / "checkpoints" / step)
     config = tiny_run_config(tfds_data_dir, tokenizer_dir, num_train_steps=30)
-    with pytest.raises(experiment.RunError, match=r"checkpoints/20 is corrupt"):
-        train.train_and_evaluate(config, broken)
+    with pytest.raises(RunError, match=r"every checkpoint in .*/checkpoints is damaged"):
+        training.train_and_evaluate(config, broken)
+
+
+def test_intact_checkpoint_of_another_config_is_told_from_damage(
+    tiny_run, tmp_path, tfds_data_dir, tokenizer_dir
+):
+    workdir, _, _ = tiny_run
+    other = tmp_path / "other"
+    shutil.copytree(workdir, other)
+    saved = json.loads((other / "config.json").read_text())
+    saved["model_hparams"]["hidden_dim"] = 24  # config.json edited by hand
+    (other / "config.json").write_text(json.dumps(saved))
+    config = tiny_run_config(tfds_data_dir, tokenizer_dir, num_train_steps=30)
+    config.model_hparams.hidden_dim = 24
+    with pytest.raises(RunError, match=r"checkpoints/20 is intact but does not match this config"):
+        training.train_and_evaluate(config, other)
+
+
+@pytest.mark.parametrize(
+    "field, value", [("batch_size", 8), ("seed", 1), ("max_len", 40), ("num_buckets", 2)]
+)
+def test_resume_refuses_a_changed_data_plan(tiny_run, tfds_data_dir, tokenizer_dir, field, value):
+    workdir, _, _ = tiny_run
+    config = tiny_run_config(tfds_data_dir, tokenizer_dir, **{field: value})
+    old = json.loads((workdir / "config.json").read_text())[field]
+    with pytest.raises(RunError, match=rf"trained with {field}={old!r}.*--config.{field}={old!r}"):
+        training.train_and_evaluate(config, workdir)
+
+
+def test_resume_keeps_the_original_config_and_records_what_changed(
+    tiny_run, tmp_path, tfds_data_dir, tokenizer_dir
+):
+    workdir, _, _ = tiny_run
+    resumed = tmp_path / "resumed"
+    shutil.copytree(workdir, resumed)
+    original = (resumed / "config.json").read_text()
+    config = tiny_run_config(tfds_data_dir, tokenizer_dir, num_train_steps=25, eval_every=5)
+    training.train_and_evaluate(config, resumed)
+    assert (resumed / "config.json").read_text() == original
+    [record] = [json.loads(line) for line in (resumed / "resumes.jsonl").read_text().splitlines()]
+    assert record["step"] == 20
+    assert record["changed"] == {
+        "eval_every": {"was": 10, "now": 5},
+        "num_train_steps": {"was": 20, "now": 25},
+    }
 
 
 def test_workdir_of_another_experiment_is_refused(tiny_run, tfds_data_dir, tokenizer_dir):
     workdir, _, _ = tiny_run
     config = tiny_run_config(tfds_data_dir, tokenizer_dir, model="seq2seq_rnn")
-    with pytest.raises(experiment.RunError, match="holds a run with model='attention_rnn'"):
-        train.train_and_evaluate(config, workdir)
+    with pytest.raises(RunError, match="holds a run with model='attention_rnn'"):
+        training.train_and_evaluate(config, workdir)
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import optax
 import pytest
 
 import decoding
-import experiment
+from experiment import programs
 from models.transformer import Transformer, sinusoidal_positions
 
 # Four examples: trailing source padding, targets of different lengths (BOS=1, EOS=2, pad=0).
@@ -135,7 +135,7 @@ BEAM_SEARCH = dict(bos_id=1, eos_id=2, batch_size=SRC.shape[0], beam_size=3, max
 def cached_beam_search(params, src):
     """The tiny Transformer's beam search over its KV cache, as train.py and eval.py run it."""
     model, _, _ = tiny()
-    step_fn, state = experiment.step_function(model, params, src, BEAM_SEARCH["max_len"])
+    step_fn, state = programs.step_function(model, params, src, BEAM_SEARCH["max_len"])
     return decoding.beam_search(step_fn, state, **BEAM_SEARCH)
 
 
@@ -174,7 +174,7 @@ def test_the_decoding_loop_updates_the_kv_cache_in_place():
     model, variables, _ = tiny()
     params = variables["params"]
     state = jax.eval_shape(
-        lambda p: experiment.step_function(model, p, SRC, BEAM_SEARCH["max_len"])[1], params
+        lambda p: programs.step_function(model, p, SRC, BEAM_SEARCH["max_len"])[1], params
     )
     rows = BEAM_SEARCH["batch_size"] * BEAM_SEARCH["beam_size"]
     cache_shapes = {

@@ -1,0 +1,9 @@
+"""eval.py's jobs, one module each.
+
+- `evaluation.loading`: a trained run loaded for evaluation (`Run`) and how to search (`Search`).
+- `evaluation.decode_report`: decode a split and report its metrics and speed.
+- `evaluation.sweep`: greedy and beam 1/2/4/8, with and without length normalization.
+- `evaluation.error_analysis`: beam-search error analysis (blame the search or the model).
+- `evaluation.translate`: translate the lines of a file or stdin.
+- `evaluation.attention`: attention heatmaps.
+"""

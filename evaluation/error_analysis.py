@@ -1,0 +1,57 @@
+"""Beam-search error analysis on a decoded split: score y* and ŷ alike, blame the search or the model."""
+
+import numpy as np
+
+import decoding
+import sharding
+from contracts import EOS_ID, PAD_ID
+from evaluation.loading import Run, Search
+from experiment import programs
+
+
+def run_error_analysis(run: Run, eval_data, sequences: np.ndarray, search: Search) -> dict:
+    """The course's analysis: the reference y* and the output ŷ scored by the model under the same
+    length normalization (`search.length_penalty`, `search.alpha`), then compared.
+
+    Both are scored teacher-forced (`programs.score_fn`), whatever decoder produced ŷ: for beam
+    search that is its own score; for greedy, whose search maximizes the raw log-probability, it puts
+    ŷ on the same scale as y*. A reference longer than its sentence's own length limit (`max_len`, or
+    `ceil(a * source tokens) + b`) is counted as one no search could find.
+
+    Args:
+      sequences: int `[n, max_len]`, the decoder's best hypothesis per example (split order).
+    """
+    score = programs.score_fn(run.model, search.length_penalty, run.mesh)
+    reference_scores, hypothesis_scores, references, limits = [], [], [], []
+    start = 0
+    for batch in eval_data.batches:
+        mask = batch["mask"]
+        rows = int(mask.sum())
+        hyps = np.full((len(mask), sequences.shape[1]), PAD_ID, np.int32)
+        hyps[mask] = sequences[start : start + rows]
+        start += rows
+        arrays = sharding.shard_batch(
+            {"src": batch["src"], "tgt_out": batch["tgt_out"], "hyp": hyps}, run.mesh
+        )
+        for targets, out in (
+            (arrays["tgt_out"], reference_scores),
+            (arrays["hyp"], hypothesis_scores),
+        ):
+            out.append(
+                np.asarray(score(run.params, arrays["src"], targets, search.alpha).scores)[mask]
+            )
+        references.extend(batch["tgt_out"][mask].tolist())
+        limits.append(search.length_limits(batch["src"])[mask])
+    width = max(len(r) for r in references)
+    references = np.array([r + [PAD_ID] * (width - len(r)) for r in references], np.int32)
+    report = decoding.error_analysis(
+        references,
+        np.concatenate(reference_scores),
+        sequences,
+        np.concatenate(hypothesis_scores),
+        eos_id=EOS_ID,
+        max_lengths=np.concatenate(limits),
+    )
+    print(decoding.format_error_analysis(report, detokenize=run.tgt_tokenizer.decode))
+    report.pop("records", None)
+    return report

@@ -1,0 +1,84 @@
+"""A trained run loaded for evaluation, and the search settings to decode it with."""
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import jax
+
+import sharding
+from data import tokenizers
+from experiment import checkpoints, programs
+from experiment import config as run_config
+
+
+def notice(message: str) -> None:
+    print(f"notice: {message}", file=sys.stderr)
+
+
+class Run:
+    """A trained run loaded for evaluation: config, tokenizers, model and params.
+
+    Evaluation runs on this host's devices, whatever mesh trained the run: batches are split over
+    all of them (`mesh`, one `data` axis) and the params, read from the checkpoint straight into
+    that layout, are replicated on each.
+    """
+
+    def __init__(self, workdir: Path, average_checkpoints: int = 0):
+        self.workdir = Path(workdir)
+        self.mesh = sharding.make_mesh()
+        self.config = run_config.load_config(self.workdir)
+        self.src_tokenizer = tokenizers.load(self.workdir / run_config.SRC_TOKENIZER)
+        self.tgt_tokenizer = tokenizers.load(self.workdir / run_config.TGT_TOKENIZER)
+        self.model = programs.create_model(
+            self.config, self.src_tokenizer.vocab_size, self.tgt_tokenizer.vocab_size
+        )
+        shapes = jax.eval_shape(lambda: programs.init_params(self.model, self.config))
+        replicated = jax.tree.map(lambda _: sharding.replicated(self.mesh), shapes)
+        template = sharding.abstract(shapes, replicated)
+        self.params, self.step, self.checkpoint = checkpoints.restore_params(
+            self.workdir, template, average_checkpoints
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Search:
+    """How to decode: greedy or beam (`beam_size`), length normalization (`length_penalty`, `alpha`)
+    and length limits (`max_len`, and per sentence `ceil(max_len_a x source tokens) + max_len_b`
+    when `max_len_a > 0`; see `programs.decode_fn`)."""
+
+    decode: str
+    beam_size: int
+    alpha: float
+    length_penalty: str
+    max_len: int
+    max_len_a: float = 0.0
+    max_len_b: int = 0
+
+    def decode_fn(self, run: Run):
+        return programs.decode_fn(
+            run.model,
+            self.decode,
+            self.beam_size,
+            self.max_len,
+            self.length_penalty,
+            run.mesh,
+            self.max_len_a,
+            self.max_len_b,
+        )
+
+    def length_limits(self, src) -> "object":
+        """int `[batch]`: each sentence's most generated tokens (EOS included) for `src`."""
+        return programs.decode_length_limits(src, self.max_len, self.max_len_a, self.max_len_b)
+
+    def report(self) -> dict:
+        """The settings as the JSON report names them."""
+        return {
+            "decode": self.decode,
+            "beam_size": self.beam_size if self.decode == "beam" else 1,
+            "alpha": self.alpha,
+            "length_penalty": self.length_penalty,
+            "max_decode_len": self.max_len,
+            "max_decode_len_a": self.max_len_a,
+            "max_decode_len_b": self.max_len_b,
+        }

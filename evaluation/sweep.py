@@ -1,0 +1,35 @@
+"""Quality and speed of greedy and beam 1, 2, 4, 8, with and without length normalization."""
+
+import dataclasses
+from pathlib import Path
+
+from evaluation.decode_report import evaluate_split
+from evaluation.loading import Run, Search
+
+
+def run_sweep(run: Run, eval_data, search: Search, workdir: Path) -> list[dict]:
+    """Greedy and beam 1, 2, 4, 8, each with (GNMT, alpha) and without length normalization; prints
+    a table and returns one report per setting (hypotheses in `<workdir>/sweep/`)."""
+    settings = [("greedy", 1, "none")]
+    for beam_size in (1, 2, 4, 8):
+        settings += [("beam", beam_size, "gnmt"), ("beam", beam_size, "none")]
+    rows = []
+    for decode, beam_size, length_penalty in settings:
+        setting = dataclasses.replace(
+            search,
+            decode=decode,
+            beam_size=beam_size,
+            alpha=search.alpha if length_penalty != "none" else 0.0,
+            length_penalty=length_penalty,
+        )
+        output = workdir / "sweep" / f"{decode}{beam_size}_{length_penalty}.txt"
+        report, _, _ = evaluate_split(run, eval_data, setting, output)
+        rows.append(report)
+    metric = "exact_match" if run.config.eval_metric == "exact_match" else "bleu"
+    print(f"{'decode':<8}{'beam':>5}  {'length norm':<12}{metric:>12}{'BLEU':>8}{'sent/s':>10}")
+    for r in rows:
+        print(
+            f"{r['decode']:<8}{r['beam_size']:>5}  {r['length_penalty']:<12}"
+            f"{r[metric]:>12.4f}{r['bleu']:>8.2f}{r['sentences_per_sec']:>10.1f}"
+        )
+    return rows

@@ -1,0 +1,81 @@
+"""Text metrics, quality by source length, and a run's `metrics.jsonl`."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import sacrebleu
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def text_metrics(hypotheses: list[str], references: list[str], exact_match: bool) -> dict:
+    """Corpus metrics on detokenized strings.
+
+    bleu: sacreBLEU on cased, detokenized text (the standard, with its signature);
+    bleu_lc_tok: lowercased BLEU on 13a-tokenized text, the convention of Multi30k papers;
+    chrf: sacreBLEU chrF; exact_match: fraction of hypotheses equal to their reference (string equality).
+    """
+    bleu = sacrebleu.metrics.BLEU()
+    bleu_lc = sacrebleu.metrics.BLEU(lowercase=True, tokenize="13a")
+    chrf = sacrebleu.metrics.CHRF()
+    out = {
+        "bleu": bleu.corpus_score(hypotheses, [references]).score,
+        "bleu_signature": str(bleu.get_signature()),
+        "bleu_lc_tok": bleu_lc.corpus_score(hypotheses, [references]).score,
+        "chrf": chrf.corpus_score(hypotheses, [references]).score,
+    }
+    if exact_match:
+        out["exact_match"] = float(np.mean([h == r for h, r in zip(hypotheses, references)]))
+    return out
+
+
+def by_source_length(hypotheses, references, lengths, *, exact_match: bool, bins: int = 5):
+    """Quality by source length: the examples split into up to `bins` groups of about equal size
+    by source length in tokens (EOS excluded); for each, its length range, size and metrics.
+
+    Args:
+      lengths: int `[n]`, source tokens of each example (characters for a character tokenizer).
+    """
+    lengths = np.asarray(lengths)
+    # Upper edges at the quantiles; examples of one length always share a group.
+    edges = np.unique(np.quantile(lengths, np.linspace(0, 1, bins + 1)[1:], method="lower"))
+    group_of = np.searchsorted(edges, lengths)  # lengths[i] <= edges[group_of[i]]
+    out = []
+    for group in range(len(edges)):
+        indices = np.flatnonzero(group_of == group)
+        if not len(indices):
+            continue
+        metrics = text_metrics(
+            [hypotheses[i] for i in indices], [references[i] for i in indices], exact_match
+        )
+        metrics.pop("bleu_signature")
+        span = lengths[indices]
+        out.append(
+            {
+                "min_len": int(span.min()),
+                "max_len": int(span.max()),
+                "count": len(indices),
+                **metrics,
+            }
+        )
+    return out
+
+
+def format_by_source_length(rows, metric: str) -> str:
+    lines = [f"{'source length':>14}{'count':>8}{metric:>13}"]
+    for r in rows:
+        lines.append(f"{r['min_len']:>7}-{r['max_len']:<6}{r['count']:>8}{r[metric]:>13.4f}")
+    return "\n".join(lines)
+
+
+def append_metrics(workdir: Path, record: dict) -> None:
+    with open(Path(workdir) / METRICS_FILE, "a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def read_metrics(workdir: Path) -> list[dict]:
+    path = Path(workdir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().split("\n") if line.strip()]

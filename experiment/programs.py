@@ -1,0 +1,249 @@
+"""A run's model and the jitted programs built on it, one way for every caller.
+
+train.py, eval.py, the benchmarks and the tests build the model (`create_model`), its initial params
+(`init_params`), the optimizer and loss, and the decoding/scoring programs (`step_function`,
+`decode_fn`, `score_fn`) here, so they compile and compute the same thing.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+import decoding
+import sharding
+from contracts import BOS_ID, EOS_ID, PAD_ID
+from experiment import RunError
+from models import registry
+
+# ------------------------------------------------------------------------------------------ model
+
+
+def create_model(config: ml_collections.ConfigDict, src_vocab_size: int, tgt_vocab_size: int):
+    hparams = dict(config.get("model_hparams", {}))
+    return registry.create_model(
+        config.model, src_vocab_size=src_vocab_size, tgt_vocab_size=tgt_vocab_size, **hparams
+    )
+
+
+def init_params(model, config: ml_collections.ConfigDict):
+    """Initial params from `config.seed` (shapes only depend on the model, so tiny dummy inputs of
+    the kind it reads: token ids, or an image for the captioner)."""
+    return init_params_from_seed(model, config.seed)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def init_params_from_seed(model, seed):
+    """Initial params from an int `seed` (traced: jit it with out_shardings to create them sharded)."""
+    rng = jax.random.fold_in(jax.random.key(seed), 0)
+    src = registry.example_source(model)
+    tgt = jnp.ones((1, 4), jnp.int32)
+    return model.init(rng, src, tgt, train=False)["params"]
+
+
+# ----------------------------------------------------------------------------- optimizer and loss
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warmup to `learning_rate`, then cosine decay to 0, inverse-sqrt decay, or constant."""
+    peak, warmup = config.learning_rate, max(1, config.warmup_steps)
+    if config.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, peak, warmup, max(config.num_train_steps, warmup + 1), end_value=0.0
+        )
+    if config.schedule == "rsqrt":
+        return optax.join_schedules(
+            [
+                optax.linear_schedule(0.0, peak, warmup),
+                lambda step: peak * jnp.sqrt(warmup / (step + warmup)),
+            ],
+            [warmup],
+        )
+    if config.schedule == "constant":
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)], [warmup]
+        )
+    raise RunError(f"unknown schedule {config.schedule!r}: use cosine, rsqrt or constant")
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping (`grad_clip_norm`; 0: none) on the configured schedule.
+
+    The same settings give the same (cached) object, so jitted train steps that take it as a static
+    argument are reused across runs in one process (tests) instead of recompiled.
+    """
+    fields = ("learning_rate", "warmup_steps", "num_train_steps", "schedule")
+    return _optimizer(
+        tuple((f, config[f]) for f in fields), config.grad_clip_norm, config.weight_decay
+    )
+
+
+@functools.cache
+def _optimizer(schedule_fields, grad_clip_norm, weight_decay) -> optax.GradientTransformation:
+    schedule = learning_rate_schedule(ml_collections.ConfigDict(dict(schedule_fields)))
+    clip = optax.clip_by_global_norm(grad_clip_norm) if grad_clip_norm > 0 else optax.identity()
+    return optax.chain(
+        clip, optax.adamw(schedule, b1=0.9, b2=0.98, eps=1e-9, weight_decay=weight_decay)
+    )
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    """bool scalar: every element of every leaf of `tree` is finite."""
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: float = 0.0):
+    """Token cross-entropy with label smoothing, padding (`PAD_ID`) masked out.
+
+    Args:
+      logits: float32 `[batch, length, vocab]`.
+      targets: int32 `[batch, length]`, `PAD_ID` = padding.
+      label_smoothing: probability mass spread uniformly over the other tokens.
+
+    Returns:
+      (sum of per-token losses, number of real tokens). The loss is minus the smoothed target's entropy,
+      so a perfect prediction scores 0 whatever the smoothing.
+    """
+    vocab = logits.shape[-1]
+    confidence = 1.0 - label_smoothing
+    low = label_smoothing / (vocab - 1)
+    soft_targets = jax.nn.one_hot(targets, vocab) * (confidence - low) + low
+    floor = -(confidence * math.log(confidence) + (vocab - 1) * low * math.log(low + 1e-20))
+    losses = optax.softmax_cross_entropy(logits, soft_targets) - floor
+    weights = (targets != PAD_ID).astype(jnp.float32)
+    return jnp.sum(losses * weights), jnp.sum(weights)
+
+
+# --------------------------------------------------------------------------------------- decoding
+
+
+def step_function(model, params, src: jax.Array, max_len: int):
+    """`(step_fn, init_state)` for `decoding/`: the source encoded once, the decoder state for it.
+
+    `step_fn(tokens [N], state) -> (logits [N, vocab], state)` closes over the encoder memory, which
+    keeps the sentence batch of `src [batch, src_len]`; `init_state` leaves have `batch` first.
+    """
+    variables = {"params": params}
+    memory = model.apply(variables, src, method=model.encode)
+    state = model.apply(variables, memory, max_len, method=model.init_decode_state)
+
+    def step_fn(tokens, state):
+        return model.apply(variables, memory, tokens, state, method=model.decode_step)
+
+    return step_fn, state
+
+
+@functools.cache
+def decode_fn(
+    model,
+    decode: str,
+    beam_size: int,
+    max_len: int,
+    length_penalty: str,
+    mesh: Mesh | None = None,
+    max_len_a: float = 0.0,
+    max_len_b: int = 0,
+):
+    """A jitted `(params, src [batch, src_len], alpha) -> decoding result` (alpha traced: no recompiles).
+
+    Each sentence generates at most `max_len` tokens (EOS included) or, with `max_len_a > 0` and text
+    sources, `min(max_len, ceil(max_len_a * source tokens) + max_len_b)` (fairseq's `--max-len-a/b`;
+    the config's `max_decode_len_a/b`): a batch of short sentences then stops early instead of running
+    the search to `max_len`.
+
+    One compiled program per (src shape, decode, beam_size, max_len, length_penalty, mesh, max_len_a,
+    max_len_b); cached here so train and eval share them. With a `mesh`, the batch is split over its
+    devices (pass `src` from `sharding.shard_batch`), the params are replicated (gathered once per
+    call if they come FSDP-sharded) and so is the result, which every host can then read.
+    """
+    if decode not in ("greedy", "beam"):
+        raise RunError(f"unknown decode {decode!r}: use greedy or beam")
+
+    def run(params, src, alpha):
+        if mesh is not None:
+            params, src = replicate_params_shard_batch(mesh, params, src)
+        step_fn, state = step_function(model, params, src, max_len)
+        common = dict(
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            batch_size=src.shape[0],
+            max_len=max_len,
+            max_lengths=source_length_limits(src, max_len_a, max_len_b),
+        )
+        if decode == "greedy":
+            return decoding.greedy(step_fn, state, **common)
+        return decoding.beam_search(
+            step_fn,
+            state,
+            beam_size=beam_size,
+            alpha=alpha,
+            length_penalty=length_penalty,
+            **common,
+        )
+
+    if mesh is None:
+        return jax.jit(run)
+    return jax.jit(run, out_shardings=sharding.replicated(mesh))
+
+
+@functools.cache
+def score_fn(model, length_penalty: str, mesh: Mesh | None = None):
+    """A jitted teacher-forced scoring `(params, src [batch, src_len], targets [batch, T], alpha) ->
+    decoding.ScoreResult` of `targets` (y_1 .. y_T with EOS, `PAD_ID`-padded) under the same length
+    normalization as beam search; with a `mesh`, the batch split over it, the params replicated."""
+
+    def run(params, src, targets, alpha):
+        if mesh is not None:
+            params, src, targets = replicate_params_shard_batch(mesh, params, src, targets)
+        step_fn, state = step_function(model, params, src, targets.shape[1])
+        return decoding.score(
+            step_fn,
+            state,
+            targets,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            alpha=alpha,
+            length_penalty=length_penalty,
+        )
+
+    if mesh is None:
+        return jax.jit(run)
+    return jax.jit(run, out_shardings=sharding.replicated(mesh))
+
+
+def source_length_limits(src: jax.Array, max_len_a: float, max_len_b: int) -> jax.Array | None:
+    """int32 `[batch]` `ceil(max_len_a * source tokens) + max_len_b` for text `src [batch, src_len]`;
+    None (no per-sentence limit) when `max_len_a` is 0 or the sources are images."""
+    if max_len_a <= 0 or src.ndim != 2:
+        return None
+    lengths = jnp.sum(src != PAD_ID, axis=-1)
+    return jnp.ceil(max_len_a * lengths).astype(jnp.int32) + max_len_b
+
+
+def decode_length_limits(src: np.ndarray, max_len: int, max_len_a: float, max_len_b: int):
+    """int `[batch]`: the most tokens (EOS included) each sentence of `src` may generate, as
+    `decode_fn` applies it: `max_len`, or `min(max_len, ceil(a * source tokens) + b)`."""
+    limits = source_length_limits(jnp.asarray(src), max_len_a, max_len_b)
+    full = np.full(len(src), max_len)
+    return full if limits is None else np.minimum(full, np.asarray(limits))
+
+
+def replicate_params_shard_batch(mesh: Mesh, params, *batch_arrays):
+    """Inside jit: `params` replicated over `mesh`, each array's batch dimension split over it."""
+    params = jax.lax.with_sharding_constraint(params, sharding.replicated(mesh))
+    batch = [
+        jax.lax.with_sharding_constraint(x, sharding.batch_sharding(mesh)) for x in batch_arrays
+    ]
+    return params, *batch
+
+
+def best_sequences(result) -> np.ndarray:
+    """`[batch, max_len]` int token ids of the best hypothesis (greedy or beam result)."""
+    sequences = np.asarray(result.sequences)
+    return sequences[:, 0] if sequences.ndim == 3 else sequences

@@ -1,0 +1,70 @@
+"""configs/: every field the code reads is in configs/default.py, and every config takes overrides."""
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from configs import default
+
+REPO = Path(__file__).resolve().parents[1]
+# The modules that read a run's config (named `config` there).
+READERS = [
+    "train.py",
+    "eval.py",
+    "sharding.py",
+    "data/input_pipeline.py",
+    *(str(p.relative_to(REPO)) for p in sorted((REPO / "experiment").glob("*.py"))),
+    *(str(p.relative_to(REPO)) for p in sorted((REPO / "evaluation").glob("*.py"))),
+]
+CONFIGDICT_METHODS = {"get", "keys", "items", "update", "to_dict", "to_json_best_effort", "lock"}
+CONFIGS = [
+    *(f"configs/{p.name}" for p in sorted((REPO / "configs").glob("*.py")) if p.stem != "__init__"),
+    "configs/dates_lists.py:attention_rnn",
+]
+
+
+def fields_read(path: Path) -> set[str]:
+    """Names `x` of every `config.x` and `config.get("x")` in the code of `path`."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "config"
+        ):
+            names.add(node.attr)
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "get"
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == "config"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+        ):
+            names.add(node.args[0].value)
+    return names - CONFIGDICT_METHODS
+
+
+def test_every_field_the_code_reads_is_in_the_default_config():
+    known = set(default.get_config().keys())
+    read = {name: path for path in READERS for name in fields_read(REPO / path)}
+    assert len(read) > 30, "the scan found too few fields: is READERS right?"
+    missing = sorted(set(read) - known)
+    assert not missing, f"read but not in configs/default.py: {[(m, read[m]) for m in missing]}"
+
+
+@pytest.mark.parametrize("config_file", CONFIGS)
+def test_every_config_takes_command_line_overrides_of_its_fields(config_file, monkeypatch):
+    argv = ["train.py", f"--config={config_file}", "--config.num_buckets=8"]
+    argv.append("--config.max_decode_len_b=3")
+    monkeypatch.setattr(sys, "argv", argv)  # config_flags reads the overrides from sys.argv
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", "configs/default.py", flag_values=values)
+    values(argv)
+    assert values.config.num_buckets == 8 and values.config.max_decode_len_b == 3
+    assert set(default.get_config().keys()) <= set(values.config.keys())
