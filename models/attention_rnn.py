@@ -93,7 +93,107 @@ class AttentionDecoderStep(nn.Module):
         return tuple(new_carries), (self.dropout(features, deterministic=not train), weights)
 
 
-class AttentionRNN(nn.Module):
+class AttentionRNNDecoder(nn.Module):
+    """The attention RNN's decoder over a memory of annotations, shared by the text `AttentionRNN`
+    and `models.captioner.RNNCaptioner` (a field-less base: the model declares `tgt_vocab_size`,
+    `cell`, `embed_dim`, `hidden_dim`, `num_layers`, `attention`, `attention_dim`, `dropout_rate`,
+    `dtype`, `param_dtype`, and calls `setup_decoder` in its `setup`).
+
+    Target embeddings, the source-side key projection of the attention (`attention_keys`), the
+    bridge to the initial carries `tanh(W_l mean_j h_j)`, one `AttentionDecoderStep` scanned over
+    time (teacher forcing) or called once per step (decoding), and the output projection.
+    """
+
+    def setup_decoder(self):
+        dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.tgt_embed = nn.Embed(self.tgt_vocab_size, self.embed_dim, **dtypes)
+        if self.attention == "bahdanau":
+            self.key = nn.Dense(self.attention_dim, **dtypes)
+        elif self.attention == "luong_general":
+            self.key = nn.Dense(self.hidden_dim, use_bias=False, **dtypes)
+        self.bridge = [nn.Dense(self.hidden_dim, **dtypes) for _ in range(self.num_layers)]
+        self.decoder = AttentionDecoderStep(
+            self.cell,
+            self.hidden_dim,
+            self.num_layers,
+            self.attention,
+            self.attention_dim,
+            self.dropout_rate,
+            **dtypes,
+        )
+        self.dropout = nn.Dropout(self.dropout_rate)
+        self.output = nn.Dense(self.tgt_vocab_size, **dtypes)
+
+    def check_decoder_fields(self) -> None:
+        """One-line ValueErrors for the decoder's fields (call in `__post_init__`)."""
+        common.check_choice("cell", self.cell, common.CELLS)
+        common.check_choice("attention", self.attention, ATTENTIONS)
+        common.check_positive(
+            tgt_vocab_size=self.tgt_vocab_size,
+            embed_dim=self.embed_dim,
+            hidden_dim=self.hidden_dim,
+            num_layers=self.num_layers,
+            attention_dim=self.attention_dim,
+        )
+        common.check_rate(dropout_rate=self.dropout_rate)
+
+    def attention_keys(self, annotations: jax.Array) -> jax.Array:
+        """The source side of the attention score, `[batch, src_len, key_dim]`, once per source:
+        `U h` (bahdanau), `W h` (luong_general) or the annotations themselves (luong_dot)."""
+        return annotations if self.attention == "luong_dot" else self.key(annotations)
+
+    def initial_carries(self, memory: dict) -> tuple:
+        """Per-layer decoder carries `tanh(W_l mean_j h_j)` (mean over real positions), leaves
+        `[batch, hidden_dim]`."""
+        mask = memory["mask"][..., None]
+        total = jnp.sum(jnp.where(mask, memory["annotations"], 0), axis=1)
+        mean = total / jnp.maximum(jnp.sum(mask, axis=1), 1).astype(total.dtype)
+        return tuple(common.carry_from_hidden(self.cell, jnp.tanh(b(mean))) for b in self.bridge)
+
+    def teacher_forced(self, memory: dict, tgt_in: jax.Array, train: bool) -> jax.Array:
+        """float32 logits `[batch, tgt_len, tgt_vocab_size]` of `tgt_in` (int32 `[batch, tgt_len]`,
+        BOS y1 .. y_{T-1}); sows the attention weights `[batch, tgt_len, src_len]` as
+        `intermediates/attention`."""
+        embedded = self.dropout(self.tgt_embed(tgt_in), deterministic=not train)
+        scan = nn.scan(
+            lambda decoder, carries, x_t, memory: decoder(carries, x_t, memory, train),
+            variable_broadcast="params",
+            split_rngs={"params": False, "dropout": True},
+            in_axes=(1, nn.broadcast),
+            out_axes=1,
+        )
+        _, (features, weights) = scan(self.decoder, self.initial_carries(memory), embedded, memory)
+        self.sow("intermediates", "attention", weights)
+        return self.output(features).astype(jnp.float32)
+
+    def init_decode_state(self, memory: dict, max_len: int) -> dict:
+        """Decoder state before BOS: per-layer carries, leaves `[batch, hidden_dim]`.
+
+        `max_len` is unused: an RNN's state does not grow with the output.
+        """
+        del max_len
+        return {"carries": self.initial_carries(memory)}
+
+    def decode_step(self, memory: dict, tokens: jax.Array, state: dict) -> tuple[jax.Array, dict]:
+        """One incremental decoder step; sows the attention weights `[N, src_len]`.
+
+        Args:
+          memory: from `encode`, sentence batch first; broadcast over the beams of each sentence.
+          tokens: int32 `[N]`, the previous token of each row (N = batch x beam, row n in sentence
+            n // beam).
+          state: carries with leaves `[N, hidden_dim]`.
+
+        Returns:
+          (float32 logits `[N, tgt_vocab_size]`, new state).
+        """
+        carries, (features, weights) = self.decoder(
+            state["carries"], self.tgt_embed(tokens), memory, train=False
+        )
+        self.sow("intermediates", "attention", weights)
+        return self.output(features).astype(jnp.float32), {"carries": carries}
+
+
+class AttentionRNN(AttentionRNNDecoder):
     """Bidirectional-encoder RNN with Bahdanau (MLP) or Luong (dot/general) attention.
 
     Attributes:
@@ -122,17 +222,8 @@ class AttentionRNN(nn.Module):
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
-        common.check_choice("cell", self.cell, common.CELLS)
-        common.check_choice("attention", self.attention, ATTENTIONS)
-        common.check_positive(
-            src_vocab_size=self.src_vocab_size,
-            tgt_vocab_size=self.tgt_vocab_size,
-            embed_dim=self.embed_dim,
-            hidden_dim=self.hidden_dim,
-            num_layers=self.num_layers,
-            attention_dim=self.attention_dim,
-        )
-        common.check_rate(dropout_rate=self.dropout_rate)
+        self.check_decoder_fields()
+        common.check_positive(src_vocab_size=self.src_vocab_size)
         if self.hidden_dim % 2:
             raise ValueError(
                 f"hidden_dim={self.hidden_dim} must be even: each encoder direction has hidden_dim // 2"
@@ -141,8 +232,8 @@ class AttentionRNN(nn.Module):
 
     def setup(self):
         dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.setup_decoder()
         self.src_embed = nn.Embed(self.src_vocab_size, self.embed_dim, **dtypes)
-        self.tgt_embed = nn.Embed(self.tgt_vocab_size, self.embed_dim, **dtypes)
         half = self.hidden_dim // 2
         self.encoder = [
             nn.Bidirectional(
@@ -151,22 +242,6 @@ class AttentionRNN(nn.Module):
             )
             for _ in range(self.num_layers)
         ]
-        if self.attention == "bahdanau":
-            self.key = nn.Dense(self.attention_dim, **dtypes)
-        elif self.attention == "luong_general":
-            self.key = nn.Dense(self.hidden_dim, use_bias=False, **dtypes)
-        self.bridge = [nn.Dense(self.hidden_dim, **dtypes) for _ in range(self.num_layers)]
-        self.decoder = AttentionDecoderStep(
-            self.cell,
-            self.hidden_dim,
-            self.num_layers,
-            self.attention,
-            self.attention_dim,
-            self.dropout_rate,
-            **dtypes,
-        )
-        self.dropout = nn.Dropout(self.dropout_rate)
-        self.output = nn.Dense(self.tgt_vocab_size, **dtypes)
 
     def __call__(self, src: jax.Array, tgt_in: jax.Array, train: bool = False) -> jax.Array:
         """Teacher-forced logits; sows the attention weights `[batch, tgt_len, src_len]` as
@@ -180,19 +255,7 @@ class AttentionRNN(nn.Module):
         Returns:
           float32 logits `[batch, tgt_len, tgt_vocab_size]`.
         """
-        memory = self.encode(src, train=train)
-        carries = self.initial_carries(memory)
-        embedded = self.dropout(self.tgt_embed(tgt_in), deterministic=not train)
-        scan = nn.scan(
-            lambda decoder, carries, x_t, memory: decoder(carries, x_t, memory, train),
-            variable_broadcast="params",
-            split_rngs={"params": False, "dropout": True},
-            in_axes=(1, nn.broadcast),
-            out_axes=1,
-        )
-        _, (features, weights) = scan(self.decoder, carries, embedded, memory)
-        self.sow("intermediates", "attention", weights)
-        return self.output(features).astype(jnp.float32)
+        return self.teacher_forced(self.encode(src, train=train), tgt_in, train)
 
     def encode(self, src: jax.Array, train: bool = False) -> dict:
         """Runs the bidirectional encoder and the source-side half of the attention.
@@ -209,38 +272,4 @@ class AttentionRNN(nn.Module):
         x = self.dropout(self.src_embed(src), deterministic=not train)
         for layer in self.encoder:
             x = self.dropout(layer(x, seq_lengths=lengths), deterministic=not train)
-        keys = x if self.attention == "luong_dot" else self.key(x)
-        return {"annotations": x, "keys": keys, "mask": mask}
-
-    def initial_carries(self, memory: dict) -> tuple:
-        """Per-layer decoder carries `tanh(W_l mean_j h_j)`, leaves `[batch, hidden_dim]`."""
-        mask = memory["mask"][..., None]
-        total = jnp.sum(jnp.where(mask, memory["annotations"], 0), axis=1)
-        mean = total / jnp.maximum(jnp.sum(mask, axis=1), 1).astype(total.dtype)
-        return tuple(common.carry_from_hidden(self.cell, jnp.tanh(b(mean))) for b in self.bridge)
-
-    def init_decode_state(self, memory: dict, max_len: int) -> dict:
-        """Decoder state before BOS: per-layer carries, leaves `[batch, hidden_dim]`.
-
-        `max_len` is unused: an RNN's state does not grow with the output.
-        """
-        del max_len
-        return {"carries": self.initial_carries(memory)}
-
-    def decode_step(self, memory: dict, tokens: jax.Array, state: dict) -> tuple[jax.Array, dict]:
-        """One incremental decoder step; sows the attention weights `[N, src_len]`.
-
-        Args:
-          memory: from `encode`, sentence batch first; broadcast over the beams of each sentence.
-          tokens: int32 `[N]`, the previous token of each row (N = batch x beam, row n in sentence
-            n // beam).
-          state: carries with leaves `[N, hidden_dim]`.
-
-        Returns:
-          (float32 logits `[N, tgt_vocab_size]`, new state).
-        """
-        carries, (features, weights) = self.decoder(
-            state["carries"], self.tgt_embed(tokens), memory, train=False
-        )
-        self.sow("intermediates", "attention", weights)
-        return self.output(features).astype(jnp.float32), {"carries": carries}
+        return {"annotations": x, "keys": self.attention_keys(x), "mask": mask}

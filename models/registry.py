@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from models.attention_rnn import AttentionRNN
-from models.captioner import Captioner
+from models.captioner import RNNCaptioner, TransformerCaptioner
 from models.seq2seq_rnn import Seq2SeqRNN
 from models.transformer import Transformer
 
@@ -50,10 +50,9 @@ MODELS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
             "max_len": 256,
         },
     ),
-    "captioner": (
-        Captioner,
+    "captioner_rnn": (
+        RNNCaptioner,
         {
-            "decoder": "rnn",
             "image_channels": 1,
             "num_stages": 2,
             "channels": 32,
@@ -64,14 +63,24 @@ MODELS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
             "num_layers": 1,
             "attention": "bahdanau",
             "attention_dim": 128,
+            "dropout_rate": 0.1,
+        },
+    ),
+    "captioner_transformer": (
+        TransformerCaptioner,
+        {
+            "image_channels": 1,
+            "num_stages": 2,
+            "channels": 32,
+            "d_model": 128,
             "num_heads": 4,
             "num_decoder_layers": 2,
             "ffn_dim": 256,
+            "dropout_rate": 0.1,
             "attention_dropout_rate": 0.1,
             "pre_ln": True,
             "activation": "relu",
             "max_len": 128,
-            "dropout_rate": 0.1,
         },
     ),
 }

@@ -413,7 +413,152 @@ def cached_decoder_layers(module: nn.Module, layers, x: jax.Array, memory: dict,
     return x, {"pos": pos + 1, "slots": slots, "cache": BeamShared(tuple(new_cache))}
 
 
-class Transformer(nn.Module):
+class TransformerDecoder(nn.Module):
+    """The Transformer's decoder over a memory of encoder keys/values, shared by the text
+    `Transformer` and `models.captioner.TransformerCaptioner` (a field-less base: the model declares
+    `tgt_vocab_size`, `d_model`, `num_heads`, `num_decoder_layers`, `ffn_dim`, `dropout_rate`,
+    `attention_dropout_rate`, `activation_dropout_rate`, `pre_ln`, `tie_output`, `activation`,
+    `max_len`, `dtype`, `param_dtype`, and calls `setup_decoder` in its `setup`).
+
+    Target embeddings scaled by sqrt(d_model) plus sinusoidal positions, `DecoderLayer`s (causal
+    self-attention with the KV cache, encoder-decoder attention, FFN), a final LayerNorm when pre-LN,
+    and the output projection (tied to the target embedding or its own).
+    """
+
+    def setup_decoder(self):
+        dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        # Std d_model^-1/2, so the sqrt(d_model)-scaled embeddings start with unit variance.
+        embed_init = nn.initializers.normal(stddev=self.d_model**-0.5)
+        self.tgt_embed = nn.Embed(
+            self.tgt_vocab_size, self.d_model, embedding_init=embed_init, **dtypes
+        )
+        self.decoder_layers = [
+            DecoderLayer(**self._layer_fields()) for _ in range(self.num_decoder_layers)
+        ]
+        if self.pre_ln:
+            self.decoder_norm = nn.LayerNorm(**dtypes)
+        if not self.tie_output:
+            self.output = nn.Dense(self.tgt_vocab_size, **dtypes)
+        self.dropout = nn.Dropout(self.dropout_rate)
+        self.positions = sinusoidal_positions(self.max_len, self.d_model)
+
+    def _layer_fields(self) -> dict:
+        return dict(
+            d_model=self.d_model,
+            num_heads=self.num_heads,
+            ffn_dim=self.ffn_dim,
+            activation=self.activation,
+            dropout_rate=self.dropout_rate,
+            attention_dropout_rate=self.attention_dropout_rate,
+            activation_dropout_rate=self.activation_dropout,
+            pre_ln=self.pre_ln,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+
+    @property
+    def activation_dropout(self) -> float:
+        """The FFN activations' dropout: `activation_dropout_rate`, or `dropout_rate` when None."""
+        rate = self.activation_dropout_rate
+        return self.dropout_rate if rate is None else rate
+
+    def check_decoder_fields(self) -> None:
+        """One-line ValueErrors for the decoder's fields (call in `__post_init__`)."""
+        common.check_positive(
+            tgt_vocab_size=self.tgt_vocab_size,
+            d_model=self.d_model,
+            num_heads=self.num_heads,
+            num_decoder_layers=self.num_decoder_layers,
+            ffn_dim=self.ffn_dim,
+            max_len=self.max_len,
+        )
+        common.check_rate(
+            dropout_rate=self.dropout_rate,
+            attention_dropout_rate=self.attention_dropout_rate,
+            activation_dropout_rate=self.activation_dropout,
+        )
+        common.check_choice("activation", self.activation, tuple(ACTIVATIONS))
+        if self.d_model % self.num_heads or self.d_model % 2:
+            raise ValueError(
+                f"d_model={self.d_model} must be even and divisible by num_heads={self.num_heads}"
+            )
+
+    def _check_length(self, what: str, length: int) -> None:
+        if length > self.max_len:
+            raise ValueError(
+                f"{what} length {length} exceeds max_len={self.max_len}: raise the model's max_len"
+            )
+
+    def _embed(self, embed: nn.Embed, tokens: jax.Array, positions: jax.Array, train: bool):
+        """`[..., d_model]` = sqrt(d_model) * E[tokens] + PE[positions], then dropout."""
+        x = embed(tokens) * math.sqrt(self.d_model) + jnp.asarray(self.positions)[positions]
+        return self.dropout(x.astype(self.dtype), deterministic=not train)
+
+    def _logits(self, x: jax.Array, decoding: bool = False) -> jax.Array:
+        if self.pre_ln:
+            x = self.decoder_norm(x)
+        if not self.tie_output:
+            logits = self.output(x)
+        elif decoding:
+            # The tied projection multiplies by the embedding table transposed. XLA folds a plain
+            # transpose into the matmul, which then re-packs the whole [vocab, d_model] table at every
+            # decoding step (the step's largest matmul, 1.5-3x slower for it); behind a barrier the
+            # transpose stays an op of its own, loop-invariant, so XLA hoists it out of the decoding
+            # loop: once per decode instead of once per step.
+            table = jnp.asarray(self.tgt_embed.embedding, self.dtype)
+            logits = x @ jax.lax.optimization_barrier(table.T)
+        else:
+            logits = self.tgt_embed.attend(x)
+        return logits.astype(jnp.float32)
+
+    def cross_kv(self, x: jax.Array) -> tuple:
+        """Every decoder layer's encoder-decoder keys/values `[batch, src_len, heads, head_dim]` of
+        the encoder output `x [batch, src_len, d_model]`, computed once per source."""
+        return tuple(layer.cross_attention.kv(x) for layer in self.decoder_layers)
+
+    def teacher_forced(self, memory: dict, tgt_in: jax.Array, train: bool) -> jax.Array:
+        """float32 logits `[batch, tgt_len, tgt_vocab_size]` of `tgt_in` (int32 `[batch, tgt_len]`,
+        BOS y1 .. y_{T-1}) given `memory` (`cross_kv`, `mask`); sows each layer's cross-attention
+        weights `[batch, heads, tgt_len, src_len]` as `intermediates/cross_attention_<layer>`."""
+        tgt_len = tgt_in.shape[1]
+        self._check_length("target", tgt_len)
+        x = self._embed(self.tgt_embed, tgt_in, jnp.arange(tgt_len), train)
+        return self._logits(
+            teacher_forced_decoder_layers(self, self.decoder_layers, x, tgt_in, memory, train)
+        )
+
+    def init_decode_state(self, memory: dict, max_len: int) -> dict:
+        """Empty self-attention KV cache for `max_len` decoded tokens.
+
+        Returns:
+          `empty_decode_state`'s dict: `pos` int32 `[batch]` zeros (the next position), `slots` and
+          `cache` (`contracts.BeamShared`, per decoder layer (keys, values), computation dtype).
+        """
+        self._check_length("decode", max_len)
+        return empty_decode_state(self, memory, max_len)
+
+    def decode_step(self, memory: dict, tokens: jax.Array, state: dict) -> tuple[jax.Array, dict]:
+        """One incremental decoder step; sows each layer's cross-attention weights `[N, heads, src_len]`.
+
+        All rows advance in lockstep (the decoding library feeds every row one token per step), so the
+        new keys/values are written into the cache at the shared position `pos[0]` with one
+        `dynamic_update_slice`; past positions are never recomputed.
+
+        Args:
+          memory: from `encode`, sentence batch first; broadcast over the beams of each sentence.
+          tokens: int32 `[N]`, the previous token of each row (N = batch x beam, row n in sentence
+            n // beam).
+          state: `init_decode_state`'s, rows repeated to N (`cached_decoder_layers`).
+
+        Returns:
+          (float32 logits `[N, tgt_vocab_size]`, new state with `pos + 1` and the cache written at `pos`).
+        """
+        x = self._embed(self.tgt_embed, tokens[:, None], state["pos"][:, None], train=False)
+        x, state = cached_decoder_layers(self, self.decoder_layers, x, memory, state)
+        return self._logits(x[:, 0], decoding=True), state
+
+
+class Transformer(TransformerDecoder):
     """Encoder-decoder Transformer.
 
     Attributes:
@@ -454,26 +599,10 @@ class Transformer(nn.Module):
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
+        self.check_decoder_fields()
         common.check_positive(
-            src_vocab_size=self.src_vocab_size,
-            tgt_vocab_size=self.tgt_vocab_size,
-            d_model=self.d_model,
-            num_heads=self.num_heads,
-            num_encoder_layers=self.num_encoder_layers,
-            num_decoder_layers=self.num_decoder_layers,
-            ffn_dim=self.ffn_dim,
-            max_len=self.max_len,
+            src_vocab_size=self.src_vocab_size, num_encoder_layers=self.num_encoder_layers
         )
-        common.check_rate(
-            dropout_rate=self.dropout_rate,
-            attention_dropout_rate=self.attention_dropout_rate,
-            activation_dropout_rate=self.activation_dropout,
-        )
-        common.check_choice("activation", self.activation, tuple(ACTIVATIONS))
-        if self.d_model % self.num_heads or self.d_model % 2:
-            raise ValueError(
-                f"d_model={self.d_model} must be even and divisible by num_heads={self.num_heads}"
-            )
         if self.share_embeddings and self.src_vocab_size != self.tgt_vocab_size:
             raise ValueError(
                 f"share_embeddings needs equal vocabularies, got src {self.src_vocab_size} and tgt "
@@ -483,72 +612,18 @@ class Transformer(nn.Module):
 
     def setup(self):
         dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        # Std d_model^-1/2, so the sqrt(d_model)-scaled embeddings start with unit variance.
+        self.setup_decoder()
         embed_init = nn.initializers.normal(stddev=self.d_model**-0.5)
-        self.tgt_embed = nn.Embed(
-            self.tgt_vocab_size, self.d_model, embedding_init=embed_init, **dtypes
-        )
         self.src_embed = (
             self.tgt_embed
             if self.share_embeddings
             else nn.Embed(self.src_vocab_size, self.d_model, embedding_init=embed_init, **dtypes)
         )
-        layer = dict(
-            d_model=self.d_model,
-            num_heads=self.num_heads,
-            ffn_dim=self.ffn_dim,
-            activation=self.activation,
-            dropout_rate=self.dropout_rate,
-            attention_dropout_rate=self.attention_dropout_rate,
-            activation_dropout_rate=self.activation_dropout,
-            pre_ln=self.pre_ln,
-            **dtypes,
-        )
-        self.encoder_layers = [EncoderLayer(**layer) for _ in range(self.num_encoder_layers)]
-        self.decoder_layers = [DecoderLayer(**layer) for _ in range(self.num_decoder_layers)]
+        self.encoder_layers = [
+            EncoderLayer(**self._layer_fields()) for _ in range(self.num_encoder_layers)
+        ]
         if self.pre_ln:
             self.encoder_norm = nn.LayerNorm(**dtypes)
-            self.decoder_norm = nn.LayerNorm(**dtypes)
-        if not self.tie_output:
-            self.output = nn.Dense(self.tgt_vocab_size, **dtypes)
-        self.dropout = nn.Dropout(self.dropout_rate)
-        self.positions = sinusoidal_positions(self.max_len, self.d_model)
-
-    @property
-    def activation_dropout(self) -> float:
-        return (
-            self.dropout_rate
-            if self.activation_dropout_rate is None
-            else self.activation_dropout_rate
-        )
-
-    def _check_length(self, what: str, length: int) -> None:
-        if length > self.max_len:
-            raise ValueError(
-                f"{what} length {length} exceeds max_len={self.max_len}: raise the model's max_len"
-            )
-
-    def _embed(self, embed: nn.Embed, tokens: jax.Array, positions: jax.Array, train: bool):
-        """`[..., d_model]` = sqrt(d_model) * E[tokens] + PE[positions], then dropout."""
-        x = embed(tokens) * math.sqrt(self.d_model) + jnp.asarray(self.positions)[positions]
-        return self.dropout(x.astype(self.dtype), deterministic=not train)
-
-    def _logits(self, x: jax.Array, decoding: bool = False) -> jax.Array:
-        if self.pre_ln:
-            x = self.decoder_norm(x)
-        if not self.tie_output:
-            logits = self.output(x)
-        elif decoding:
-            # The tied projection multiplies by the embedding table transposed. XLA folds a plain
-            # transpose into the matmul, which then re-packs the whole [vocab, d_model] table at every
-            # decoding step (the step's largest matmul, 1.5-3x slower for it); behind a barrier the
-            # transpose stays an op of its own, loop-invariant, so XLA hoists it out of the decoding
-            # loop: once per decode instead of once per step.
-            table = jnp.asarray(self.tgt_embed.embedding, self.dtype)
-            logits = x @ jax.lax.optimization_barrier(table.T)
-        else:
-            logits = self.tgt_embed.attend(x)
-        return logits.astype(jnp.float32)
 
     def __call__(self, src: jax.Array, tgt_in: jax.Array, train: bool = False) -> jax.Array:
         """Teacher-forced logits; sows each decoder layer's cross-attention weights
@@ -562,13 +637,7 @@ class Transformer(nn.Module):
         Returns:
           float32 logits `[batch, tgt_len, tgt_vocab_size]`.
         """
-        memory = self.encode(src, train=train)
-        tgt_len = tgt_in.shape[1]
-        self._check_length("target", tgt_len)
-        x = self._embed(self.tgt_embed, tgt_in, jnp.arange(tgt_len), train)
-        return self._logits(
-            teacher_forced_decoder_layers(self, self.decoder_layers, x, tgt_in, memory, train)
-        )
+        return self.teacher_forced(self.encode(src, train=train), tgt_in, train)
 
     def encode(self, src: jax.Array, train: bool = False) -> dict:
         """Runs the encoder and every decoder layer's cross-attention key/value projection, once.
@@ -587,35 +656,4 @@ class Transformer(nn.Module):
             x = layer(x, mask, train)
         if self.pre_ln:
             x = self.encoder_norm(x)
-        cross_kv = tuple(layer.cross_attention.kv(x) for layer in self.decoder_layers)
-        return {"cross_kv": cross_kv, "mask": mask}
-
-    def init_decode_state(self, memory: dict, max_len: int) -> dict:
-        """Empty self-attention KV cache for `max_len` decoded tokens.
-
-        Returns:
-          `empty_decode_state`'s dict: `pos` int32 `[batch]` zeros (the next position), `slots` and
-          `cache` (`contracts.BeamShared`, per decoder layer (keys, values), computation dtype).
-        """
-        self._check_length("decode", max_len)
-        return empty_decode_state(self, memory, max_len)
-
-    def decode_step(self, memory: dict, tokens: jax.Array, state: dict) -> tuple[jax.Array, dict]:
-        """One incremental decoder step; sows each layer's cross-attention weights `[N, heads, src_len]`.
-
-        All rows advance in lockstep (the decoding library feeds every row one token per step), so the
-        new keys/values are written into the cache at the shared position `pos[0]` with one
-        `dynamic_update_slice`; past positions are never recomputed.
-
-        Args:
-          memory: from `encode`, sentence batch first; broadcast over the beams of each sentence.
-          tokens: int32 `[N]`, the previous token of each row (N = batch x beam, row n in sentence
-            n // beam).
-          state: `init_decode_state`'s, rows repeated to N (`cached_decoder_layers`).
-
-        Returns:
-          (float32 logits `[N, tgt_vocab_size]`, new state with `pos + 1` and the cache written at `pos`).
-        """
-        x = self._embed(self.tgt_embed, tokens[:, None], state["pos"][:, None], train=False)
-        x, state = cached_decoder_layers(self, self.decoder_layers, x, memory, state)
-        return self._logits(x[:, 0], decoding=True), state
+        return {"cross_kv": self.cross_kv(x), "mask": mask}

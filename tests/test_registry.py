@@ -19,7 +19,7 @@ from data import tokenizers
 from experiment import programs
 from models import registry
 from models.attention_rnn import AttentionRNN
-from models.captioner import Captioner
+from models.captioner import RNNCaptioner, TransformerCaptioner
 from models.seq2seq_rnn import Seq2SeqRNN
 from models.transformer import Transformer
 
@@ -35,12 +35,16 @@ TINY = {
         "ffn_dim": 32,
         "max_len": 32,
     },
-    "captioner": {
+    "captioner_rnn": {
         "channels": 4,
         "d_model": 8,
         "embed_dim": 8,
         "hidden_dim": 16,
         "attention_dim": 8,
+    },
+    "captioner_transformer": {
+        "channels": 4,
+        "d_model": 8,
         "num_heads": 2,
         "num_decoder_layers": 2,
         "ffn_dim": 16,
@@ -56,9 +60,10 @@ VARIANTS = [
     ("transformer", {}),
     ("transformer", {"pre_ln": False, "tie_output": False, "activation": "gelu"}),
     ("transformer", {"share_embeddings": True}),
-    ("captioner", {}),
-    ("captioner", {"decoder": "transformer", "pre_ln": False}),
-    ("captioner", {"cell": "lstm", "num_layers": 2, "attention": "luong_general"}),
+    ("captioner_rnn", {}),
+    ("captioner_transformer", {}),
+    ("captioner_transformer", {"pre_ln": False}),
+    ("captioner_rnn", {"cell": "lstm", "num_layers": 2, "attention": "luong_general"}),
 ]
 
 # Two sentences, trailing padding; the second target is padded too.
@@ -305,8 +310,10 @@ def test_create_model_applies_defaults_and_overrides():
         "attention_rnn", src_vocab_size=5, tgt_vocab_size=5, dtype="bfloat16"
     )
     assert isinstance(model, AttentionRNN) and model.dtype == jnp.bfloat16
-    model = registry.create_model("captioner", src_vocab_size=5, tgt_vocab_size=5, channels=8)
-    assert isinstance(model, Captioner) and model.channels == 8 and model.decoder == "rnn"
+    model = registry.create_model("captioner_rnn", src_vocab_size=5, tgt_vocab_size=5, channels=8)
+    assert isinstance(model, RNNCaptioner) and model.channels == 8
+    model = registry.create_model("captioner_transformer", src_vocab_size=5, tgt_vocab_size=5)
+    assert isinstance(model, TransformerCaptioner) and not hasattr(model, "cell")
 
 
 def test_default_hparams_is_a_copy():
@@ -336,9 +343,15 @@ def test_default_hparams_is_a_copy():
         ("transformer", {"dropout_rate": 1.0}, "dropout_rate=1.0 must be in [0, 1)"),
         ("seq2seq_rnn", {"num_layers": 0}, "num_layers=0 must be a positive integer"),
         ("seq2seq_rnn", {"dtype": "float-ish"}, "dtype='float-ish' is not a dtype"),
-        ("captioner", {"decoder": "cnn"}, "decoder='cnn' is not supported: use one of rnn"),
-        ("captioner", {"d_model": 30}, "d_model=30 must be a multiple of 4"),
-        ("captioner", {"attention": "luong_dot", "hidden_dim": 64}, "needs d_model == hidden_dim"),
+        ("captioner_rnn", {"num_heads": 2}, "unknown hyperparameter(s) num_heads for model"),
+        ("captioner_transformer", {"cell": "gru"}, "unknown hyperparameter(s) cell for model"),
+        ("captioner_rnn", {"d_model": 30}, "d_model=30 must be a multiple of 4"),
+        ("captioner_transformer", {"d_model": 30}, "d_model=30 must be a multiple of 4"),
+        (
+            "captioner_rnn",
+            {"attention": "luong_dot", "hidden_dim": 64},
+            "needs d_model == hidden_dim",
+        ),
     ],
 )
 def test_bad_arguments_raise_one_line_value_errors(name, overrides, message):
