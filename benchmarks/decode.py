@@ -52,7 +52,10 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-PAD_ID, BOS_ID, EOS_ID = 0, 1, 2  # README "Special ids"
+if str(REPO) not in sys.path:  # run as a script (python benchmarks/decode.py)
+    sys.path.insert(0, str(REPO))
+from contracts import BOS_ID, EOS_ID, PAD_ID  # noqa: E402 (the project's special ids)
+
 FIRST_WORD_ID = 4  # sources are drawn from the ordinary tokens [4, vocab)
 
 
@@ -216,19 +219,19 @@ def no_eos(logits):
 
 
 def seqzoo_decoder(model, beam: int, gen_len: int):
-    """A jitted `(params, src) -> best tokens [batch, gen_len]`, as `programs.decode_fn` builds it."""
+    """A jitted `(params, src) -> best tokens [batch, gen_len]`: `programs.step_function`, the one
+    train.py and eval.py decode with, with EOS disabled (`no_eos`)."""
     import jax
 
     import decoding
+    from experiment import programs
 
     @jax.jit
     def run(params, src):
-        variables = {"params": params}
-        memory = model.apply(variables, src, method=model.encode)
-        state = model.apply(variables, memory, gen_len, method=model.init_decode_state)
+        model_step, state = programs.step_function(model, params, src, gen_len)
 
         def step_fn(tokens, state):
-            logits, state = model.apply(variables, memory, tokens, state, method=model.decode_step)
+            logits, state = model_step(tokens, state)
             return no_eos(logits), state
 
         ids = dict(bos_id=BOS_ID, eos_id=EOS_ID, batch_size=src.shape[0], max_len=gen_len)

@@ -8,17 +8,61 @@
 - `dates_config()` / `multi30k_config()`: fresh ConfigDicts for `input_pipeline.get_datasets`.
 - `dates_data` / `multi30k_data`: `get_datasets` of those configs, built once per session.
 - `damage_checkpoint(step_dir)`: flips bytes in a checkpoint's array data.
+- `SRC`, `TGT_IN`, `TGT_OUT`, `SRC_MASK`: four toy sentence pairs for the model tests, and
+  `overfit(model, params, batch)`: Adam on one batch until the model knows it.
 """
 
 import os
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
+import optax
 import pytest
 
 from data import datasets, input_pipeline, multi30k
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Four examples: trailing source padding, targets of different lengths (BOS=1, EOS=2, pad=0).
+SRC = jnp.array(
+    [[5, 6, 7, 8, 9, 0], [4, 10, 3, 0, 0, 0], [7, 7, 8, 0, 0, 0], [9, 4, 5, 6, 0, 0]], jnp.int32
+)
+TGT_IN = jnp.array(
+    [[1, 4, 5, 6, 7, 0], [1, 8, 9, 0, 0, 0], [1, 10, 11, 12, 0, 0], [1, 6, 5, 4, 3, 12]], jnp.int32
+)
+TGT_OUT = jnp.array(
+    [[4, 5, 6, 7, 2, 0], [8, 9, 2, 0, 0, 0], [10, 11, 12, 2, 0, 0], [6, 5, 4, 3, 12, 2]], jnp.int32
+)
+SRC_MASK = np.asarray(SRC != 0)
+
+
+def overfit(model, params, batch=None, *, steps: int = 200, learning_rate: float = 1e-2):
+    """`model` trained from `params` with Adam on one batch (`{"src", "tgt_in", "tgt_out"}`;
+    default the four toy pairs), teacher-forced, no dropout; returns (params, losses per step)."""
+    from experiment import programs
+
+    batch = batch or {"src": SRC, "tgt_in": TGT_IN, "tgt_out": TGT_OUT}
+    optimizer = optax.adam(learning_rate)
+
+    @jax.jit
+    def step(params, opt_state):
+        def loss_fn(params):
+            logits = model.apply({"params": params}, batch["src"], batch["tgt_in"], train=False)
+            loss_sum, tokens = programs.cross_entropy(logits, batch["tgt_out"])
+            return loss_sum / tokens
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    opt_state, losses = optimizer.init(params), []
+    for _ in range(steps):
+        params, opt_state, loss = step(params, opt_state)
+        losses.append(float(loss))
+    return params, losses
 
 
 @pytest.fixture(scope="session")

@@ -12,10 +12,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
+from conftest import overfit as train_on
 
-import decoding
 import eval as eval_script
 from configs import tiny_digits_captioner
 from data import digit_captions, pipeline, tokenizers
@@ -135,24 +134,8 @@ def overfit(tiny_batch) -> Overfit:
     """The rnn captioner trained from seed 0 on the 8-example batch until it knows it."""
     batch, _, tokenizer = tiny_batch
     model = build(tokenizer.vocab_size, d_model=64, hidden_dim=64, dropout_rate=0.0)
-    initial = params = programs.init_params_from_seed(model, 0)
-    optimizer = optax.adam(1e-2)
-
-    @jax.jit
-    def step(params, opt_state):
-        def loss_fn(params):
-            logits = model.apply({"params": params}, batch["src"], batch["tgt_in"], train=False)
-            loss_sum, tokens = programs.cross_entropy(logits, batch["tgt_out"])
-            return loss_sum / tokens
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    opt_state, losses = optimizer.init(params), []
-    for _ in range(150):
-        params, opt_state, loss = step(params, opt_state)
-        losses.append(float(loss))
+    initial = programs.init_params_from_seed(model, 0)
+    params, losses = train_on(model, initial, batch, steps=150)
     return Overfit(model, initial, params, losses)
 
 
@@ -185,20 +168,8 @@ def test_beam_search_through_the_shared_interface(overfit, tiny_batch):
     best = programs.best_sequences(result)
     assert [tokenizer.decode(row) for row in best] == captions
 
-    @jax.jit
-    def score(params, src, targets):
-        step_fn, state = programs.step_function(model, params, src, targets.shape[1])
-        return decoding.score(
-            step_fn,
-            state,
-            targets,
-            bos_id=tokenizers.BOS_ID,
-            eos_id=tokenizers.EOS_ID,
-            alpha=0.0,
-            length_penalty="none",
-        )
-
-    scored = score(params, src, jnp.asarray(best))
+    score = programs.score_fn(model, "none")
+    scored = score(params, src, jnp.asarray(best), 0.0)
     np.testing.assert_allclose(scored.scores, np.asarray(result.scores)[:, 0], atol=1e-4)
     # The same images in another order give the same captions in that order.
     order = np.array([3, 1, 7, 0, 5, 2, 6, 4])

@@ -8,24 +8,13 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
+from conftest import SRC, SRC_MASK, TGT_IN, overfit
 
 import decoding
 from experiment import programs
 from models.transformer import Transformer, sinusoidal_positions
 
-# Four examples: trailing source padding, targets of different lengths (BOS=1, EOS=2, pad=0).
-SRC = jnp.array(
-    [[5, 6, 7, 8, 9, 0], [4, 10, 3, 0, 0, 0], [7, 7, 8, 0, 0, 0], [9, 4, 5, 6, 0, 0]], jnp.int32
-)
-TGT_IN = jnp.array(
-    [[1, 4, 5, 6, 7, 0], [1, 8, 9, 0, 0, 0], [1, 10, 11, 12, 0, 0], [1, 6, 5, 4, 3, 12]], jnp.int32
-)
-TGT_OUT = jnp.array(
-    [[4, 5, 6, 7, 2, 0], [8, 9, 2, 0, 0, 0], [10, 11, 12, 2, 0, 0], [6, 5, 4, 3, 12, 2]], jnp.int32
-)
-SRC_MASK = np.asarray(SRC != 0)
 TINY = dict(
     d_model=32,
     num_heads=4,
@@ -251,21 +240,5 @@ def test_decode_step_rejects_rows_that_are_not_sentences_times_beams():
 
 def test_overfits_four_examples():
     model, variables, _ = tiny()
-    optimizer = optax.adam(3e-3)
-
-    def loss_fn(params):
-        logits = model.apply({"params": params}, SRC, TGT_IN)
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, TGT_OUT)
-        return jnp.sum(losses * (TGT_OUT != 0)) / jnp.sum(TGT_OUT != 0)
-
-    @jax.jit
-    def train_step(params, opt_state):
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = optimizer.update(grads, opt_state)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    params = variables["params"]
-    opt_state = optimizer.init(params)
-    for _ in range(200):
-        params, opt_state, loss = train_step(params, opt_state)
-    assert loss < 0.05
+    _, losses = overfit(model, variables["params"], learning_rate=3e-3)
+    assert losses[-1] < 0.05
