@@ -116,9 +116,9 @@ def evaluate(workdir: Path, options: Options) -> dict | None:
         beam_size=options.beam_size,
         alpha=options.alpha,
         length_penalty=options.length_penalty,
-        max_len=options.max_decode_len or config.max_decode_len,
-        max_len_a=_given(options.max_decode_len_a, config.max_decode_len_a),
-        max_len_b=_given(options.max_decode_len_b, config.max_decode_len_b),
+        max_decode_len=options.max_decode_len or config.max_decode_len,
+        max_decode_len_a=_given(options.max_decode_len_a, config.max_decode_len_a),
+        max_decode_len_b=_given(options.max_decode_len_b, config.max_decode_len_b),
     )
     if options.input:
         translate_input(run, options, search, batch_size)

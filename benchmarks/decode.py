@@ -187,7 +187,7 @@ def jax_model(config: Config, family: str):
             share_embeddings=True,
             tie_output=True,
             activation="relu",
-            max_len=config.max_positions,
+            max_positions=config.max_positions,
         )
     else:
         hparams = dict(

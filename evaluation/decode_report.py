@@ -19,7 +19,7 @@ def one_line(text: str) -> str:
 
 
 def decode_batches(run: Run, batches, search: Search, sink):
-    """Decodes `batches` in order; returns (best sequences [n, max_len], results, timing).
+    """Decodes `batches` in order; returns (best sequences [n, max_decode_len], results, timing).
 
     Each hypothesis is passed to `sink(text)` as soon as its batch is done, so a failure later loses
     nothing already decoded. Each batch is decoded once: a shape seen for the first time is compiled
@@ -57,7 +57,7 @@ _compiled: dict = {}  # decode_fn -> the (shape, dtype) of the sources it has co
 def evaluate_split(run: Run, eval_data, search: Search, output: Path):
     """Decodes a split, writing hypotheses to `output` (one line per sentence, as they are decoded).
 
-    Returns (report dict, best sequences `[n, max_len]`, the decoding results per batch).
+    Returns (report dict, best sequences `[n, max_decode_len]`, the decoding results per batch).
     """
     output.parent.mkdir(parents=True, exist_ok=True)
     hypotheses: list[str] = []

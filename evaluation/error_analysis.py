@@ -15,11 +15,11 @@ def run_error_analysis(run: Run, eval_data, sequences: np.ndarray, search: Searc
 
     Both are scored teacher-forced (`programs.score_fn`), whatever decoder produced ŷ: for beam
     search that is its own score; for greedy, whose search maximizes the raw log-probability, it puts
-    ŷ on the same scale as y*. A reference longer than its sentence's own length limit (`max_len`, or
+    ŷ on the same scale as y*. A reference longer than its sentence's own length limit (`max_decode_len`, or
     `ceil(a * source tokens) + b`) is counted as one no search could find.
 
     Args:
-      sequences: int `[n, max_len]`, the decoder's best hypothesis per example (split order).
+      sequences: int `[n, max_decode_len]`, the decoder's best hypothesis per example (split order).
     """
     score = programs.score_fn(run.model, search.length_penalty, run.mesh)
     reference_scores, hypothesis_scores, references, limits = [], [], [], []

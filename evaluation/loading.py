@@ -44,32 +44,34 @@ class Run:
 @dataclasses.dataclass(frozen=True)
 class Search:
     """How to decode: greedy or beam (`beam_size`), length normalization (`length_penalty`, `alpha`)
-    and length limits (`max_len`, and per sentence `ceil(max_len_a x source tokens) + max_len_b`
-    when `max_len_a > 0`; see `programs.decode_fn`)."""
+    and length limits (`max_decode_len`, and per sentence `ceil(max_decode_len_a x source tokens) + max_decode_len_b`
+    when `max_decode_len_a > 0`; see `programs.decode_fn`)."""
 
     decode: str
     beam_size: int
     alpha: float
     length_penalty: str
-    max_len: int
-    max_len_a: float = 0.0
-    max_len_b: int = 0
+    max_decode_len: int
+    max_decode_len_a: float = 0.0
+    max_decode_len_b: int = 0
 
     def decode_fn(self, run: Run):
         return programs.decode_fn(
             run.model,
             self.decode,
             self.beam_size,
-            self.max_len,
+            self.max_decode_len,
             self.length_penalty,
             run.mesh,
-            self.max_len_a,
-            self.max_len_b,
+            self.max_decode_len_a,
+            self.max_decode_len_b,
         )
 
     def length_limits(self, src) -> "object":
         """int `[batch]`: each sentence's most generated tokens (EOS included) for `src`."""
-        return programs.decode_length_limits(src, self.max_len, self.max_len_a, self.max_len_b)
+        return programs.decode_length_limits(
+            src, self.max_decode_len, self.max_decode_len_a, self.max_decode_len_b
+        )
 
     def report(self) -> dict:
         """The settings as the JSON report names them."""
@@ -78,7 +80,7 @@ class Search:
             "beam_size": self.beam_size if self.decode == "beam" else 1,
             "alpha": self.alpha,
             "length_penalty": self.length_penalty,
-            "max_decode_len": self.max_len,
-            "max_decode_len_a": self.max_len_a,
-            "max_decode_len_b": self.max_len_b,
+            "max_decode_len": self.max_decode_len,
+            "max_decode_len_a": self.max_decode_len_a,
+            "max_decode_len_b": self.max_decode_len_b,
         }

@@ -123,7 +123,7 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: float 
 # --------------------------------------------------------------------------------------- decoding
 
 
-def step_function(model, params, src: jax.Array, max_len: int):
+def step_function(model, params, src: jax.Array, max_decode_len: int):
     """`(step_fn, init_state)` for `decoding/`: the source encoded once, the decoder state for it.
 
     `step_fn(tokens [N], state) -> (logits [N, vocab], state)` closes over the encoder memory, which
@@ -131,7 +131,7 @@ def step_function(model, params, src: jax.Array, max_len: int):
     """
     variables = {"params": params}
     memory = model.apply(variables, src, method=model.encode)
-    state = model.apply(variables, memory, max_len, method=model.init_decode_state)
+    state = model.apply(variables, memory, max_decode_len, method=model.init_decode_state)
 
     def step_fn(tokens, state):
         return model.apply(variables, memory, tokens, state, method=model.decode_step)
@@ -144,21 +144,21 @@ def decode_fn(
     model,
     decode: str,
     beam_size: int,
-    max_len: int,
+    max_decode_len: int,
     length_penalty: str,
     mesh: Mesh | None = None,
-    max_len_a: float = 0.0,
-    max_len_b: int = 0,
+    max_decode_len_a: float = 0.0,
+    max_decode_len_b: int = 0,
 ):
     """A jitted `(params, src [batch, src_len], alpha) -> decoding result` (alpha traced: no recompiles).
 
-    Each sentence generates at most `max_len` tokens (EOS included) or, with `max_len_a > 0` and text
-    sources, `min(max_len, ceil(max_len_a * source tokens) + max_len_b)` (fairseq's `--max-len-a/b`;
-    the config's `max_decode_len_a/b`): a batch of short sentences then stops early instead of running
-    the search to `max_len`.
+    Each sentence generates at most `max_decode_len` tokens (EOS included) or, with
+    `max_decode_len_a > 0` and text sources, `min(max_decode_len, ceil(max_decode_len_a * source
+    tokens) + max_decode_len_b)` (fairseq's `--max-len-a/b`): a batch of short sentences then stops
+    early instead of running the search to `max_decode_len`.
 
-    One compiled program per (src shape, decode, beam_size, max_len, length_penalty, mesh, max_len_a,
-    max_len_b); cached here so train and eval share them. With a `mesh`, the batch is split over its
+    One compiled program per (src shape, decode, beam_size, max_decode_len, length_penalty, mesh,
+    max_decode_len_a, max_decode_len_b); cached here so train and eval share them. With a `mesh`, the batch is split over its
     devices (pass `src` from `sharding.shard_batch`), the params are replicated (gathered once per
     call if they come FSDP-sharded) and so is the result, which every host can then read.
     """
@@ -168,13 +168,13 @@ def decode_fn(
     def run(params, src, alpha):
         if mesh is not None:
             params, src = replicate_params_shard_batch(mesh, params, src)
-        step_fn, state = step_function(model, params, src, max_len)
+        step_fn, state = step_function(model, params, src, max_decode_len)
         common = dict(
             bos_id=BOS_ID,
             eos_id=EOS_ID,
             batch_size=src.shape[0],
-            max_len=max_len,
-            max_lengths=source_length_limits(src, max_len_a, max_len_b),
+            max_len=max_decode_len,
+            max_lengths=source_length_limits(src, max_decode_len_a, max_decode_len_b),
         )
         if decode == "greedy":
             return decoding.greedy(step_fn, state, **common)
@@ -217,20 +217,24 @@ def score_fn(model, length_penalty: str, mesh: Mesh | None = None):
     return jax.jit(run, out_shardings=sharding.replicated(mesh))
 
 
-def source_length_limits(src: jax.Array, max_len_a: float, max_len_b: int) -> jax.Array | None:
-    """int32 `[batch]` `ceil(max_len_a * source tokens) + max_len_b` for text `src [batch, src_len]`;
-    None (no per-sentence limit) when `max_len_a` is 0 or the sources are images."""
-    if max_len_a <= 0 or src.ndim != 2:
+def source_length_limits(
+    src: jax.Array, max_decode_len_a: float, max_decode_len_b: int
+) -> jax.Array | None:
+    """int32 `[batch]` `ceil(max_decode_len_a * source tokens) + max_decode_len_b` for text `src [batch, src_len]`;
+    None (no per-sentence limit) when `max_decode_len_a` is 0 or the sources are images."""
+    if max_decode_len_a <= 0 or src.ndim != 2:
         return None
     lengths = jnp.sum(src != PAD_ID, axis=-1)
-    return jnp.ceil(max_len_a * lengths).astype(jnp.int32) + max_len_b
+    return jnp.ceil(max_decode_len_a * lengths).astype(jnp.int32) + max_decode_len_b
 
 
-def decode_length_limits(src: np.ndarray, max_len: int, max_len_a: float, max_len_b: int):
+def decode_length_limits(
+    src: np.ndarray, max_decode_len: int, max_decode_len_a: float, max_decode_len_b: int
+):
     """int `[batch]`: the most tokens (EOS included) each sentence of `src` may generate, as
-    `decode_fn` applies it: `max_len`, or `min(max_len, ceil(a * source tokens) + b)`."""
-    limits = source_length_limits(jnp.asarray(src), max_len_a, max_len_b)
-    full = np.full(len(src), max_len)
+    `decode_fn` applies it: `max_decode_len`, or `min(max_decode_len, ceil(a * source tokens) + b)`."""
+    limits = source_length_limits(jnp.asarray(src), max_decode_len_a, max_decode_len_b)
+    full = np.full(len(src), max_decode_len)
     return full if limits is None else np.minimum(full, np.asarray(limits))
 
 
@@ -244,6 +248,6 @@ def replicate_params_shard_batch(mesh: Mesh, params, *batch_arrays):
 
 
 def best_sequences(result) -> np.ndarray:
-    """`[batch, max_len]` int token ids of the best hypothesis (greedy or beam result)."""
+    """`[batch, max_decode_len]` int token ids of the best hypothesis (greedy or beam result)."""
     sequences = np.asarray(result.sequences)
     return sequences[:, 0] if sequences.ndim == 3 else sequences

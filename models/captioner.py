@@ -204,8 +204,8 @@ class TransformerCaptioner(ImageEncoder, TransformerDecoder):
       image_channels, num_stages, channels: as in `RNNCaptioner`.
       d_model: the grid features' and the decoder's width (a multiple of 4 and of num_heads).
       num_heads, num_decoder_layers, ffn_dim, dropout_rate, attention_dropout_rate,
-        activation_dropout_rate, pre_ln, tie_output, activation, max_len: as in `Transformer`
-        (max_len: longest caption or decode).
+        activation_dropout_rate, pre_ln, tie_output, activation, max_positions: as in
+        `Transformer` (max_positions: longest caption or decode).
       dtype: computation dtype (e.g. jnp.bfloat16 on accelerators); logits are always float32.
       param_dtype: parameter dtype.
     """
@@ -225,7 +225,7 @@ class TransformerCaptioner(ImageEncoder, TransformerDecoder):
     pre_ln: bool = True
     tie_output: bool = False
     activation: str = "relu"
-    max_len: int = 128
+    max_positions: int = 128
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 

@@ -47,7 +47,7 @@ MODELS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
             "share_embeddings": False,
             "tie_output": True,
             "activation": "relu",
-            "max_len": 256,
+            "max_positions": 256,
         },
     ),
     "captioner_rnn": (
@@ -80,7 +80,7 @@ MODELS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
             "attention_dropout_rate": 0.1,
             "pre_ln": True,
             "activation": "relu",
-            "max_len": 128,
+            "max_positions": 128,
         },
     ),
 }

@@ -418,7 +418,7 @@ class TransformerDecoder(nn.Module):
     `Transformer` and `models.captioner.TransformerCaptioner` (a field-less base: the model declares
     `tgt_vocab_size`, `d_model`, `num_heads`, `num_decoder_layers`, `ffn_dim`, `dropout_rate`,
     `attention_dropout_rate`, `activation_dropout_rate`, `pre_ln`, `tie_output`, `activation`,
-    `max_len`, `dtype`, `param_dtype`, and calls `setup_decoder` in its `setup`).
+    `max_positions`, `dtype`, `param_dtype`, and calls `setup_decoder` in its `setup`).
 
     Target embeddings scaled by sqrt(d_model) plus sinusoidal positions, `DecoderLayer`s (causal
     self-attention with the KV cache, encoder-decoder attention, FFN), a final LayerNorm when pre-LN,
@@ -440,7 +440,7 @@ class TransformerDecoder(nn.Module):
         if not self.tie_output:
             self.output = nn.Dense(self.tgt_vocab_size, **dtypes)
         self.dropout = nn.Dropout(self.dropout_rate)
-        self.positions = sinusoidal_positions(self.max_len, self.d_model)
+        self.positions = sinusoidal_positions(self.max_positions, self.d_model)
 
     def _layer_fields(self) -> dict:
         return dict(
@@ -470,7 +470,7 @@ class TransformerDecoder(nn.Module):
             num_heads=self.num_heads,
             num_decoder_layers=self.num_decoder_layers,
             ffn_dim=self.ffn_dim,
-            max_len=self.max_len,
+            max_positions=self.max_positions,
         )
         common.check_rate(
             dropout_rate=self.dropout_rate,
@@ -484,9 +484,10 @@ class TransformerDecoder(nn.Module):
             )
 
     def _check_length(self, what: str, length: int) -> None:
-        if length > self.max_len:
+        if length > self.max_positions:
             raise ValueError(
-                f"{what} length {length} exceeds max_len={self.max_len}: raise the model's max_len"
+                f"{what} length {length} exceeds max_positions={self.max_positions}: raise the "
+                "model's max_positions"
             )
 
     def _embed(self, embed: nn.Embed, tokens: jax.Array, positions: jax.Array, train: bool):
@@ -575,7 +576,7 @@ class Transformer(TransformerDecoder):
       share_embeddings: one embedding table for source and target (needs equal vocabulary sizes).
       tie_output: the output projection is the target embedding transposed.
       activation: "relu" or "gelu".
-      max_len: longest source, target or decoded sequence (size of the positional table).
+      max_positions: longest source, target or decoded sequence (size of the positional table).
       dtype: computation dtype (e.g. jnp.bfloat16 on accelerators); logits are always float32.
       param_dtype: parameter dtype.
     """
@@ -594,7 +595,7 @@ class Transformer(TransformerDecoder):
     share_embeddings: bool = False
     tie_output: bool = True
     activation: str = "relu"
-    max_len: int = 256
+    max_positions: int = 256
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 

@@ -195,8 +195,8 @@ def test_a_source_that_is_not_an_image_is_refused_in_one_line(src, message):
 
 
 def test_transformer_refuses_captions_longer_than_max_len():
-    model = build(10, "transformer", max_len=8)
-    with pytest.raises(ValueError, match="target length 9 exceeds max_len=8"):
+    model = build(10, "transformer", max_positions=8)
+    with pytest.raises(ValueError, match="target length 9 exceeds max_positions=8"):
         jax.eval_shape(
             model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.ones((1, 9), jnp.int32)
         )

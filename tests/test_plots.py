@@ -1,6 +1,7 @@
-"""plots.py: the word grouping the image-attention figures use, and that figures get written."""
+"""plots.py: the word grouping the image-attention figures use, and what each figure draws."""
 
 import numpy as np
+import pytest
 
 import plots
 from data import tokenizers
@@ -21,23 +22,60 @@ def test_word_spans_group_tokens_into_words():
     ]
 
 
-def test_figures_are_written(tmp_path):
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures `plots` saves, kept open for the test to read (`list` of Figures)."""
+    figures = []
+
+    def keep(fig, path):
+        figures.append(fig)
+        fig.savefig(path, dpi=50)
+        return path
+
+    monkeypatch.setattr(plots, "save_figure", keep)
+    yield figures
+    for fig in figures:
+        plots._pyplot().close(fig)
+
+
+def test_learning_curves_plot_each_split_against_steps(tmp_path, drawn):
     records = [
         {"step": 10, "split": "train", "loss": 2.0},
+        {"step": 20, "split": "train", "loss": 1.8},
         {"step": 20, "split": "validation", "loss": 1.5, "bleu": 12.0},
+        {"step": 40, "split": "validation", "loss": 1.2, "bleu": 17.5},
     ]
-    curves = plots.learning_curves(records, "bleu", tmp_path / "curves.png")
-    weights = np.full((3, 4), 0.25)
-    text = plots.text_attention(
-        ["a", "b", "c", "d"], ["x", "y"], [("layer 0", weights)], tmp_path / "t.png"
+    path = plots.learning_curves(records, "bleu", tmp_path / "curves.png")
+    assert path.read_bytes().startswith(b"\x89PNG")
+    [fig] = drawn
+    loss, metric = fig.axes
+    train, validation = (line.get_xydata().tolist() for line in loss.lines)
+    assert train == [[10, 2.0], [20, 1.8]] and validation == [[20, 1.5], [40, 1.2]]
+    assert [line.get_xydata().tolist() for line in metric.lines] == [[[20, 12.0], [40, 17.5]]]
+    assert metric.get_ylabel() == "bleu"
+
+
+def test_text_attention_shows_each_panel_over_its_pieces(tmp_path, drawn):
+    rng = np.random.default_rng(0)
+    weights = [rng.uniform(size=(3, 5)) for _ in range(2)]  # padded past 2 x 4
+    panels = [("layer 0", weights[0]), ("layer 1", weights[1])]
+    plots.text_attention(["a", "b", "c", "d"], ["x", "y"], panels, tmp_path / "t.png")
+    [fig] = drawn
+    for ax, (name, w) in zip(fig.axes, panels, strict=True):
+        np.testing.assert_array_equal(ax.images[0].get_array(), w[:2, :4])
+        assert ax.get_title() == name
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b", "c", "d"]
+        assert [t.get_text() for t in ax.get_yticklabels()] == ["x", "y"]
+
+
+def test_image_attention_overlays_each_words_mean_attention_on_the_grid(tmp_path, drawn):
+    weights = np.arange(12, dtype=float).reshape(3, 4) / 12  # 3 tokens over a 2x2 grid
+    words = [("x", [0]), ("yz", [1, 2])]
+    plots.image_attention(
+        np.ones((8, 8, 3)), "x yz", words, [("layer 0", weights)], (2, 2), tmp_path / "i.png"
     )
-    image = plots.image_attention(
-        np.ones((8, 8, 3)),
-        "x y",
-        [("x", [0]), ("y", [1])],
-        [("layer 0", weights)],
-        (2, 2),
-        tmp_path / "i.png",
-    )
-    for path in (curves, text, image):
-        assert path.read_bytes().startswith(b"\x89PNG") and path.stat().st_size > 1000
+    [fig] = drawn
+    image_ax, x_ax, yz_ax = fig.axes
+    assert [ax.get_title() for ax in (image_ax, x_ax, yz_ax)] == ["layer 0", "x", "yz"]
+    np.testing.assert_allclose(x_ax.images[1].get_array(), weights[0].reshape(2, 2))
+    np.testing.assert_allclose(yz_ax.images[1].get_array(), weights[1:].mean(0).reshape(2, 2))

@@ -33,7 +33,7 @@ TINY = {
         "num_encoder_layers": 2,
         "num_decoder_layers": 2,
         "ffn_dim": 32,
-        "max_len": 32,
+        "max_positions": 32,
     },
     "captioner_rnn": {
         "channels": 4,
@@ -48,7 +48,7 @@ TINY = {
         "num_heads": 2,
         "num_decoder_layers": 2,
         "ffn_dim": 16,
-        "max_len": 32,
+        "max_positions": 32,
     },
 }
 VARIANTS = [

@@ -23,7 +23,7 @@ TINY = dict(
     ffn_dim=64,
     dropout_rate=0.0,
     attention_dropout_rate=0.0,
-    max_len=16,
+    max_positions=16,
 )
 BEAM = 2
 
@@ -211,7 +211,7 @@ def test_pre_ln_and_post_ln_compute_different_functions_of_the_same_parameters()
 def test_sequences_longer_than_max_len_raise(src, tgt_in, message):
     model, variables, _ = tiny()
     with pytest.raises(
-        ValueError, match=f"{message} exceeds max_len=16: raise the model's max_len"
+        ValueError, match=f"{message} exceeds max_positions=16: raise the model.s max_positions"
     ):
         jax.eval_shape(model.apply, variables, src, tgt_in)
 
@@ -219,7 +219,7 @@ def test_sequences_longer_than_max_len_raise(src, tgt_in, message):
 def test_decoding_longer_than_max_len_raises():
     model, variables, _ = tiny()
     memory = jax.eval_shape(functools.partial(model.apply, method=model.encode), variables, SRC)
-    with pytest.raises(ValueError, match="decode length 17 exceeds max_len=16"):
+    with pytest.raises(ValueError, match="decode length 17 exceeds max_positions=16"):
         model.apply(variables, memory, 17, method=model.init_decode_state)
 
 
