@@ -10,6 +10,8 @@
 - `damage_checkpoint(step_dir)`: flips bytes in a checkpoint's array data.
 - `SRC`, `TGT_IN`, `TGT_OUT`, `SRC_MASK`: four toy sentence pairs for the model tests, and
   `overfit(model, params, batch)`: Adam on one batch until the model knows it.
+- `prefix_hash_step_fn(table)`, `prefix_log_probs(table, h, tokens)`, `counting_steps(step_fn,
+  steps)`: a model-free step function for the decoding tests, its numpy reference, a step counter.
 """
 
 import os
@@ -200,3 +202,38 @@ def damage_checkpoint(step_dir: Path) -> Path:
     data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
     path.write_bytes(bytes(data))
     return path
+
+
+HASH_ROWS = 101  # rows of the decoding tests' logit tables, indexed by a hash of the prefix
+
+
+def prefix_hash_step_fn(table):
+    """A model-free step function: logits `table[h]` where `h` int32 `[N]` (the state) hashes the
+    whole prefix, `h <- (31 h + token + 1) mod HASH_ROWS`."""
+
+    def step_fn(tokens, h):
+        h = (h * 31 + tokens + 1) % HASH_ROWS
+        return table[h], h
+
+    return step_fn
+
+
+def prefix_log_probs(table, h: int, tokens, bos_id: int = 1) -> np.ndarray:
+    """float64 `[len(tokens), vocab]`: `prefix_hash_step_fn(table)`'s log-probabilities before each
+    of `tokens` (one sentence starting from state `h`), in plain numpy."""
+    table, out, previous = np.asarray(table, np.float64), [], bos_id
+    for token in tokens:
+        h = (h * 31 + previous + 1) % HASH_ROWS
+        out.append(table[h] - np.log(np.sum(np.exp(table[h]))))
+        previous = token
+    return np.array(out)
+
+
+def counting_steps(step_fn, steps: list):
+    """`step_fn` that appends to `steps` (on the host) each time a decoding loop runs it."""
+
+    def counted(tokens, state):
+        jax.debug.callback(lambda: steps.append(1))
+        return step_fn(tokens, state)
+
+    return counted

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import counting_steps
 
 import decoding
 
@@ -375,12 +376,7 @@ def test_the_loop_stops_once_no_alive_hypothesis_can_win():
 
     @jax.jit
     def run(table, state):
-        step_fn = make_step_fn(table)
-
-        def counted(tokens, state):
-            jax.debug.callback(lambda: steps.append(1))
-            return step_fn(tokens, state)
-
+        counted = counting_steps(make_step_fn(table), steps)
         return decoding.beam_search(
             counted,
             state,

@@ -30,7 +30,7 @@ TINY = {
         "num_heads": 2,
         "num_decoder_layers": 1,
         "ffn_dim": 64,
-        "max_len": 64,
+        "max_positions": 64,
     },
 }
 
@@ -194,7 +194,7 @@ def test_a_source_that_is_not_an_image_is_refused_in_one_line(src, message):
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
-def test_transformer_refuses_captions_longer_than_max_len():
+def test_transformer_refuses_captions_longer_than_max_positions():
     model = build(10, "transformer", max_positions=8)
     with pytest.raises(ValueError, match="target length 9 exceeds max_positions=8"):
         jax.eval_shape(

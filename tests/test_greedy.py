@@ -6,21 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import HASH_ROWS, counting_steps, prefix_hash_step_fn
 
 import decoding
 
 BOS, EOS = 1, 2
-ROWS = 101
-
-
-def make_step_fn(table):
-    """Logits `table[h]` where `h` int32 `[N]` (the state) hashes the whole prefix."""
-
-    def step_fn(tokens, h):
-        h = (h * 31 + tokens + 1) % ROWS
-        return table[h], h
-
-    return step_fn
+ROWS = HASH_ROWS
 
 
 def reference_greedy(table, h, max_len):
@@ -41,7 +32,12 @@ def reference_greedy(table, h, max_len):
 @functools.partial(jax.jit, static_argnames=("max_len",))
 def run_greedy(table, h, *, max_len):
     return decoding.greedy(
-        make_step_fn(table), h, bos_id=BOS, eos_id=EOS, batch_size=h.shape[0], max_len=max_len
+        prefix_hash_step_fn(table),
+        h,
+        bos_id=BOS,
+        eos_id=EOS,
+        batch_size=h.shape[0],
+        max_len=max_len,
     )
 
 
@@ -71,12 +67,7 @@ def test_greedy_stops_when_every_sentence_has_ended():
 
     @jax.jit
     def run(table, h):
-        step_fn = make_step_fn(table)
-
-        def counted(tokens, h):
-            jax.debug.callback(lambda: steps.append(1))
-            return step_fn(tokens, h)
-
+        counted = counting_steps(prefix_hash_step_fn(table), steps)
         return decoding.greedy(counted, h, bos_id=BOS, eos_id=EOS, batch_size=3, max_len=50)
 
     eos_table = TABLE.at[:, EOS].add(3.0)
@@ -96,5 +87,5 @@ def test_greedy_stops_when_every_sentence_has_ended():
 def test_bad_arguments_raise_one_line_value_errors(change, message):
     kwargs = dict(bos_id=BOS, eos_id=EOS, batch_size=3, max_len=4)
     with pytest.raises(ValueError, match=message) as error:
-        decoding.greedy(make_step_fn(TABLE), jnp.zeros(3, jnp.int32), **{**kwargs, **change})
+        decoding.greedy(prefix_hash_step_fn(TABLE), jnp.zeros(3, jnp.int32), **{**kwargs, **change})
     assert "\n" not in str(error.value)

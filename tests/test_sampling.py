@@ -6,33 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import HASH_ROWS, prefix_hash_step_fn, prefix_log_probs
 
 import decoding
 from decoding.sampling import truncate
 
 BOS, EOS = 1, 2
-ROWS, VOCAB = 101, 8
+ROWS, VOCAB = HASH_ROWS, 8
 TABLE = jax.random.normal(jax.random.key(0), (ROWS, VOCAB)) + jnp.array([1.0, 1.0] + [0] * 6)
-
-
-def make_step_fn(table):
-    """Logits `table[h]` where `h` int32 `[N]` (the state) hashes the whole prefix."""
-
-    def step_fn(tokens, h):
-        h = (h * 31 + tokens + 1) % ROWS
-        return table[h], h
-
-    return step_fn
-
-
-def reference_log_probs(h, tokens):
-    """`[len(tokens), vocab]` float64: the model's log-probabilities before each token."""
-    table, out, previous = np.asarray(TABLE, np.float64), [], BOS
-    for token in tokens:
-        h = (h * 31 + previous + 1) % ROWS
-        out.append(table[h] - np.log(np.sum(np.exp(table[h]))))
-        previous = token
-    return np.array(out)
 
 
 TRACES = {"sample": 0}
@@ -42,7 +23,7 @@ TRACES = {"sample": 0}
 def run_sample(h, example_ids, rng, temperature, top_k, top_p, *, max_len=6):
     TRACES["sample"] += 1
     return decoding.sample(
-        make_step_fn(TABLE),
+        prefix_hash_step_fn(TABLE),
         h,
         bos_id=BOS,
         eos_id=EOS,
@@ -82,7 +63,7 @@ def test_a_sample_depends_on_its_example_id_and_the_seed_not_on_the_batch():
 def test_default_example_ids_are_the_batch_positions_and_raw_keys_work():
     h = sentences(4)
     default = decoding.sample(
-        make_step_fn(TABLE),
+        prefix_hash_step_fn(TABLE),
         h,
         bos_id=BOS,
         eos_id=EOS,
@@ -98,14 +79,14 @@ def test_top_k_one_is_greedy_and_log_probs_are_the_models():
     h = sentences(16)
     sampled = run_sample(h, jnp.arange(16), jax.random.key(0), 0.5, 1, 1.0)
     greedy = decoding.greedy(
-        make_step_fn(TABLE), h, bos_id=BOS, eos_id=EOS, batch_size=16, max_len=6
+        prefix_hash_step_fn(TABLE), h, bos_id=BOS, eos_id=EOS, batch_size=16, max_len=6
     )
     np.testing.assert_array_equal(sampled.sequences, greedy.sequences)
     # log-probabilities are the model's: not tempered, not truncated.
     for b in range(16):
         length = int(sampled.lengths[b])
         tokens = np.asarray(sampled.sequences[b, :length])
-        expected = reference_log_probs(int(h[b]), tokens)[np.arange(length), tokens]
+        expected = prefix_log_probs(TABLE, int(h[b]), tokens)[np.arange(length), tokens]
         np.testing.assert_allclose(sampled.token_log_probs[b, :length], expected, rtol=1e-5)
         np.testing.assert_allclose(sampled.log_probs[b], expected.sum(), rtol=1e-5)
 
@@ -116,7 +97,9 @@ def support_ranks(result, h):
     for b in range(len(h)):
         length = int(result.lengths[b])
         tokens = np.asarray(result.sequences[b, :length])
-        for log_probs, token in zip(reference_log_probs(int(h[b]), tokens), tokens, strict=True):
+        for log_probs, token in zip(
+            prefix_log_probs(TABLE, int(h[b]), tokens), tokens, strict=True
+        ):
             log_probs[[0, BOS]] = -np.inf
             probs = np.exp(log_probs) / np.exp(log_probs).sum()
             ranks.append(int(np.sum(probs > probs[token])))
@@ -137,7 +120,7 @@ def test_samples_stay_inside_top_k_and_top_p():
 def test_first_tokens_follow_the_tempered_distribution_and_scalars_do_not_retrace():
     n = 4000
     h, ids = jnp.full((n,), 9, jnp.int32), jnp.arange(n)
-    log_probs = reference_log_probs(9, [0])[0]
+    log_probs = prefix_log_probs(TABLE, 9, [0])[0]
     log_probs[[0, BOS]] = -np.inf
     run_sample(h, ids, jax.random.key(7), 1.0, 0, 1.0, max_len=1)
     traced = TRACES["sample"]
@@ -182,5 +165,5 @@ def test_truncate_keeps_the_top_k_then_the_nucleus():
 def test_bad_arguments_raise_one_line_value_errors(change, message):
     kwargs = dict(bos_id=BOS, eos_id=EOS, batch_size=4, max_len=3, rng=jax.random.key(0))
     with pytest.raises(ValueError, match=message) as error:
-        decoding.sample(make_step_fn(TABLE), sentences(4), **{**kwargs, **change})
+        decoding.sample(prefix_hash_step_fn(TABLE), sentences(4), **{**kwargs, **change})
     assert "\n" not in str(error.value)

@@ -6,34 +6,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import HASH_ROWS, prefix_hash_step_fn, prefix_log_probs
 
 import decoding
 from decoding import length_penalty
 from decoding.scoring import sequence_lengths
 
 BOS, EOS = 1, 2
-ROWS = 101
+ROWS = HASH_ROWS
 TABLE = 2.0 * jax.random.normal(jax.random.key(0), (ROWS, 6))
-
-
-def make_step_fn(table):
-    """Logits `table[h]` where `h` int32 `[N]` (the state) hashes the whole prefix."""
-
-    def step_fn(tokens, h):
-        h = (h * 31 + tokens + 1) % ROWS
-        return table[h], h
-
-    return step_fn
-
-
-def reference_token_log_probs(table, h, tokens):
-    """log P(y_t | y_<t) of every token of one sentence, in float64 numpy."""
-    table, out, previous = np.asarray(table, np.float64), [], BOS
-    for token in tokens:
-        h = (h * 31 + previous + 1) % ROWS
-        out.append(table[h, token] - np.log(np.sum(np.exp(table[h]))))
-        previous = token
-    return np.array(out)
 
 
 TRACES = {"score": 0}
@@ -43,7 +24,7 @@ TRACES = {"score": 0}
 def run_score(table, h, targets, alpha, *, length_penalty):
     TRACES["score"] += 1
     return decoding.score(
-        make_step_fn(table),
+        prefix_hash_step_fn(table),
         h,
         targets,
         bos_id=BOS,
@@ -86,7 +67,8 @@ def test_score_matches_the_reference_under_every_length_penalty(kind, alpha, div
     result = run_score(TABLE, h, TARGETS, alpha, length_penalty=kind)
     np.testing.assert_array_equal(result.lengths, LENGTHS)
     for b, length in enumerate(LENGTHS):
-        expected = reference_token_log_probs(TABLE, int(h[b]), TARGETS[b, :length])
+        tokens = TARGETS[b, :length]
+        expected = prefix_log_probs(TABLE, int(h[b]), tokens)[np.arange(length), tokens]
         np.testing.assert_allclose(result.token_log_probs[b, :length], expected, rtol=1e-5)
         assert not np.any(result.token_log_probs[b, length:])
         np.testing.assert_allclose(result.log_probs[b], expected.sum(), rtol=1e-5)
@@ -129,7 +111,7 @@ def test_penalty_values():
 def test_bad_arguments_raise_one_line_value_errors(targets, kwargs, message):
     kwargs = {**dict(bos_id=BOS, eos_id=EOS), **kwargs}
     with pytest.raises(ValueError, match=message) as error:
-        decoding.score(make_step_fn(TABLE), jnp.zeros(5, jnp.int32), targets, **kwargs)
+        decoding.score(prefix_hash_step_fn(TABLE), jnp.zeros(5, jnp.int32), targets, **kwargs)
     assert "\n" not in str(error.value)
 
 
