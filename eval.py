@@ -39,6 +39,7 @@ class Options:
     max_decode_len: int | None = None  # None: the run's config
     max_decode_len_a: float | None = None  # None: the run's config
     max_decode_len_b: int | None = None  # None: the run's config
+    no_repeat_ngram_size: int | None = None  # None: off
     batch_size: int | None = None  # None: the run's eval_batch_size
     num_examples: int = 0  # 0: all
     report: str | None = None  # None: <workdir>/eval_<split>.json
@@ -68,6 +69,11 @@ def define_flags() -> None:
     )
     flags.DEFINE_integer(
         "max_decode_len_b", None, "The b of --max_decode_len_a (default: the run's)."
+    )
+    flags.DEFINE_integer(
+        "no_repeat_ngram_size",
+        None,
+        "n >= 1: no n-gram occurs twice in an output (greedy and beam; off when not given).",
     )
     flags.DEFINE_integer(
         "batch_size",
@@ -107,6 +113,11 @@ def evaluate(workdir: Path, options: Options) -> dict | None:
     workdir = Path(workdir)
     if options.beam_size < 1:
         raise RunError(f"--beam_size={options.beam_size}: use a beam of 1 or more")
+    if options.no_repeat_ngram_size is not None and options.no_repeat_ngram_size < 1:
+        raise RunError(
+            f"--no_repeat_ngram_size={options.no_repeat_ngram_size}: use n >= 1 (e.g. 3), or leave "
+            "it out to allow repeats"
+        )
     run = Run(workdir, options.average_checkpoints)
     config = run.config
     # Batches split over the devices: round the size up to a multiple of their number.
@@ -119,6 +130,7 @@ def evaluate(workdir: Path, options: Options) -> dict | None:
         max_decode_len=options.max_decode_len or config.max_decode_len,
         max_decode_len_a=_given(options.max_decode_len_a, config.max_decode_len_a),
         max_decode_len_b=_given(options.max_decode_len_b, config.max_decode_len_b),
+        no_repeat_ngram_size=options.no_repeat_ngram_size or 0,
     )
     if options.input:
         translate_input(run, options, search, batch_size)

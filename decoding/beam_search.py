@@ -14,7 +14,8 @@ and OpenNMT), so `beam_size=1` is exactly greedy decoding; the alive set fills u
 Ranking uses `log P(y|x) / penalty(T)` (see `decoding.length_penalty`), T counting EOS; a hypothesis that
 reaches `max_len` (or its sentence's own limit, `max_lengths`) without EOS is finished with T = that
 limit and ranked by the same score. `min_len` is the
-least number of tokens before EOS. Pad and BOS are never generated. Masks restrict the search without
+least number of tokens before EOS; `no_repeat_ngram_size` blocks repeated n-grams. Pad and BOS are
+never generated. Masks restrict the search without
 renormalizing, so returned log-probabilities are the model's own and equal `decoding.score`'s.
 
 A sentence stops when no alive hypothesis can beat the worst of its n-best: an alive prefix of length t
@@ -87,6 +88,7 @@ def beam_search(
     length_penalty: str = "gnmt",
     min_len: int = 0,
     max_lengths: jax.Array | None = None,
+    no_repeat_ngram_size: int = 0,
 ) -> BeamSearchResult:
     """The `beam_size`-best hypotheses of each sentence under `length_penalty`.
 
@@ -107,6 +109,8 @@ def beam_search(
         `[min_len + 1, max_len]`), e.g. from its source length: a hypothesis that reaches it is
         finished as at `max_len`, and the sentence stops there. The loop runs to the batch's
         largest limit at most, so sorting sentences by length into batches shortens most loops.
+      no_repeat_ngram_size: n > 0 (static): no n-gram occurs twice in a hypothesis (a token that
+        would complete one already in its prefix is blocked, EOS included); 0: off, at no cost.
 
     Returns:
       A `BeamSearchResult`. Usable under an outer `jax.jit` with the static arguments fixed.
@@ -116,6 +120,7 @@ def beam_search(
         whose shapes do not fit, before anything is traced.
     """
     common.check_positive(batch_size=batch_size, beam_size=beam_size, max_len=max_len)
+    common.check_ngram_size(no_repeat_ngram_size)
     lp_lib.check_kind(length_penalty)
     if not common.is_int(min_len) or not 0 <= min_len < max_len:
         raise ValueError(f"min_len={min_len!r} must be an int in [0, max_len={max_len})")
@@ -150,6 +155,10 @@ def beam_search(
         allowed = common.search_mask(
             log_probs, bos_id=bos_id, eos_id=eos_id, block_eos=step < min_len
         )
+        if no_repeat_ngram_size:
+            prefixes = alive.tokens.reshape(rows, max_len)
+            blocked = common.repeated_ngrams(prefixes, step, no_repeat_ngram_size, vocab)
+            allowed = jnp.where(blocked.reshape(batch, beam, vocab), -jnp.inf, allowed)
         # One top-k over every extension of every alive prefix of a sentence.
         candidates = (alive.log_probs[:, :, None] + allowed).reshape(batch, beam * vocab)
         top_log_probs, top_index = common.top_k(candidates, beam)  # [batch, beam]

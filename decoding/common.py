@@ -160,3 +160,35 @@ def top_k(x: jax.Array, k: int, block: int = 128) -> tuple[jax.Array, jax.Array]
     values, within = jax.lax.top_k(candidates.reshape(*x.shape[:-1], k * block), k)
     block_of = jnp.take_along_axis(best_blocks, within // block, axis=-1)
     return values, block_of * block + within % block
+
+
+def check_ngram_size(no_repeat_ngram_size: Any) -> None:
+    """Raises a one-line ValueError unless `no_repeat_ngram_size` is 0 (off) or a positive int."""
+    if not is_int(no_repeat_ngram_size) or no_repeat_ngram_size < 0:
+        raise ValueError(
+            f"no_repeat_ngram_size={no_repeat_ngram_size!r} must be an int >= 1 (0 turns blocking off)"
+        )
+
+
+def repeated_ngrams(tokens: jax.Array, step: jax.Array, n: int, vocab: int) -> jax.Array:
+    """bool `[rows, vocab]`: the tokens that would complete, at position `step`, an n-gram that the
+    prefix `tokens [rows, max_len]` (positions < `step` hold y_1 .. y_step) already contains.
+
+    The (n-1) last tokens of each prefix are compared with every earlier window of n-1 tokens; the
+    token that followed each match is blocked (fairseq's and CTranslate2's `no_repeat_ngram_size`).
+    n = 1 blocks every token already generated. One scatter per step, inside the decoding loop.
+    """
+    rows, max_len = tokens.shape
+    starts = max_len - n + 1  # windows tokens[s : s + n], s < starts
+    if starts <= 0:
+        return jnp.zeros((rows, vocab), bool)
+    context = n - 1
+    tail = jax.lax.dynamic_slice_in_dim(tokens, jnp.maximum(step - context, 0), context, axis=1)
+    s = jnp.arange(starts)
+    matches = (s + context < step)[None, :]  # the window ends before the current position
+    for j in range(context):
+        matches = matches & (tokens[:, j : j + starts] == tail[:, j : j + 1])
+    following = tokens[:, context : context + starts]  # [rows, starts]
+    hits = jnp.zeros((rows, vocab), jnp.int32)
+    hits = hits.at[jnp.arange(rows)[:, None], following].add(matches.astype(jnp.int32))
+    return hits > 0

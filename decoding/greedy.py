@@ -38,6 +38,7 @@ def decode_path(
     batch_size: int,
     max_len: int,
     max_lengths: jax.Array | None = None,
+    no_repeat_ngram_size: int = 0,
 ) -> DecodeResult:
     """Decodes one token per step with `choose` until every sentence has EOS or its limit of tokens.
 
@@ -45,13 +46,15 @@ def decode_path(
       step_fn: `step_fn(tokens [batch] int32, state) -> (logits [batch, vocab], new_state)`.
       init_state: pytree, every leaf `[batch, ...]`.
       choose: picks the next tokens, see `Chooser`; it never sees pad or BOS as possible.
-      bos_id, eos_id, batch_size, max_len, max_lengths: as in `decoding.beam_search`.
+      bos_id, eos_id, batch_size, max_len, max_lengths, no_repeat_ngram_size: as in
+        `decoding.beam_search`.
 
     Raises:
       ValueError: a bad static argument, an id outside the vocabulary, or a state or step function
         whose shapes do not fit.
     """
     common.check_positive(batch_size=batch_size, max_len=max_len)
+    common.check_ngram_size(no_repeat_ngram_size)
     common.check_batch(init_state, batch_size)
     vocab = common.probe_step_fn(step_fn, init_state, batch_size)
     common.check_token_ids(vocab, bos_id=bos_id, eos_id=eos_id)
@@ -67,6 +70,9 @@ def decode_path(
         logits, state = step_fn(tokens, state)
         log_probs = common.log_probs(logits)
         allowed = common.search_mask(log_probs, bos_id=bos_id, eos_id=eos_id)
+        if no_repeat_ngram_size:
+            blocked = common.repeated_ngrams(out.sequences, step, no_repeat_ngram_size, vocab)
+            allowed = jnp.where(blocked, -jnp.inf, allowed)
         token = jnp.where(ended, common.PAD_ID, choose(step, allowed, out.log_probs))
         token_log_prob = jnp.where(
             ended, 0.0, jnp.take_along_axis(log_probs, token[:, None], axis=1)[:, 0]
@@ -112,6 +118,7 @@ def greedy(
     batch_size: int,
     max_len: int,
     max_lengths: jax.Array | None = None,
+    no_repeat_ngram_size: int = 0,
 ) -> DecodeResult:
     """The most probable next token at every step (never pad or BOS), until EOS or the limit.
 
@@ -126,4 +133,5 @@ def greedy(
         batch_size=batch_size,
         max_len=max_len,
         max_lengths=max_lengths,
+        no_repeat_ngram_size=no_repeat_ngram_size,
     )

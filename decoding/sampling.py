@@ -54,11 +54,13 @@ def sample(
     top_p: float | jax.Array = 1.0,
     example_ids: jax.Array | None = None,
     max_lengths: jax.Array | None = None,
+    no_repeat_ngram_size: int = 0,
 ) -> DecodeResult:
     """One sample per sentence, until EOS or its limit (`max_len`, `max_lengths`); never pad or BOS.
 
     Args:
-      step_fn, init_state, bos_id, eos_id, batch_size, max_len, max_lengths: as in `decoding.greedy`.
+      step_fn, init_state, bos_id, eos_id, batch_size, max_len, max_lengths, no_repeat_ngram_size:
+        as in `decoding.greedy`.
       rng: a JAX PRNG key (`jax.random.key(seed)` or `jax.random.PRNGKey(seed)`).
       temperature: > 0; divides the log-probabilities (lower is closer to greedy).
       top_k: keep the k most probable tokens; 0 keeps all.
@@ -110,4 +112,5 @@ def sample(
         batch_size=batch_size,
         max_len=max_len,
         max_lengths=max_lengths,
+        no_repeat_ngram_size=no_repeat_ngram_size,
     )

@@ -45,7 +45,8 @@ class Run:
 class Search:
     """How to decode: greedy or beam (`beam_size`), length normalization (`length_penalty`, `alpha`)
     and length limits (`max_decode_len`, and per sentence `ceil(max_decode_len_a x source tokens) + max_decode_len_b`
-    when `max_decode_len_a > 0`; see `programs.decode_fn`)."""
+    when `max_decode_len_a > 0`; see `programs.decode_fn`), and n-gram blocking
+    (`no_repeat_ngram_size`)."""
 
     decode: str
     beam_size: int
@@ -54,6 +55,7 @@ class Search:
     max_decode_len: int
     max_decode_len_a: float = 0.0
     max_decode_len_b: int = 0
+    no_repeat_ngram_size: int = 0
 
     def decode_fn(self, run: Run):
         return programs.decode_fn(
@@ -65,6 +67,7 @@ class Search:
             run.mesh,
             self.max_decode_len_a,
             self.max_decode_len_b,
+            self.no_repeat_ngram_size,
         )
 
     def length_limits(self, src) -> "object":
@@ -83,4 +86,5 @@ class Search:
             "max_decode_len": self.max_decode_len,
             "max_decode_len_a": self.max_decode_len_a,
             "max_decode_len_b": self.max_decode_len_b,
+            "no_repeat_ngram_size": self.no_repeat_ngram_size,
         }

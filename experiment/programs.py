@@ -149,16 +149,18 @@ def decode_fn(
     mesh: Mesh | None = None,
     max_decode_len_a: float = 0.0,
     max_decode_len_b: int = 0,
+    no_repeat_ngram_size: int = 0,
 ):
     """A jitted `(params, src [batch, src_len], alpha) -> decoding result` (alpha traced: no recompiles).
 
     Each sentence generates at most `max_decode_len` tokens (EOS included) or, with
     `max_decode_len_a > 0` and text sources, `min(max_decode_len, ceil(max_decode_len_a * source
     tokens) + max_decode_len_b)` (fairseq's `--max-len-a/b`): a batch of short sentences then stops
-    early instead of running the search to `max_decode_len`.
+    early instead of running the search to `max_decode_len`. `no_repeat_ngram_size` > 0: no n-gram
+    occurs twice in a hypothesis (`decoding.beam_search`).
 
     One compiled program per (src shape, decode, beam_size, max_decode_len, length_penalty, mesh,
-    max_decode_len_a, max_decode_len_b); cached here so train and eval share them. With a `mesh`, the batch is split over its
+    max_decode_len_a, max_decode_len_b, no_repeat_ngram_size); cached here so train and eval share them. With a `mesh`, the batch is split over its
     devices (pass `src` from `sharding.shard_batch`), the params are replicated (gathered once per
     call if they come FSDP-sharded) and so is the result, which every host can then read.
     """
@@ -175,6 +177,7 @@ def decode_fn(
             batch_size=src.shape[0],
             max_len=max_decode_len,
             max_lengths=source_length_limits(src, max_decode_len_a, max_decode_len_b),
+            no_repeat_ngram_size=no_repeat_ngram_size,
         )
         if decode == "greedy":
             return decoding.greedy(step_fn, state, **common)

@@ -1,4 +1,6 @@
-"""Shared session fixtures: a prepared TFDS data_dir, Multi30k's raw files, data configs.
+"""Shared session fixtures and scaffolding: a prepared TFDS data_dir, Multi30k's raw files, data
+configs, toy batches and step functions. The data layer (tfds, grain) is imported only by the
+fixtures that use it, so the model and decoding tests collect with jax, flax and optax alone.
 
 - `tfds_data_dir`: a session TFDS data_dir with `dates/tiny` prepared.
 - `multi30k_dir`: the raw Multi30k directory (`$SEQZOO_MULTI30K_DIR`, else
@@ -23,8 +25,6 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-
-from data import datasets, input_pipeline, multi30k
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,6 +69,8 @@ def overfit(model, params, batch=None, *, steps: int = 200, learning_rate: float
 
 @pytest.fixture(scope="session")
 def tfds_data_dir(tmp_path_factory) -> Path:
+    from data import datasets
+
     data_dir = tmp_path_factory.mktemp("tfds")
     datasets.prepare(datasets.builder("dates/tiny", data_dir=data_dir))
     return data_dir
@@ -76,6 +78,8 @@ def tfds_data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def multi30k_dir() -> Path:
+    from data import multi30k
+
     env = os.environ.get(multi30k.ENV_VAR)
     directory = Path(env) if env else REPO.parent / "shared" / "data" / "multi30k"
     missing = multi30k.missing_files(directory, multi30k.LANGUAGES) if directory.is_dir() else []
@@ -93,6 +97,8 @@ def multi30k_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def multi30k_data_dir(tfds_data_dir, multi30k_dir) -> Path:
+    from data import datasets
+
     builder = datasets.builder("multi30k/en-de", data_dir=tfds_data_dir, manual_dir=multi30k_dir)
     datasets.prepare(builder)
     return tfds_data_dir
@@ -156,12 +162,16 @@ def multi30k_config(multi30k_data_dir, multi30k_dir, tokenizer_dir):
 
 
 @pytest.fixture(scope="session")
-def dates_data(tfds_data_dir, tokenizer_dir) -> input_pipeline.Datasets:
+def dates_data(tfds_data_dir, tokenizer_dir):
+    from data import input_pipeline
+
     return input_pipeline.get_datasets(data_config(**dates_fields(tfds_data_dir, tokenizer_dir)))
 
 
 @pytest.fixture(scope="session")
-def multi30k_data(multi30k_data_dir, multi30k_dir, tokenizer_dir) -> input_pipeline.Datasets:
+def multi30k_data(multi30k_data_dir, multi30k_dir, tokenizer_dir):
+    from data import input_pipeline
+
     fields = multi30k_fields(multi30k_data_dir, multi30k_dir, tokenizer_dir)
     return input_pipeline.get_datasets(data_config(**fields))
 

@@ -44,9 +44,21 @@ def random_table(seed, vocab, bias=None):
 TRACES = {"beam": 0}
 
 
-@functools.partial(jax.jit, static_argnames=("beam_size", "max_len", "length_penalty", "min_len"))
+@functools.partial(
+    jax.jit,
+    static_argnames=("beam_size", "max_len", "length_penalty", "min_len", "no_repeat_ngram_size"),
+)
 def run_beam(
-    table, state, alpha, max_lengths=None, *, beam_size, max_len, length_penalty="gnmt", min_len=0
+    table,
+    state,
+    alpha,
+    max_lengths=None,
+    *,
+    beam_size,
+    max_len,
+    length_penalty="gnmt",
+    min_len=0,
+    no_repeat_ngram_size=0,
 ):
     TRACES["beam"] += 1
     return decoding.beam_search(
@@ -61,6 +73,7 @@ def run_beam(
         length_penalty=length_penalty,
         min_len=min_len,
         max_lengths=max_lengths,
+        no_repeat_ngram_size=no_repeat_ngram_size,
     )
 
 
@@ -446,3 +459,70 @@ def test_a_step_function_that_does_not_fit_is_rejected(step_fn, message):
             max_len=3,
         )
     assert "\n" not in str(error.value)
+
+
+def repeats_an_ngram(tokens, n: int) -> bool:
+    """Whether the hypothesis `tokens` (up to and including EOS) holds some n-gram twice."""
+    body = list(tokens)
+    if EOS in body:
+        body = body[: body.index(EOS) + 1]
+    else:
+        body = [t for t in body if t != 0]
+    grams = [tuple(body[i : i + n]) for i in range(len(body) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("length_penalty, alpha", PENALTIES)
+def test_no_repeat_ngram_beam_search_returns_exactly_the_brute_force_ranking(
+    n, length_penalty, alpha
+):
+    # vocab 6 (three content tokens), max_len 4: 121 hypotheses and at most 27 alive prefixes x 4
+    # tokens per step, so a beam of 128 prunes nothing: it returns every hypothesis without a
+    # repeated n-gram, ranked like brute force over that set.
+    table, sentences = random_table(3, 6), [0, 1]
+    result = run_beam(
+        table,
+        init_state(sentences),
+        alpha,
+        beam_size=128,
+        max_len=4,
+        length_penalty=length_penalty,
+        no_repeat_ngram_size=n,
+    )
+    everything = all_sequences(6, 4)
+    allowed = everything[[not repeats_an_ngram(row, n) for row in everything]]
+    assert 0 < len(allowed) < len(everything)
+    for b, sentence in enumerate(sentences):
+        exact = brute_force(table, sentence, allowed, alpha, length_penalty)
+        order = np.argsort(-exact)
+        np.testing.assert_array_equal(result.valid[b], np.arange(128) < len(allowed))
+        np.testing.assert_array_equal(result.sequences[b, : len(allowed)], allowed[order])
+        np.testing.assert_allclose(result.scores[b, : len(allowed)], exact[order], rtol=1e-5)
+    # The returned log-probabilities stay the model's own: decoding.score agrees.
+    rescored = rescore(table, result, sentences, alpha, length_penalty)
+    valid = np.asarray(result.valid)
+    np.testing.assert_allclose(rescored.scores[valid], np.asarray(result.scores)[valid], rtol=1e-5)
+
+
+def test_no_repeat_ngram_composes_with_min_len_and_sentence_limits():
+    table, sentences = random_table(4, 7, bias=[0, 0, -2.0, 3.0, 0, 0, 0]), list(range(8))
+    limits = jnp.array([3, 4, 5, 6, 6, 5, 4, 3])
+    blocked = run_beam(
+        table,
+        init_state(sentences),
+        0.6,
+        limits,
+        beam_size=4,
+        max_len=6,
+        min_len=2,
+        no_repeat_ngram_size=2,
+    )
+    free = run_beam(table, init_state(sentences), 0.6, limits, beam_size=4, max_len=6, min_len=2)
+    valid = np.asarray(blocked.valid)
+    assert not any(repeats_an_ngram(row, 2) for row in np.asarray(blocked.sequences)[valid])
+    assert any(
+        repeats_an_ngram(row, 2) for row in np.asarray(free.sequences)[np.asarray(free.valid)]
+    )
+    lengths = np.asarray(blocked.lengths)
+    assert np.all(lengths[valid] >= 3) and np.all(lengths <= np.asarray(limits)[:, None])

@@ -387,3 +387,29 @@ def test_source_length_limits_cut_each_sentence_at_its_own_length(tiny_run, tmp_
         run.params, src, 0.6
     )
     assert np.all(np.asarray(beam.lengths) <= limits[:, None])
+
+
+def test_no_repeat_ngram_size_blocks_repeats_in_every_output(tiny_run, tmp_path):
+    workdir, _, _ = tiny_run
+    outputs = {}
+    for n in (None, 2):
+        report = eval_script.evaluate(
+            workdir,
+            options(
+                no_repeat_ngram_size=n,
+                num_examples=16,
+                output=str(tmp_path / f"h{n}.txt"),
+                report=str(tmp_path / f"r{n}.json"),
+            ),
+        )
+        assert report["no_repeat_ngram_size"] == (n or 0)
+        outputs[n] = (tmp_path / f"h{n}.txt").read_text().split("\n")[:16]
+
+    def repeats(text):  # characters are the dates run's tokens
+        grams = list(zip(text, text[1:]))
+        return len(grams) != len(set(grams))
+
+    assert any(repeats(h) for h in outputs[None]), "the test needs repeating outputs"
+    assert not any(repeats(h) for h in outputs[2])
+    with pytest.raises(RunError, match=r"--no_repeat_ngram_size=0: use n >= 1"):
+        eval_script.evaluate(workdir, options(no_repeat_ngram_size=0))

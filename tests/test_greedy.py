@@ -14,23 +14,30 @@ BOS, EOS = 1, 2
 ROWS = HASH_ROWS
 
 
-def reference_greedy(table, h, max_len):
-    """Greedy decoding of one sentence in plain numpy: (tokens, token log-probs)."""
+def reference_greedy(table, h, max_len, no_repeat_ngram_size=0):
+    """Greedy decoding of one sentence in plain numpy: (tokens, token log-probs). With
+    `no_repeat_ngram_size` n, a token that would complete an n-gram already generated is skipped."""
     table = np.asarray(table, np.float64)
     token, tokens, token_log_probs = BOS, [], []
+    n = no_repeat_ngram_size
     while len(tokens) < max_len and token != EOS:
         h = (h * 31 + token + 1) % ROWS
         log_probs = table[h] - np.log(np.sum(np.exp(table[h])))
         allowed = log_probs.copy()
         allowed[[0, BOS]] = -np.inf
+        if n:
+            context = tuple(tokens[len(tokens) - n + 1 :]) if n > 1 else ()
+            for start in range(len(tokens) - n + 1):
+                if tuple(tokens[start : start + n - 1]) == context:
+                    allowed[tokens[start + n - 1]] = -np.inf
         token = int(np.argmax(allowed))
         tokens.append(token)
         token_log_probs.append(log_probs[token])
     return tokens, token_log_probs
 
 
-@functools.partial(jax.jit, static_argnames=("max_len",))
-def run_greedy(table, h, *, max_len):
+@functools.partial(jax.jit, static_argnames=("max_len", "no_repeat_ngram_size"))
+def run_greedy(table, h, *, max_len, no_repeat_ngram_size=0):
     return decoding.greedy(
         prefix_hash_step_fn(table),
         h,
@@ -38,6 +45,7 @@ def run_greedy(table, h, *, max_len):
         eos_id=EOS,
         batch_size=h.shape[0],
         max_len=max_len,
+        no_repeat_ngram_size=no_repeat_ngram_size,
     )
 
 
@@ -82,6 +90,7 @@ def test_greedy_stops_when_every_sentence_has_ended():
         (dict(batch_size=4), r"init_state has shape \(3,\): every leaf must have the batch \(4\)"),
         (dict(eos_id=8), r"eos_id=8 is outside the vocabulary: use an id in \[1, 8\)"),
         (dict(bos_id=0), "bos_id=0 is outside the vocabulary"),
+        (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size=-1 must be an int >= 1"),
     ],
 )
 def test_bad_arguments_raise_one_line_value_errors(change, message):
@@ -89,3 +98,18 @@ def test_bad_arguments_raise_one_line_value_errors(change, message):
     with pytest.raises(ValueError, match=message) as error:
         decoding.greedy(prefix_hash_step_fn(TABLE), jnp.zeros(3, jnp.int32), **{**kwargs, **change})
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_no_repeat_ngram_greedy_matches_the_step_by_step_reference(n):
+    # Few content tokens and long outputs: the unblocked greedy path repeats itself.
+    table = 2.0 * jax.random.normal(jax.random.key(5), (ROWS, 6)) + jnp.array([0, 0, -3.0, 0, 0, 0])
+    h = jnp.arange(16, dtype=jnp.int32) * 3
+    result = run_greedy(table, h, max_len=8, no_repeat_ngram_size=n)
+    changed = 0
+    for b in range(16):
+        tokens, token_log_probs = reference_greedy(table, int(h[b]), 8, n)
+        np.testing.assert_array_equal(result.sequences[b], tokens + [0] * (8 - len(tokens)))
+        np.testing.assert_allclose(result.token_log_probs[b, : len(tokens)], token_log_probs, 1e-5)
+        changed += tokens != reference_greedy(table, int(h[b]), 8)[0]
+    assert changed > 0, "the test needs sentences that blocking changes"

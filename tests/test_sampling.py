@@ -19,8 +19,10 @@ TABLE = jax.random.normal(jax.random.key(0), (ROWS, VOCAB)) + jnp.array([1.0, 1.
 TRACES = {"sample": 0}
 
 
-@functools.partial(jax.jit, static_argnames=("max_len",))
-def run_sample(h, example_ids, rng, temperature, top_k, top_p, *, max_len=6):
+@functools.partial(jax.jit, static_argnames=("max_len", "no_repeat_ngram_size"))
+def run_sample(
+    h, example_ids, rng, temperature, top_k, top_p, *, max_len=6, no_repeat_ngram_size=0
+):
     TRACES["sample"] += 1
     return decoding.sample(
         prefix_hash_step_fn(TABLE),
@@ -34,6 +36,7 @@ def run_sample(h, example_ids, rng, temperature, top_k, top_p, *, max_len=6):
         top_k=top_k,
         top_p=top_p,
         example_ids=example_ids,
+        no_repeat_ngram_size=no_repeat_ngram_size,
     )
 
 
@@ -167,3 +170,22 @@ def test_bad_arguments_raise_one_line_value_errors(change, message):
     with pytest.raises(ValueError, match=message) as error:
         decoding.sample(prefix_hash_step_fn(TABLE), sentences(4), **{**kwargs, **change})
     assert "\n" not in str(error.value)
+
+
+def test_no_repeat_ngram_samples_never_repeat_and_keep_the_models_log_probs():
+    h, ids, rng = sentences(64, seed=5), jnp.arange(64), jax.random.key(2)
+    free = run_sample(h, ids, rng, *PLAIN, max_len=10)
+    blocked = run_sample(h, ids, rng, *PLAIN, max_len=10, no_repeat_ngram_size=2)
+
+    def repeats(result, b):
+        row = np.asarray(result.sequences[b, : int(result.lengths[b])]).tolist()
+        grams = list(zip(row, row[1:]))
+        return len(grams) != len(set(grams))
+
+    assert any(repeats(free, b) for b in range(64)), "the test needs repeating samples"
+    assert not any(repeats(blocked, b) for b in range(64))
+    for b in range(64):
+        length = int(blocked.lengths[b])
+        tokens = np.asarray(blocked.sequences[b, :length])
+        expected = prefix_log_probs(TABLE, int(h[b]), tokens)[np.arange(length), tokens]
+        np.testing.assert_allclose(blocked.token_log_probs[b, :length], expected, rtol=1e-5)
