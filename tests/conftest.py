@@ -20,7 +20,6 @@ import os
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -29,16 +28,18 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 # Four examples: trailing source padding, targets of different lengths (BOS=1, EOS=2, pad=0).
-SRC = jnp.array(
-    [[5, 6, 7, 8, 9, 0], [4, 10, 3, 0, 0, 0], [7, 7, 8, 0, 0, 0], [9, 4, 5, 6, 0, 0]], jnp.int32
+# numpy, not jax arrays: importing conftest must not start a JAX backend (the multi-host workers of
+# test_sharding.py import it before jax.distributed.initialize).
+SRC = np.array(
+    [[5, 6, 7, 8, 9, 0], [4, 10, 3, 0, 0, 0], [7, 7, 8, 0, 0, 0], [9, 4, 5, 6, 0, 0]], np.int32
 )
-TGT_IN = jnp.array(
-    [[1, 4, 5, 6, 7, 0], [1, 8, 9, 0, 0, 0], [1, 10, 11, 12, 0, 0], [1, 6, 5, 4, 3, 12]], jnp.int32
+TGT_IN = np.array(
+    [[1, 4, 5, 6, 7, 0], [1, 8, 9, 0, 0, 0], [1, 10, 11, 12, 0, 0], [1, 6, 5, 4, 3, 12]], np.int32
 )
-TGT_OUT = jnp.array(
-    [[4, 5, 6, 7, 2, 0], [8, 9, 2, 0, 0, 0], [10, 11, 12, 2, 0, 0], [6, 5, 4, 3, 12, 2]], jnp.int32
+TGT_OUT = np.array(
+    [[4, 5, 6, 7, 2, 0], [8, 9, 2, 0, 0, 0], [10, 11, 12, 2, 0, 0], [6, 5, 4, 3, 12, 2]], np.int32
 )
-SRC_MASK = np.asarray(SRC != 0)
+SRC_MASK = SRC != 0
 
 
 def overfit(model, params, batch=None, *, steps: int = 200, learning_rate: float = 1e-2):

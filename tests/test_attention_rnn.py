@@ -105,10 +105,14 @@ def test_encoder_is_bidirectional_and_ignores_padding():
     annotations = np.asarray(t.encode(t.variables, SRC)["annotations"])
     assert annotations.shape == (4, 6, t.model.hidden_dim)
     # Changing the last real token of sentence 0 reaches its first annotation (backward direction)...
-    last_changed = np.asarray(t.encode(t.variables, SRC.at[0, 4].set(3))["annotations"])
+    last_changed = np.asarray(
+        t.encode(t.variables, jnp.asarray(SRC).at[0, 4].set(3))["annotations"]
+    )
     assert not np.allclose(last_changed[0, 0], annotations[0, 0])
     # ...and changing its first token reaches its last annotation (forward direction).
-    first_changed = np.asarray(t.encode(t.variables, SRC.at[0, 0].set(3))["annotations"])
+    first_changed = np.asarray(
+        t.encode(t.variables, jnp.asarray(SRC).at[0, 0].set(3))["annotations"]
+    )
     assert not np.allclose(first_changed[0, 4], annotations[0, 4])
     # The other sentences are untouched.
     np.testing.assert_array_equal(first_changed[1:], annotations[1:])

@@ -51,6 +51,7 @@ def config(data_dir, tokenizer_dir, **fields) -> ml_collections.ConfigDict:
         tokens_per_batch=0,
         seed=0,
         eval_batch_size=24,
+        num_buckets=4,
     )
     return ml_collections.ConfigDict({**base, **fields})
 
