@@ -1,6 +1,6 @@
 """Bucketed, padded batches: an exactly resumable grain training iterator, and evaluation batches.
 
-Batches are dicts of int32 arrays (README "Design"):
+Batches are dicts of int32 arrays (docs/design.md):
   `src [batch, src_len]`: x1 .. xS EOS, then PAD (0);
   `tgt_in [batch, tgt_len]`: BOS y1 .. yT, then PAD;
   `tgt_out [batch, tgt_len]`: y1 .. yT EOS, then PAD.

@@ -1,4 +1,4 @@
-"""Decoding on a step function and a state pytree, never on a model (see README "Design").
+"""Decoding on a step function and a state pytree, never on a model (see docs/design.md).
 
 `step_fn(tokens [N] int32, state) -> (logits [N, vocab], new_state)`; every leaf of `state` has the N
 rows first; beam search reorders the rows after each step to follow the hypotheses' parents, except

@@ -17,7 +17,7 @@ it would attend over a source sentence's annotations:
   (`models.transformer.TransformerDecoder`: causal self-attention with a KV cache, cross-attention
   over the grid, FFN), target embeddings scaled by sqrt(d_model) plus sinusoidal positions.
 
-The interface is the text models' (README "Design"), so `decoding`, `train.py` and `eval.py` use it
+The interface is the text models' (docs/design.md), so `decoding`, `train.py` and `eval.py` use it
 unchanged: `__call__(src, tgt_in, train)`, `encode(src)`, `init_decode_state(memory, max_len)`,
 `decode_step(memory, tokens, state)`, with `src` float `[B, H, W, C]` images instead of token ids.
 Attention weights are sown as `intermediates/attention` `[B, T, H'*W']` (rnn) or

@@ -1,4 +1,4 @@
-"""models/registry.py, and the common interface every registered model honours (README "Design").
+"""models/registry.py, and the common interface every registered model honours (docs/design.md).
 
 The contract tests run over every model in `registry.MODELS` (a new model without a tiny configuration
 here fails `test_every_model_has_contract_coverage`), with variants for the main options. Each variant
