@@ -77,10 +77,32 @@ class ConvEncoder(nn.Module):
 
 
 class ImageEncoder(nn.Module):
-    """The captioners' encoder (a field-less base: the model declares `image_channels`,
-    `num_stages`, `channels`, `d_model`, `dtype`, `param_dtype`, calls `setup_encoder` in its
-    `setup`, and has a `dropout`): `ConvEncoder`, a projection of each grid vector to `d_model`,
-    the 2D position code, LayerNorm and dropout."""
+    """The captioners' encoder and the fields every captioner has: `ConvEncoder`, a projection of
+    each grid vector to `d_model`, the 2D position code, LayerNorm and dropout (the decoder's
+    `dropout`). A captioner adds its decoder's fields and calls `setup_encoder` in its `setup`.
+
+    Attributes:
+      src_vocab_size: unused (the source is an image); kept for the registry's common constructor.
+      tgt_vocab_size: caption vocabulary size (id 0 is padding).
+      image_channels: channels of the input images (1: grey).
+      num_stages: CNN stages, each halving the height and width.
+      channels: first stage's convolution channels, doubled at each further stage.
+      d_model: size of a grid feature vector in the memory (a multiple of 4 for the 2D position
+        code; the Transformer decoder's width).
+      dropout_rate: dropout on the grid features and in the decoder.
+      dtype: computation dtype (e.g. jnp.bfloat16 on accelerators); logits are always float32.
+      param_dtype: parameter dtype.
+    """
+
+    src_vocab_size: int
+    tgt_vocab_size: int
+    image_channels: int = 1
+    num_stages: int = 2
+    channels: int = 32
+    d_model: int = 128
+    dropout_rate: float = 0.1
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     def setup_encoder(self):
         dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -137,35 +159,16 @@ class ImageEncoder(nn.Module):
 class RNNCaptioner(ImageEncoder, AttentionRNNDecoder):
     """CNN encoder + attention RNN decoder over the grid (Show, Attend and Tell).
 
-    Attributes:
-      src_vocab_size: unused (the source is an image); kept for the registry's common constructor.
-      tgt_vocab_size: caption vocabulary size (id 0 is padding).
-      image_channels: channels of the input images (1: grey).
-      num_stages: CNN stages, each halving the height and width.
-      channels: first stage's convolution channels, doubled at each further stage.
-      d_model: size of a grid feature vector in the memory (a multiple of 4 for the 2D position code).
-      cell, embed_dim, hidden_dim, num_layers, attention, attention_dim: as in `AttentionRNN`
-        (`luong_dot` needs hidden_dim == d_model).
-      dropout_rate: dropout on the grid features, embeddings, between layers and before the output.
-      dtype: computation dtype (e.g. jnp.bfloat16 on accelerators); logits are always float32.
-      param_dtype: parameter dtype.
+    Attributes: `ImageEncoder`'s, and `cell`, `embed_dim`, `hidden_dim`, `num_layers`, `attention`,
+    `attention_dim` as in `AttentionRNN` (`luong_dot` needs hidden_dim == d_model).
     """
 
-    src_vocab_size: int
-    tgt_vocab_size: int
-    image_channels: int = 1
-    num_stages: int = 2
-    channels: int = 32
-    d_model: int = 128
     cell: str = "gru"
     embed_dim: int = 64
     hidden_dim: int = 128
     num_layers: int = 1
     attention: str = "bahdanau"
     attention_dim: int = 128
-    dropout_rate: float = 0.1
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     def __post_init__(self):
         self.check_encoder_fields()
@@ -198,36 +201,21 @@ class RNNCaptioner(ImageEncoder, AttentionRNNDecoder):
 class TransformerCaptioner(ImageEncoder, TransformerDecoder):
     """CNN encoder + Transformer decoder over the grid.
 
-    Attributes:
-      src_vocab_size: unused (the source is an image); kept for the registry's common constructor.
-      tgt_vocab_size: caption vocabulary size (id 0 is padding).
-      image_channels, num_stages, channels: as in `RNNCaptioner`.
-      d_model: the grid features' and the decoder's width (a multiple of 4 and of num_heads).
-      num_heads, num_decoder_layers, ffn_dim, dropout_rate, attention_dropout_rate,
-        activation_dropout_rate, pre_ln, tie_output, activation, max_positions: as in
-        `Transformer` (max_positions: longest caption or decode).
-      dtype: computation dtype (e.g. jnp.bfloat16 on accelerators); logits are always float32.
-      param_dtype: parameter dtype.
+    Attributes: `ImageEncoder`'s (d_model: also a multiple of num_heads), and `num_heads`,
+    `num_decoder_layers`, `ffn_dim`, `attention_dropout_rate`, `activation_dropout_rate`, `pre_ln`,
+    `tie_output`, `activation`, `max_positions` as in `Transformer` (max_positions: longest caption
+    or decode).
     """
 
-    src_vocab_size: int
-    tgt_vocab_size: int
-    image_channels: int = 1
-    num_stages: int = 2
-    channels: int = 32
-    d_model: int = 128
     num_heads: int = 4
     num_decoder_layers: int = 2
     ffn_dim: int = 256
-    dropout_rate: float = 0.1
     attention_dropout_rate: float = 0.1
     activation_dropout_rate: float | None = None
     pre_ln: bool = True
     tie_output: bool = False
     activation: str = "relu"
     max_positions: int = 128
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     def __post_init__(self):
         self.check_encoder_fields()
