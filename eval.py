@@ -40,6 +40,7 @@ class Options:
     max_decode_len_a: float | None = None  # None: the run's config
     max_decode_len_b: int | None = None  # None: the run's config
     no_repeat_ngram_size: int | None = None  # None: off
+    nbest: int = 0  # > 0: also write each sentence's n best hypotheses (JSONL beside --output)
     batch_size: int | None = None  # None: the run's eval_batch_size
     num_examples: int = 0  # 0: all
     report: str | None = None  # None: <workdir>/eval_<split>.json
@@ -74,6 +75,12 @@ def define_flags() -> None:
         "no_repeat_ngram_size",
         None,
         "n >= 1: no n-gram occurs twice in an output (greedy and beam; off when not given).",
+    )
+    flags.DEFINE_integer(
+        "nbest",
+        0,
+        "K > 0 (K <= --beam_size): also write each sentence's K best hypotheses with their score, "
+        "log-probability and length, one JSON object per sentence, to <output stem>.nbest.jsonl.",
     )
     flags.DEFINE_integer(
         "batch_size",
@@ -118,6 +125,7 @@ def evaluate(workdir: Path, options: Options) -> dict | None:
             f"--no_repeat_ngram_size={options.no_repeat_ngram_size}: use n >= 1 (e.g. 3), or leave "
             "it out to allow repeats"
         )
+    check_nbest(options)
     run = Run(workdir, options.average_checkpoints)
     config = run.config
     # Batches split over the devices: round the size up to a multiple of their number.
@@ -141,7 +149,9 @@ def evaluate(workdir: Path, options: Options) -> dict | None:
     )
     eval_data = input_pipeline.head(eval_data, options.num_examples)
     output = Path(options.output or workdir / f"hypotheses_{options.split}.txt")
-    report, sequences, _ = decode_report.evaluate_split(run, eval_data, search, output)
+    report, sequences, _ = decode_report.evaluate_split(
+        run, eval_data, search, output, options.nbest
+    )
     checkpoint = run.checkpoint if options.average_checkpoints else f"{run.checkpoint}/{run.step}"
     report = {"split": options.split, "checkpoint": checkpoint, **report}
     print(
@@ -149,6 +159,8 @@ def evaluate(workdir: Path, options: Options) -> dict | None:
         + ", ".join(f"{k} {v:.4g}" for k, v in report.items() if isinstance(v, float))
     )
     print(f"hypotheses: {output}")
+    if options.nbest:
+        print(f"n-best:     {decode_report.nbest_path(output)}")
     if "by_source_length" in report:
         metric = "exact_match" if config.eval_metric == "exact_match" else "bleu"
         print(metrics.format_by_source_length(report["by_source_length"], metric))
@@ -171,6 +183,22 @@ def evaluate(workdir: Path, options: Options) -> dict | None:
     return report
 
 
+def check_nbest(options: Options) -> None:
+    """One-line errors for an --nbest that cannot be written."""
+    if not options.nbest:
+        return
+    if options.nbest < 0 or options.decode != "beam" or options.nbest > options.beam_size:
+        raise RunError(
+            f"--nbest={options.nbest} needs --decode beam with --beam_size >= {options.nbest} (got "
+            f"--decode {options.decode}, --beam_size {options.beam_size}): beam search returns "
+            "beam_size hypotheses per sentence"
+        )
+    if options.input and not options.output:
+        raise RunError(
+            "--nbest with --input writes the n-best JSONL beside the translations: give --output FILE"
+        )
+
+
 def _given(option, default):
     return default if option is None else option
 
@@ -189,17 +217,15 @@ def translate_input(run: Run, options: Options, search: Search, batch_size: int)
             stream, name = open(options.input, "rb"), f"--input {options.input}"
         except OSError as e:
             raise RunError(f"cannot read --input {options.input}: {e.strerror}") from None
-    out = open(options.output, "w", encoding="utf-8") if options.output else sys.stdout
+    if options.output:
+        out = decode_report.LineWriter(options.output, options.nbest)
+    else:
+        out = lambda text, record: print(text, flush=True)  # noqa: E731
     try:
-
-        def sink(line):
-            out.write(line + "\n")
-            out.flush()
-
         lines = translate.utf8_lines(stream, name)
-        translate.translate_lines(run, lines, search, batch_size, sink)
+        translate.translate_lines(run, lines, search, batch_size, out, options.nbest)
     finally:
-        if out is not sys.stdout:
+        if options.output:
             out.close()
         if stream is not sys.stdin.buffer:
             stream.close()

@@ -3,7 +3,7 @@
 from collections.abc import Callable, Iterable
 
 from data import input_pipeline
-from evaluation.decode_report import decode_batches, one_line
+from evaluation.decode_report import decode_batches
 from evaluation.loading import Run, Search, notice
 from experiment import RunError
 
@@ -23,13 +23,18 @@ def utf8_lines(lines: Iterable[bytes], name: str):
 
 
 def translate_lines(
-    run: Run, lines: Iterable[str], search: Search, batch_size: int, sink: Callable[[str], None]
+    run: Run,
+    lines: Iterable[str],
+    search: Search,
+    batch_size: int,
+    sink: Callable[[str, dict | None], None],
+    nbest: int = 0,
 ) -> None:
     """Translates user text, one sentence per line. Empty lines are skipped and lines longer than
     `max_len - 1` tokens (room for EOS) truncated, each with a notice on stderr. Output lines stay
     aligned with input lines (an empty input line gives an empty output line); each is passed to
-    `sink` as soon as it and every line before it are translated, so an error in a later line (e.g.
-    one that is not UTF-8) loses nothing before it.
+    `sink(text, nbest record or None)` as soon as it and every line before it are translated, so an
+    error in a later line (e.g. one that is not UTF-8) loses nothing before it.
 
     Batches are `[batch_size, L]` with L from a fixed set (`input_pipeline.source_lengths`): each
     shape compiles once, however many chunks the input makes.
@@ -46,12 +51,12 @@ def translate_lines(
             batches = input_pipeline.source_batches(
                 run.config, [ids for _, ids in chunk], batch_size
             )
-            hyps: list[str] = []
-            decode_batches(run, batches, search, hyps.append)
+            hyps: list[tuple[str, dict | None]] = []
+            decode_batches(run, batches, search, lambda *d, hyps=hyps: hyps.append(d), nbest)
             for (index, _), hyp in zip(chunk, hyps, strict=True):
                 outputs[index] = hyp
         while next_to_write in outputs:
-            sink(one_line(outputs.pop(next_to_write)))
+            sink(*outputs.pop(next_to_write))
             next_to_write += 1
 
     try:
@@ -59,7 +64,7 @@ def translate_lines(
             text = line.rstrip("\n").strip()
             if not text:
                 notice(f"line {number + 1} is empty: skipped")
-                outputs[number] = ""
+                outputs[number] = ("", {"hypotheses": []} if nbest else None)
                 flush()
                 continue
             ids = run.src_tokenizer.encode(text)

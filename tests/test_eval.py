@@ -413,3 +413,57 @@ def test_no_repeat_ngram_size_blocks_repeats_in_every_output(tiny_run, tmp_path)
     assert not any(repeats(h) for h in outputs[2])
     with pytest.raises(RunError, match=r"--no_repeat_ngram_size=0: use n >= 1"):
         eval_script.evaluate(workdir, options(no_repeat_ngram_size=0))
+
+
+def test_nbest_writes_each_sentences_k_best_with_their_scores(tiny_run, tmp_path):
+    workdir, _, _ = tiny_run
+    output = tmp_path / "h.txt"
+    eval_script.evaluate(
+        workdir,
+        options(nbest=3, num_examples=12, output=str(output), report=str(tmp_path / "r.json")),
+    )
+    best = output.read_text().split("\n")[:12]
+    records = [json.loads(line) for line in (tmp_path / "h.nbest.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in records] == list(range(12))
+    run = loading.Run(workdir)
+    data = input_pipeline.head(
+        input_pipeline.get_eval_data(
+            run.config, "validation", run.src_tokenizer, run.tgt_tokenizer
+        ),
+        12,
+    )
+    score = programs.score_fn(run.model, "gnmt")
+    for record, text, source in zip(records, best, data.sources, strict=False):
+        hyps = record["hypotheses"]
+        assert len(hyps) == 3 and hyps[0]["text"] == text  # the plain file holds the best
+        assert [h["score"] for h in hyps] == sorted((h["score"] for h in hyps), reverse=True)
+        assert len({h["text"] for h in hyps}) == 3
+        # Each score is the normalized teacher-forced log-probability of its own text.
+        src = np.array([run.src_tokenizer.encode(source) + [2]], np.int32)
+        for h in hyps:
+            ids = run.tgt_tokenizer.encode(h["text"])
+            targets = np.array([ids + [2]] if len(ids) < h["length"] else [ids], np.int32)
+            scored = score(run.params, src, targets, 0.6)
+            assert h["length"] == int(scored.lengths[0])
+            assert h["log_prob"] == pytest.approx(float(scored.log_probs[0]), abs=1e-4)
+            assert h["score"] == pytest.approx(float(scored.scores[0]), abs=1e-4)
+
+
+def test_nbest_with_input_and_its_bad_values(tiny_run, tmp_path):
+    workdir, _, _ = tiny_run
+    source = tmp_path / "in.txt"
+    source.write_text("3 May 1979\n\nThursday, May 3, 1979\n")
+    output = tmp_path / "out.txt"
+    eval_script.evaluate(workdir, options(input=str(source), output=str(output), nbest=2))
+    records = [json.loads(line) for line in (tmp_path / "out.nbest.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in records] == [0, 1, 2] and records[1]["hypotheses"] == []
+    assert [len(r["hypotheses"]) for r in records] == [2, 0, 2]
+    lines = output.read_text().split("\n")
+    assert records[2]["hypotheses"][0]["text"] == lines[2]
+    for bad, message in [
+        (dict(nbest=5), r"--nbest=5 needs --decode beam with --beam_size >= 5"),
+        (dict(nbest=2, decode="greedy"), r"--nbest=2 needs --decode beam"),
+        (dict(nbest=2, input=str(source)), r"--nbest with --input .*give --output FILE"),
+    ]:
+        with pytest.raises(RunError, match=bad and message):
+            eval_script.evaluate(workdir, options(**bad))

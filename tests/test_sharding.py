@@ -149,7 +149,7 @@ def _job_decode(workdir, out):
     arrays = {"devices": jax.device_count()}
     for decode in ("greedy", "beam"):
         search = loading.Search(decode, 4, 0.6, "gnmt", run.config.max_decode_len)
-        ids, _, _ = decode_report.decode_batches(run, eval_data.batches, search, lambda line: None)
+        ids, _, _ = decode_report.decode_batches(run, eval_data.batches, search, lambda *_: None)
         arrays[decode] = ids
     arrays.update({f"params{k}": np.asarray(v) for k, v in _flat(run.params).items()})
     np.savez(out, **arrays)
