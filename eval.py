@@ -187,7 +187,9 @@ def check_nbest(options: Options) -> None:
     """One-line errors for an --nbest that cannot be written."""
     if not options.nbest:
         return
-    if options.nbest < 0 or options.decode != "beam" or options.nbest > options.beam_size:
+    if options.nbest < 0:
+        raise RunError(f"--nbest={options.nbest}: use K >= 1 (or 0 for no n-best file)")
+    if options.decode != "beam" or options.nbest > options.beam_size:
         raise RunError(
             f"--nbest={options.nbest} needs --decode beam with --beam_size >= {options.nbest} (got "
             f"--decode {options.decode}, --beam_size {options.beam_size}): beam search returns "
@@ -218,9 +220,10 @@ def translate_input(run: Run, options: Options, search: Search, batch_size: int)
         except OSError as e:
             raise RunError(f"cannot read --input {options.input}: {e.strerror}") from None
     if options.output:
+        Path(options.output).parent.mkdir(parents=True, exist_ok=True)
         out = decode_report.LineWriter(options.output, options.nbest)
     else:
-        out = lambda text, record: print(text, flush=True)  # noqa: E731
+        out = lambda text, record: print(decode_report.one_line(text), flush=True)  # noqa: E731
     try:
         lines = translate.utf8_lines(stream, name)
         translate.translate_lines(run, lines, search, batch_size, out, options.nbest)

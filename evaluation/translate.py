@@ -13,7 +13,7 @@ def utf8_lines(lines: Iterable[bytes], name: str):
     not UTF-8 (naming it), after every line before it has been yielded."""
     for number, raw in enumerate(lines, start=1):
         try:
-            yield raw.decode("utf-8")
+            yield raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a leading BOM is no text
         except UnicodeDecodeError as e:
             raise RunError(
                 f"{name} line {number} is not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte "

@@ -18,6 +18,7 @@ from pathlib import Path
 import grain
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from experiment import RunError
@@ -83,11 +84,16 @@ def verify(step_dir: Path) -> str | None:
 
 
 def save(manager: ocp.CheckpointManager, step: int, args, metrics=None) -> None:
-    """Saves, waits for orbax to finish, and writes the checkpoint's integrity record (process 0)."""
-    manager.save(step, args=args, metrics=metrics)
+    """Saves, waits for orbax to finish, and writes the checkpoint's integrity record (process 0).
+
+    Synchronous on purpose: the record must describe finished files. A save orbax skips (a step it
+    already holds) or drops at once (`best/` keeps only the best: a worse one is deleted) gets none.
+    """
+    saved = manager.save(step, args=args, metrics=metrics)
     manager.wait_until_finished()
-    if jax.process_index() == 0:
-        write_integrity(Path(manager.directory) / str(step))
+    step_dir = Path(manager.directory) / str(step)
+    if saved and jax.process_index() == 0 and step_dir.is_dir():
+        write_integrity(step_dir)
 
 
 # -------------------------------------------------------------------------------------- managers
@@ -136,36 +142,47 @@ def newest_intact_step(workdir: Path) -> int | None:
     """The newest periodic checkpoint whose files match their record; damaged newer ones are moved
     aside (`<step>.damaged`) with a notice. None if the run has no checkpoint yet.
 
+    Process 0 verifies and moves; the others get its answer (one broadcast), so every host resumes
+    from the same step.
+
     Raises:
-      RunError: every checkpoint is damaged (a resume would otherwise start over silently).
+      RunError: no checkpoint is intact but damaged ones were set aside (now or earlier): a resume
+        would otherwise start over silently.
     """
     directory = Path(workdir).absolute() / "checkpoints"
-    damaged = 0
-    found = None
-    for step in reversed(_steps(directory)):
-        problem = verify(directory / str(step))
-        if problem is None:
-            found = step
-            break
-        _set_aside(directory / str(step), problem)
-        damaged += 1
-    if damaged and jax.process_count() > 1:
+    found = -1
+    if jax.process_index() == 0:
+        for step in reversed(_steps(directory)):
+            problem = verify(directory / str(step))
+            if problem is None:
+                found = step
+                break
+            _set_aside(directory / str(step), problem)
+    if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices("seqzoo: damaged checkpoints set aside")
-    if found is None and damaged:
+        found = int(multihost_utils.broadcast_one_to_all(np.int32(found)))
+    if found >= 0:
+        return found
+    if directory.is_dir() and any(directory.glob(f"*{DAMAGED_SUFFIX}*")):
         raise RunError(
-            f"every checkpoint in {directory} is damaged (moved aside as <step>{DAMAGED_SUFFIX}): "
-            "restore them from a copy, or train anew in another --workdir"
+            f"no intact checkpoint in {directory}: the damaged ones are set aside as "
+            f"<step>{DAMAGED_SUFFIX}; restore them from a copy, or train anew in another --workdir"
         )
-    return found
+    return None
 
 
 def _incompatible(where: Path, workdir: Path, e: Exception) -> RunError:
+    detail = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else 'no detail'}"
+    if not (where / INTEGRITY_FILE).is_file():
+        return RunError(
+            f"checkpoint {where} (no integrity record: unverified) does not restore ({detail}): it "
+            f"is damaged or from another config; use the run's own config "
+            f"({Path(workdir) / CONFIG_FILE}), an older checkpoint, or another --workdir"
+        )
     return RunError(
-        f"checkpoint {where} is intact but does not match this config ({type(e).__name__}: "
-        f"{str(e).splitlines()[0][:160] if str(e) else 'no detail'}): use the run's own config "
-        f"({Path(workdir) / CONFIG_FILE}) or another --workdir"
+        f"checkpoint {where} is intact but does not match this config ({detail}): use the run's "
+        f"own config ({Path(workdir) / CONFIG_FILE}) or another --workdir"
     )
 
 

@@ -12,13 +12,16 @@ import json
 import sys
 from pathlib import Path
 
+import jax
 import ml_collections
 from absl import flags
 
+from configs import default
 from experiment import RunError
 
 CONFIG_FILE = "config.json"
 RESUMES_FILE = "resumes.jsonl"
+DATA_PLAN_FILE = "data_plan.json"
 SRC_TOKENIZER = "tokenizer/src"
 TGT_TOKENIZER = "tokenizer/tgt"
 
@@ -52,9 +55,12 @@ def load_config(workdir: Path) -> ml_collections.ConfigDict:
             f"{path} is missing: {workdir} is not a seqzoo run directory (train.py writes it)"
         )
     try:
-        return ml_collections.ConfigDict(json.loads(path.read_text()))
+        saved = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise RunError(f"{path} is not valid JSON ({e}); restore it or retrain") from None
+    # A run written before a field existed gets the field's default (what the code used then).
+    defaults = json.loads(default.get_config().to_json_best_effort())
+    return ml_collections.ConfigDict({**defaults, **saved})
 
 
 def _plain(value):
@@ -90,6 +96,25 @@ def check_resumable(config: ml_collections.ConfigDict, saved: ml_collections.Con
                 f"change the batches under the restored data position; resume with "
                 f"--config.{field}={old!r}, or train anew in another --workdir"
             )
+
+
+def check_data_plan(workdir: Path, batch_shapes: list) -> None:
+    """Writes the training batch shapes at the first start (`data_plan.json`); on a resume, raises a
+    one-line RunError if they differ (e.g. token-based batches rounded to another device count),
+    since the restored iterator position would then walk other batches."""
+    path = Path(workdir) / DATA_PLAN_FILE
+    shapes = [list(map(int, shape)) for shape in batch_shapes]
+    if not path.is_file():
+        if jax.process_index() == 0:
+            path.write_text(json.dumps({"batch_shapes": shapes}) + "\n")
+        return
+    saved = json.loads(path.read_text())["batch_shapes"]
+    if saved != shapes:
+        raise RunError(
+            f"{workdir} was trained on batches of shapes {saved}, this resume would make {shapes} "
+            "(with tokens_per_batch, batch sizes are rounded to the device count): resume on the "
+            "device count that trained it, or train anew in another --workdir"
+        )
 
 
 def record_resume(config, saved, workdir: Path, step: int) -> None:

@@ -191,6 +191,7 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None):
         )
         data.src_tokenizer.save(workdir / run_config.SRC_TOKENIZER)
         data.tgt_tokenizer.save(workdir / run_config.TGT_TOKENIZER)
+    run_config.check_data_plan(workdir, data.train.batch_shapes())
     model = programs.create_model(
         config, data.src_tokenizer.vocab_size, data.tgt_tokenizer.vocab_size
     )

@@ -249,7 +249,7 @@ def test_damaged_or_mismatched_checkpoint_errors(tiny_run, tmp_path):
 def test_input_that_is_not_utf8_names_the_line_and_keeps_the_lines_before(tiny_run, tmp_path):
     workdir, _, _ = tiny_run
     source = tmp_path / "in.txt"
-    source.write_bytes(b"3 May 1979\n4 May 1979\nMay \xff 1979\n5 May 1979\n")
+    source.write_bytes(b"\xef\xbb\xbf3 May 1979\n4 May 1979\nMay \xff 1979\n5 May 1979\n")
     output = tmp_path / "out.txt"
     with pytest.raises(RunError, match=r"line 3 is not valid UTF-8 \(byte 0xff at byte 5\)"):
         eval_script.evaluate(workdir, options(input=str(source), output=str(output), batch_size=4))
@@ -462,8 +462,9 @@ def test_nbest_with_input_and_its_bad_values(tiny_run, tmp_path):
     assert records[2]["hypotheses"][0]["text"] == lines[2]
     for bad, message in [
         (dict(nbest=5), r"--nbest=5 needs --decode beam with --beam_size >= 5"),
+        (dict(nbest=-1), r"--nbest=-1: use K >= 1"),
         (dict(nbest=2, decode="greedy"), r"--nbest=2 needs --decode beam"),
         (dict(nbest=2, input=str(source)), r"--nbest with --input .*give --output FILE"),
     ]:
-        with pytest.raises(RunError, match=bad and message):
+        with pytest.raises(RunError, match=message):
             eval_script.evaluate(workdir, options(**bad))

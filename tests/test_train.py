@@ -126,8 +126,22 @@ def test_resume_refuses_when_every_checkpoint_is_damaged(
     for step in ("10", "20"):
         damage_checkpoint(broken / "checkpoints" / step)
     config = tiny_run_config(tfds_data_dir, tokenizer_dir, num_train_steps=30)
-    with pytest.raises(RunError, match=r"every checkpoint in .*/checkpoints is damaged"):
-        training.train_and_evaluate(config, broken)
+    for _ in range(2):  # the damaged ones are set aside the first time; refused again the next
+        with pytest.raises(RunError, match=r"no intact checkpoint in .*/checkpoints: the damaged"):
+            training.train_and_evaluate(config, broken)
+
+
+def test_a_worse_validation_score_saves_no_best_checkpoint_and_no_record(tmp_path):
+    import orbax.checkpoint as ocp
+
+    best = checkpoints.best_manager(tmp_path, "bleu")
+    params = {"w": np.arange(4.0, dtype=np.float32)}
+    checkpoints.save(best, 1, ocp.args.StandardSave(params), metrics={"bleu": 2.0})
+    checkpoints.save(best, 2, ocp.args.StandardSave(params), metrics={"bleu": 1.0})  # worse
+    checkpoints.save(best, 1, ocp.args.StandardSave(params), metrics={"bleu": 3.0})  # skipped
+    best.close()
+    assert sorted(p.name for p in (tmp_path / "best").iterdir()) == ["1"]
+    assert checkpoints.verify(tmp_path / "best" / "1") is None
 
 
 def test_intact_checkpoint_of_another_config_is_told_from_damage(
@@ -154,6 +168,30 @@ def test_resume_refuses_a_changed_data_plan(tiny_run, tfds_data_dir, tokenizer_d
     old = json.loads((workdir / "config.json").read_text())[field]
     with pytest.raises(RunError, match=rf"trained with {field}={old!r}.*--config.{field}={old!r}"):
         training.train_and_evaluate(config, workdir)
+
+
+def test_resume_refuses_other_batch_shapes(tmp_path):
+    from experiment import config as run_config
+
+    run_config.check_data_plan(tmp_path, [(682, 12, 12), (512, 16, 16)])  # the first start
+    run_config.check_data_plan(tmp_path, [(682, 12, 12), (512, 16, 16)])
+    with pytest.raises(
+        RunError, match=r"trained on batches of shapes .*resume on the device count"
+    ):
+        run_config.check_data_plan(tmp_path, [(680, 12, 12), (512, 16, 16)])  # 4 devices, say
+
+
+def test_a_config_json_older_than_a_field_gets_its_default(tiny_run, tmp_path):
+    from experiment import config as run_config
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_run[0], old)
+    saved = json.loads((old / "config.json").read_text())
+    del saved["num_buckets"], saved["max_decode_len_a"]
+    (old / "config.json").write_text(json.dumps(saved))
+    loaded = run_config.load_config(old)
+    assert loaded.num_buckets == 4 and loaded.max_decode_len_a == 0.0
+    assert loaded.model_hparams.hidden_dim == saved["model_hparams"]["hidden_dim"]
 
 
 def test_resume_keeps_the_original_config_and_records_what_changed(
