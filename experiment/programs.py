@@ -190,9 +190,7 @@ def decode_fn(
             **common,
         )
 
-    if mesh is None:
-        return jax.jit(run)
-    return jax.jit(run, out_shardings=sharding.replicated(mesh))
+    return _jit_on(mesh, run)
 
 
 @functools.cache
@@ -215,6 +213,11 @@ def score_fn(model, length_penalty: str, mesh: Mesh | None = None):
             length_penalty=length_penalty,
         )
 
+    return _jit_on(mesh, run)
+
+
+def _jit_on(mesh: Mesh | None, run):
+    """`run` jitted; with a `mesh`, its result replicated (every host can read it)."""
     if mesh is None:
         return jax.jit(run)
     return jax.jit(run, out_shardings=sharding.replicated(mesh))
