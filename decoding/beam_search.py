@@ -13,10 +13,12 @@ and OpenNMT), so `beam_size=1` is exactly greedy decoding; the alive set fills u
 
 Ranking uses `log P(y|x) / penalty(T)` (see `decoding.length_penalty`), T counting EOS; a hypothesis that
 reaches `max_len` (or its sentence's own limit, `max_lengths`) without EOS is finished with T = that
-limit and ranked by the same score. `min_len` is the
-least number of tokens before EOS; `no_repeat_ngram_size` blocks repeated n-grams. Pad and BOS are
-never generated. Masks restrict the search without
-renormalizing, so returned log-probabilities are the model's own and equal `decoding.score`'s.
+limit and ranked by the same score. `min_len` is the least number of tokens before EOS;
+`no_repeat_ngram_size` blocks repeated n-grams; a forced `prefix` is followed token by token (one alive
+hypothesis while it lasts) before the search goes free, its log-probabilities counted in the score, as
+in fairseq's `--prefix-size` and CTranslate2's `target_prefix`. Pad and BOS are never generated. Masks
+restrict the search without renormalizing, so returned log-probabilities are the model's own and equal
+`decoding.score`'s.
 
 A sentence stops when no alive hypothesis can beat the worst of its n-best: an alive prefix of length t
 and log-probability lp <= 0 can only lose probability, so no completion scores above
@@ -47,6 +49,8 @@ class BeamSearchResult(NamedTuple):
     lengths: int32 `[batch, beam]`, T (EOS counted; max_len when cut without EOS); 0 for empty slots.
     token_log_probs: float32 `[batch, beam, max_len]`, log P(y_t|y_<t, x) of each token, 0 after T.
     valid: bool `[batch, beam]`, False for empty slots.
+    alignments: int32 `[batch, beam, max_len]`, the source position each token is aligned with (the
+      step function's third output), -1 after T; None unless decoded `with_alignment`.
     """
 
     sequences: jax.Array
@@ -55,6 +59,7 @@ class BeamSearchResult(NamedTuple):
     lengths: jax.Array
     token_log_probs: jax.Array
     valid: jax.Array
+    alignments: jax.Array | None = None
 
 
 class _Hypotheses(NamedTuple):
@@ -65,6 +70,7 @@ class _Hypotheses(NamedTuple):
     log_probs: jax.Array  # float32 [batch, beam], -inf for no hypothesis
     scores: jax.Array  # float32 [batch, beam], normalized (finished set only; -inf when alive)
     lengths: jax.Array  # int32 [batch, beam]
+    alignments: jax.Array | None = None  # int32 [batch, beam, max_len] (with_alignment only)
 
 
 def _take(hyps: _Hypotheses, index: jax.Array) -> _Hypotheses:
@@ -89,6 +95,9 @@ def beam_search(
     min_len: int = 0,
     max_lengths: jax.Array | None = None,
     no_repeat_ngram_size: int = 0,
+    prefix: jax.Array | None = None,
+    prefix_lengths: jax.Array | None = None,
+    with_alignment: bool = False,
 ) -> BeamSearchResult:
     """The `beam_size`-best hypotheses of each sentence under `length_penalty`.
 
@@ -111,6 +120,15 @@ def beam_search(
         largest limit at most, so sorting sentences by length into batches shortens most loops.
       no_repeat_ngram_size: n > 0 (static): no n-gram occurs twice in a hypothesis (a token that
         would complete one already in its prefix is blocked, EOS included); 0: off, at no cost.
+      prefix: optional int `[batch, P]` (P static, < max_len; values traced, so a new prefix never
+        recompiles), each sentence's forced first tokens, PAD after them; every hypothesis starts
+        with them (n-gram blocking and min_len do not apply to forced tokens) and their
+        log-probabilities count in its score. A sentence's limit is at least its prefix length + 1.
+      prefix_lengths: optional int `[batch]`, the forced tokens of each row (default: up to the
+        first PAD of `prefix`).
+      with_alignment: static; `step_fn` then returns `(logits, new_state, alignment [N] int)`, the
+        source position aligned with the token being predicted, kept per token (`alignments`).
+        Off, nothing is collected and the loop is as without it.
 
     Returns:
       A `BeamSearchResult`. Usable under an outer `jax.jit` with the static arguments fixed.
@@ -126,10 +144,21 @@ def beam_search(
         raise ValueError(f"min_len={min_len!r} must be an int in [0, max_len={max_len})")
     common.check_batch(init_state, batch_size)
     batch, beam, rows = batch_size, beam_size, batch_size * beam_size
-    vocab = common.probe_step_fn(step_fn, init_state, rows)
+    vocab = common.probe_step_fn(step_fn, init_state, rows, with_alignment)
     common.check_token_ids(vocab, bos_id=bos_id, eos_id=eos_id)
+    prefix = common.check_prefix(
+        prefix,
+        prefix_lengths,
+        batch_size=batch,
+        max_len=max_len,
+        vocab=vocab,
+        bos_id=bos_id,
+        eos_id=eos_id,
+    )
     alpha = jnp.asarray(alpha, jnp.float32)
-    limits = common.sentence_limits(max_lengths, batch, max_len, min_len)  # [batch]
+    limits = common.prefix_limits(
+        common.sentence_limits(max_lengths, batch, max_len, min_len), prefix, max_len
+    )  # [batch]
     max_penalty = lp_lib.penalty(limits, alpha, length_penalty)  # [batch]
     positions = jnp.arange(max_len)
     row_base = jnp.arange(batch)[:, None] * beam  # [batch, 1], the first row of each sentence
@@ -142,6 +171,7 @@ def beam_search(
             log_probs=log_probs,
             scores=jnp.full((batch, beam), -jnp.inf),
             lengths=jnp.zeros((batch, beam), jnp.int32),
+            alignments=jnp.full((batch, beam, max_len), -1, jnp.int32) if with_alignment else None,
         )
 
     def cond(carry):
@@ -150,7 +180,7 @@ def beam_search(
 
     def body(carry):
         step, tokens, state, alive, finished, done = carry
-        logits, new_state = step_fn(tokens, state)
+        logits, new_state, *alignment = step_fn(tokens, state)
         log_probs = common.log_probs(logits).reshape(batch, beam, vocab)
         allowed = common.search_mask(
             log_probs, bos_id=bos_id, eos_id=eos_id, block_eos=step < min_len
@@ -159,6 +189,8 @@ def beam_search(
             prefixes = alive.tokens.reshape(rows, max_len)
             blocked = common.repeated_ngrams(prefixes, step, no_repeat_ngram_size, vocab)
             allowed = jnp.where(blocked.reshape(batch, beam, vocab), -jnp.inf, allowed)
+        if prefix is not None:
+            allowed = common.force_prefix(allowed, log_probs, step, prefix)
         # One top-k over every extension of every alive prefix of a sentence.
         candidates = (alive.log_probs[:, :, None] + allowed).reshape(batch, beam * vocab)
         top_log_probs, top_index = common.top_k(candidates, beam)  # [batch, beam]
@@ -174,6 +206,13 @@ def beam_search(
             scores=lp_lib.normalize(top_log_probs, length, alpha, length_penalty),
             lengths=jnp.full((batch, beam), length, jnp.int32),
         )
+        if with_alignment:  # the alignment of each extension's new token: its parent row's
+            aligned = jnp.take_along_axis(alignment[0].reshape(batch, beam), parent, axis=1)
+            extended = extended._replace(
+                alignments=jnp.where(
+                    at_step, aligned[..., None].astype(jnp.int32), parents.alignments
+                )
+            )
         ends = (token == eos_id) | (length >= limits[:, None])
 
         # Finished: merge the new complete hypotheses into the n-best (old ones first, so ties keep them).
@@ -220,4 +259,7 @@ def beam_search(
         lengths=jnp.where(valid, finished.lengths, 0),
         token_log_probs=jnp.where(valid[..., None], finished.token_log_probs, 0.0),
         valid=valid,
+        alignments=None
+        if finished.alignments is None
+        else jnp.where(valid[..., None], finished.alignments, -1),
     )

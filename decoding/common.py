@@ -23,8 +23,11 @@ def check_batch(state: Any, batch_size: int, what: str = "init_state") -> None:
             )
 
 
-def probe_step_fn(step_fn, state: Any, rows: int) -> int:
+def probe_step_fn(step_fn, state: Any, rows: int, with_alignment: bool = False) -> int:
     """Checks `step_fn` on `rows` rows without running it; returns the vocabulary size.
+
+    With `with_alignment` the step function returns a third output, int `[rows]`: the source position
+    that the token being predicted is aligned with (e.g. the argmax of its attention).
 
     `state` gives the structure, trailing shapes and dtypes of the state (its leading dimension is
     replaced by `rows`). Raises a one-line ValueError when the logits are not `[rows, vocab]` floats or
@@ -36,11 +39,23 @@ def probe_step_fn(step_fn, state: Any, rows: int) -> int:
     )
     tokens = jax.ShapeDtypeStruct((rows,), jnp.int32)
     out = jax.eval_shape(step_fn, tokens, state_in)
-    if not isinstance(out, tuple) or len(out) != 2:
-        raise ValueError(
-            f"step_fn must return a pair (logits, new_state), got {type(out).__name__}"
+    arity = 3 if with_alignment else 2
+    if not isinstance(out, tuple) or len(out) != arity:
+        expected = (
+            "a triple (logits, new_state, alignment)"
+            if with_alignment
+            else "a pair (logits, new_state)"
         )
-    logits, state_out = out
+        got = f"{len(out)} outputs" if isinstance(out, tuple) else type(out).__name__
+        raise ValueError(f"step_fn must return {expected}, got {got}")
+    logits, state_out = out[:2]
+    if with_alignment and (
+        out[2].shape != (rows,) or not jnp.issubdtype(out[2].dtype, jnp.integer)
+    ):
+        raise ValueError(
+            f"step_fn's alignment must be int [{rows}] source positions, got "
+            f"{out[2].dtype}{list(out[2].shape)}"
+        )
     if (
         not hasattr(logits, "shape")
         or len(logits.shape) != 2
@@ -192,3 +207,86 @@ def repeated_ngrams(tokens: jax.Array, step: jax.Array, n: int, vocab: int) -> j
     hits = jnp.zeros((rows, vocab), jnp.int32)
     hits = hits.at[jnp.arange(rows)[:, None], following].add(matches.astype(jnp.int32))
     return hits > 0
+
+
+def check_prefix(
+    prefix: Any,
+    prefix_lengths: Any,
+    *,
+    batch_size: int,
+    max_len: int,
+    vocab: int,
+    bos_id: int,
+    eos_id: int,
+) -> tuple[jax.Array, jax.Array] | None:
+    """A forced target prefix as (int32 `[batch, P]`, int32 `[batch]` lengths), or None for none.
+
+    `prefix [batch, P]` holds each sentence's first tokens, PAD after its length; `prefix_lengths`
+    (int `[batch]`, default: the tokens before the first PAD) says how many are forced. P is static
+    (one compilation per P), the values traced. P must leave room for EOS (P < max_len); the forced
+    tokens (checked when not traced) must be content ids of the vocabulary, never pad, BOS or EOS.
+    """
+    if prefix is None:
+        if prefix_lengths is not None:
+            raise ValueError("prefix_lengths given without a prefix: pass prefix [batch, P] too")
+        return None
+    shape, dtype = jnp.shape(prefix), jnp.result_type(prefix)
+    if len(shape) != 2 or shape[0] != batch_size or not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(
+            f"prefix has shape {shape} and dtype {dtype}: give int token ids [batch={batch_size}, P]"
+        )
+    if shape[1] >= max_len:
+        raise ValueError(
+            f"a prefix of {shape[1]} tokens leaves no room under max_len={max_len}: cut it to at "
+            f"most {max_len - 1} tokens or raise max_len"
+        )
+    if shape[1] == 0:
+        return None
+    prefix = jnp.asarray(prefix, jnp.int32)
+    if prefix_lengths is None:  # the index of the first PAD (P when there is none)
+        ends = jnp.concatenate([prefix != PAD_ID, jnp.zeros((batch_size, 1), bool)], axis=1)
+        prefix_lengths = jnp.argmin(ends, axis=1)
+    if jnp.shape(prefix_lengths) != (batch_size,):
+        raise ValueError(
+            f"prefix_lengths has shape {jnp.shape(prefix_lengths)}: give one length per sentence, "
+            f"shape ({batch_size},)"
+        )
+    lengths = jnp.asarray(prefix_lengths, jnp.int32)
+    if not isinstance(prefix, jax.core.Tracer) and not isinstance(lengths, jax.core.Tracer):
+        values, counts = jax.device_get(prefix), jax.device_get(lengths)
+        if counts.min(initial=0) < 0 or counts.max(initial=0) > shape[1]:
+            raise ValueError(f"prefix_lengths must lie in [0, P={shape[1]}], got {counts.tolist()}")
+        forced = values[jnp.arange(shape[1])[None, :] < counts[:, None]]
+        outside = forced[(forced < 0) | (forced >= vocab)]
+        if outside.size:
+            raise ValueError(
+                f"the prefix holds id {int(outside[0])}, outside the vocabulary [0, {vocab}): give "
+                "ids the step function's logits cover"
+            )
+        for name, special in (("pad", PAD_ID), ("BOS", bos_id), ("EOS", eos_id)):
+            if (forced == special).any():
+                raise ValueError(
+                    f"the prefix forces {name} (id {special}): a prefix holds content tokens only "
+                    "(the search adds EOS itself)"
+                )
+    return prefix, lengths
+
+
+def force_prefix(
+    allowed: jax.Array, log_probs: jax.Array, step: jax.Array, prefix: tuple[jax.Array, jax.Array]
+) -> jax.Array:
+    """`allowed [batch, ..., vocab]` where sentence b still follows its prefix at `step`: every token
+    -inf but `prefix[b, step]`, which keeps its model log-probability from `log_probs` (same shape),
+    whatever else masks it (n-gram blocking, min_len). Elsewhere `allowed` unchanged."""
+    tokens, lengths = prefix
+    forced = jax.lax.dynamic_index_in_dim(tokens, jnp.minimum(step, tokens.shape[1] - 1), 1, False)
+    expand = (slice(None),) + (None,) * (allowed.ndim - 1)
+    only = jnp.where(jnp.arange(allowed.shape[-1]) == forced[expand], log_probs, -jnp.inf)
+    return jnp.where((step < lengths)[expand], only, allowed)
+
+
+def prefix_limits(limits: jax.Array, prefix: tuple[jax.Array, jax.Array] | None, max_len: int):
+    """int32 `[batch]` sentence limits raised to at least each prefix length + 1 (room for EOS)."""
+    if prefix is None:
+        return limits
+    return jnp.minimum(jnp.maximum(limits, prefix[1] + 1), max_len)

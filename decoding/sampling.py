@@ -55,12 +55,16 @@ def sample(
     example_ids: jax.Array | None = None,
     max_lengths: jax.Array | None = None,
     no_repeat_ngram_size: int = 0,
+    prefix: jax.Array | None = None,
+    prefix_lengths: jax.Array | None = None,
+    with_alignment: bool = False,
 ) -> DecodeResult:
     """One sample per sentence, until EOS or its limit (`max_len`, `max_lengths`); never pad or BOS.
 
     Args:
-      step_fn, init_state, bos_id, eos_id, batch_size, max_len, max_lengths, no_repeat_ngram_size:
-        as in `decoding.greedy`.
+      step_fn, init_state, bos_id, eos_id, batch_size, max_len, max_lengths, no_repeat_ngram_size,
+        prefix, prefix_lengths, with_alignment: as in `decoding.greedy` (a prefix is followed
+        before sampling freely).
       rng: a JAX PRNG key (`jax.random.key(seed)` or `jax.random.PRNGKey(seed)`).
       temperature: > 0; divides the log-probabilities (lower is closer to greedy).
       top_k: keep the k most probable tokens; 0 keeps all.
@@ -113,4 +117,7 @@ def sample(
         max_len=max_len,
         max_lengths=max_lengths,
         no_repeat_ngram_size=no_repeat_ngram_size,
+        prefix=prefix,
+        prefix_lengths=prefix_lengths,
+        with_alignment=with_alignment,
     )

@@ -15,17 +15,19 @@ BOS, EOS = 1, 2
 ROWS = 1009  # rows of the random logit tables, indexed by a hash of the prefix
 
 
-def make_step_fn(table):
+def make_step_fn(table, with_alignment=False):
     """A step function whose logits depend on the whole prefix, through both leaves of its state.
 
     state: `h` int32 `[N]`, a hash of the prefix; `recent` int32 `[N, 3]`, the last three tokens. A
-    beam reorder that mixes up rows (of either leaf) changes the logits that follow.
+    beam reorder that mixes up rows (of either leaf) changes the logits that follow. With
+    `with_alignment` it also returns `h mod 5` as the alignment of the token it predicts.
     """
 
     def step_fn(tokens, state):
         h = (state["h"] * 31 + tokens + 1) % ROWS
         recent = jnp.concatenate([state["recent"][:, 1:], tokens[:, None]], axis=1)
-        return table[(h + 7 * recent[:, 0]) % ROWS], {"h": h, "recent": recent}
+        logits, state = table[(h + 7 * recent[:, 0]) % ROWS], {"h": h, "recent": recent}
+        return (logits, state, h % 5) if with_alignment else (logits, state)
 
     return step_fn
 
@@ -46,23 +48,32 @@ TRACES = {"beam": 0}
 
 @functools.partial(
     jax.jit,
-    static_argnames=("beam_size", "max_len", "length_penalty", "min_len", "no_repeat_ngram_size"),
+    static_argnames=(
+        "beam_size",
+        "max_len",
+        "length_penalty",
+        "min_len",
+        "no_repeat_ngram_size",
+        "with_alignment",
+    ),
 )
 def run_beam(
     table,
     state,
     alpha,
     max_lengths=None,
+    prefix=None,
     *,
     beam_size,
     max_len,
     length_penalty="gnmt",
     min_len=0,
     no_repeat_ngram_size=0,
+    with_alignment=False,
 ):
     TRACES["beam"] += 1
     return decoding.beam_search(
-        make_step_fn(table),
+        make_step_fn(table, with_alignment),
         state,
         bos_id=BOS,
         eos_id=EOS,
@@ -74,6 +85,8 @@ def run_beam(
         min_len=min_len,
         max_lengths=max_lengths,
         no_repeat_ngram_size=no_repeat_ngram_size,
+        prefix=prefix,
+        with_alignment=with_alignment,
     )
 
 
@@ -244,7 +257,7 @@ def test_a_sentence_decodes_the_same_alone_and_in_any_batch():
     other = run_beam(table, init_state([9, 7, 10, 11]), 0.8, beam_size=5, max_len=6)
     alone = run_beam(table, init_state([7]), 0.8, beam_size=5, max_len=6)
     for result, row in ((batch, 2), (other, 1)):
-        for got, want in zip(result, alone, strict=True):
+        for got, want in zip(result[:6], alone[:6], strict=True):  # alignments are None
             np.testing.assert_array_equal(got[row], want[0])
 
 
@@ -332,6 +345,8 @@ def test_a_sentence_limit_decodes_it_as_alone_with_that_max_len(decode):
         limit = min(limit, 6)
         alone = run(state=init_state([sentence]), max_len=limit)
         for got, want in zip(batch, alone, strict=True):
+            if got is None:  # alignments, not asked for
+                continue
             got = np.asarray(got[row])
             if (
                 got.ndim and got.shape[-1] == 6
@@ -526,3 +541,87 @@ def test_no_repeat_ngram_composes_with_min_len_and_sentence_limits():
     )
     lengths = np.asarray(blocked.lengths)
     assert np.all(lengths[valid] >= 3) and np.all(lengths <= np.asarray(limits)[:, None])
+
+
+def test_a_forced_prefix_beam_search_returns_exactly_the_brute_force_ranking_of_its_completions():
+    # vocab 6, max_len 4: every hypothesis that starts with the sentence's prefix (of 0, 1 or 2
+    # tokens, traced in one compilation), ranked like brute force; the prefix counts in the score.
+    table, sentences, alpha = random_table(7, 6), [0, 1, 2], 0.6
+    prefix = jnp.array([[0, 0], [4, 0], [5, 3]])
+    result = run_beam(table, init_state(sentences), alpha, None, prefix, beam_size=128, max_len=4)
+    everything = all_sequences(6, 4)
+    for b, sentence in enumerate(sentences):
+        forced = [int(t) for t in prefix[b] if t]
+        allowed = everything[np.all(everything[:, : len(forced)] == forced, axis=1)]
+        allowed = allowed[(allowed != EOS).sum(1) >= len(forced)]  # EOS never inside the prefix
+        exact = brute_force(table, sentence, allowed, alpha, "gnmt")
+        order = np.argsort(-exact)
+        np.testing.assert_array_equal(result.valid[b], np.arange(128) < len(allowed))
+        np.testing.assert_array_equal(result.sequences[b, : len(allowed)], allowed[order])
+        np.testing.assert_allclose(result.scores[b, : len(allowed)], exact[order], rtol=1e-5)
+    rescored = rescore(table, result, sentences, alpha, "gnmt")
+    valid = np.asarray(result.valid)
+    np.testing.assert_allclose(rescored.log_probs[valid], np.asarray(result.log_probs)[valid], 1e-5)
+    traces = TRACES["beam"]
+    run_beam(table, init_state(sentences), alpha, None, prefix[::-1], beam_size=128, max_len=4)
+    assert TRACES["beam"] == traces, "a new prefix of the same shape must not recompile"
+
+
+def test_a_forced_prefix_composes_with_min_len_limits_and_ngram_blocking():
+    # A prefix that repeats a 2-gram is still followed (forced tokens are not blocked); the free
+    # tokens after it never repeat one; each sentence's limit leaves room for EOS after its prefix.
+    table, sentences = random_table(8, 7, bias=[0, 0, -1.0, 0, 0, 0, 0]), list(range(4))
+    prefix = jnp.array([[3, 4, 3, 4], [5, 0, 0, 0], [0, 0, 0, 0], [6, 6, 6, 0]])
+    limits = jnp.array([2, 3, 6, 2])
+    result = run_beam(
+        table,
+        init_state(sentences),
+        0.6,
+        limits,
+        prefix,
+        beam_size=4,
+        max_len=7,
+        min_len=2,
+        no_repeat_ngram_size=2,
+    )
+    sequences, valid = np.asarray(result.sequences), np.asarray(result.valid)
+    lengths = np.asarray(result.lengths)
+    for b in range(4):
+        forced = [int(t) for t in prefix[b] if t]
+        for k in np.flatnonzero(valid[b]):
+            row = sequences[b, k]
+            assert row[: len(forced)].tolist() == forced
+            free = row[max(len(forced) - 1, 0) : lengths[b, k]]
+            assert not repeats_an_ngram(free, 2), row
+            assert max(len(forced) + 1, 3) <= lengths[b, k] <= max(int(limits[b]), len(forced) + 1)
+    rescored = rescore(table, result, sentences, 0.6, "gnmt")
+    np.testing.assert_allclose(rescored.scores[valid], np.asarray(result.scores)[valid], rtol=1e-5)
+
+
+def teacher_forced_alignments(sentence_id, row):
+    """`make_step_fn`'s alignment (h mod 5) before each token of one hypothesis, -1 after it."""
+    h, previous, out = sentence_id * 17 + 3, BOS, []
+    for token in row:
+        if previous in (EOS, 0) and out:
+            out.append(-1)
+            continue
+        h = (h * 31 + previous + 1) % ROWS
+        out.append(h % 5 if token else -1)
+        previous = token
+    return out
+
+
+def test_alignments_follow_each_hypothesis_through_the_reordering():
+    table, sentences = random_table(2, 7), [0, 1, 2, 3]
+    aligned = run_beam(
+        table, init_state(sentences), 0.8, beam_size=5, max_len=6, with_alignment=True
+    )
+    plain = run_beam(table, init_state(sentences), 0.8, beam_size=5, max_len=6)
+    assert plain.alignments is None
+    for name in ("sequences", "scores", "lengths"):
+        np.testing.assert_array_equal(getattr(aligned, name), getattr(plain, name), err_msg=name)
+    for b, sentence in enumerate(sentences):
+        for k in range(5):
+            row = np.asarray(aligned.sequences[b, k]).tolist()
+            expected = teacher_forced_alignments(sentence, row)
+            np.testing.assert_array_equal(aligned.alignments[b, k], expected, err_msg=f"{b},{k}")
