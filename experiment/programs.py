@@ -123,11 +123,14 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: float 
 # --------------------------------------------------------------------------------------- decoding
 
 
-def step_function(model, params, src: jax.Array, max_decode_len: int):
+def step_function(model, params, src: jax.Array, max_decode_len: int, alignment_layer=None):
     """`(step_fn, init_state)` for `decoding/`: the source encoded once, the decoder state for it.
 
     `step_fn(tokens [N], state) -> (logits [N, vocab], state)` closes over the encoder memory, which
     keeps the sentence batch of `src [batch, src_len]`; `init_state` leaves have `batch` first.
+    With an `alignment_layer` (an int, Python indexing over the decoder's cross-attention layers;
+    -1 the last) it returns a third output, int32 `[N]`: the source position with the most
+    attention (averaged over heads) when predicting the token (`decoding`'s `with_alignment`).
     """
     variables = {"params": params}
     memory = model.apply(variables, src, method=model.encode)
@@ -136,7 +139,55 @@ def step_function(model, params, src: jax.Array, max_decode_len: int):
     def step_fn(tokens, state):
         return model.apply(variables, memory, tokens, state, method=model.decode_step)
 
-    return step_fn, state
+    def aligned_step_fn(tokens, state):
+        (logits, state), sown = model.apply(
+            variables, memory, tokens, state, method=model.decode_step, mutable=["intermediates"]
+        )
+        weights = cross_attention(sown.get("intermediates", {}), alignment_layer, model)
+        return logits, state, jnp.argmax(weights, axis=-1).astype(jnp.int32)
+
+    return (step_fn if alignment_layer is None else aligned_step_fn), state
+
+
+def cross_attention(intermediates, layer: int, model) -> jax.Array:
+    """float `[N, src_len]`: decoder cross-attention layer `layer` of a decode step's sown
+    `intermediates` (`cross_attention_<i>` `[N, heads, src_len]`, averaged over heads, or an RNN's
+    single `attention` `[N, src_len]`); a `RunError` when the model has none or no such layer."""
+    found = {}
+    for path, value in jax.tree_util.tree_flatten_with_path(intermediates)[0]:
+        names = [str(getattr(k, "key", "")) for k in path]
+        name = next((n for n in reversed(names) if "attention" in n), "")
+        if name.startswith("cross_attention_"):
+            found[int(name.rsplit("_", 1)[1])] = jnp.mean(value.astype(jnp.float32), axis=1)
+        elif name == "attention":
+            found[0] = value.astype(jnp.float32)
+    if not found:
+        raise RunError(
+            f"{type(model).__name__} has no attention over the source: token alignments need an "
+            "attention model (attention_rnn, transformer, a captioner)"
+        )
+    layers = [found[i] for i in sorted(found)]
+    if not -len(layers) <= layer < len(layers):
+        raise RunError(
+            f"alignment layer {layer} does not exist: {type(model).__name__} has "
+            f"{len(layers)} cross-attention layer(s), use 0 .. {len(layers) - 1} or -1 (the last)"
+        )
+    return layers[layer]
+
+
+def has_attention(model, params) -> bool:
+    """Whether `model` exposes source attention per decode step (`decode_fn`'s alignments)."""
+    src = registry.example_source(model)
+
+    def probe(params):
+        step_fn, state = step_function(model, params, src, 4, alignment_layer=-1)
+        return step_fn(jnp.full((src.shape[0],), BOS_ID, jnp.int32), state)
+
+    try:
+        jax.eval_shape(probe, params)
+    except RunError:
+        return False
+    return True
 
 
 @functools.cache
@@ -150,8 +201,16 @@ def decode_fn(
     max_decode_len_a: float = 0.0,
     max_decode_len_b: int = 0,
     no_repeat_ngram_size: int = 0,
+    alignment_layer: int | None = None,
 ):
-    """A jitted `(params, src [batch, src_len], alpha) -> decoding result` (alpha traced: no recompiles).
+    """A jitted `(params, src [batch, src_len], alpha, prefix=None, sampling=None) -> decoding
+    result` (greedy and sampling: `decoding.DecodeResult`; beam: `decoding.BeamSearchResult`).
+
+    alpha: the length-penalty exponent (traced: no recompiles; beam search only).
+    prefix: optional int `[batch, P]` forced target prefixes, PAD after each (`decoding`'s `prefix`;
+      traced, one compilation per P).
+    sampling: with `decode="sample"`, a dict of `rng` (a key), `temperature`, `top_k`, `top_p`
+      (traced scalars) and `example_ids` int `[batch]` (`decoding.sample`).
 
     Each sentence generates at most `max_decode_len` tokens (EOS included) or, with
     `max_decode_len_a > 0` and text sources, `min(max_decode_len, ceil(max_decode_len_a * source
@@ -160,17 +219,21 @@ def decode_fn(
     occurs twice in a hypothesis (`decoding.beam_search`).
 
     One compiled program per (src shape, decode, beam_size, max_decode_len, length_penalty, mesh,
-    max_decode_len_a, max_decode_len_b, no_repeat_ngram_size); cached here so train and eval share them. With a `mesh`, the batch is split over its
+    max_decode_len_a, max_decode_len_b, no_repeat_ngram_size, alignment_layer); cached here so train
+    and eval share them. `alignment_layer` (int, see `step_function`): results carry `alignments`, the
+    source position each token attends to most; None: not collected. With a `mesh`, the batch is split over its
     devices (pass `src` from `sharding.shard_batch`), the params are replicated (gathered once per
     call if they come FSDP-sharded) and so is the result, which every host can then read.
     """
-    if decode not in ("greedy", "beam"):
-        raise RunError(f"unknown decode {decode!r}: use greedy or beam")
+    if decode not in ("greedy", "beam", "sample"):
+        raise RunError(f"unknown decode {decode!r}: use greedy, beam or sample")
 
-    def run(params, src, alpha):
+    def run(params, src, alpha, prefix=None, sampling=None):
         if mesh is not None:
             params, src = replicate_params_shard_batch(mesh, params, src)
-        step_fn, state = step_function(model, params, src, max_decode_len)
+            if prefix is not None:
+                prefix = jax.lax.with_sharding_constraint(prefix, sharding.batch_sharding(mesh))
+        step_fn, state = step_function(model, params, src, max_decode_len, alignment_layer)
         common = dict(
             bos_id=BOS_ID,
             eos_id=EOS_ID,
@@ -178,9 +241,17 @@ def decode_fn(
             max_len=max_decode_len,
             max_lengths=source_length_limits(src, max_decode_len_a, max_decode_len_b),
             no_repeat_ngram_size=no_repeat_ngram_size,
+            prefix=prefix,
+            with_alignment=alignment_layer is not None,
         )
         if decode == "greedy":
             return decoding.greedy(step_fn, state, **common)
+        if decode == "sample":
+            if sampling is None:
+                raise RunError(
+                    "decode='sample' needs sampling={rng, temperature, top_k, top_p, example_ids}"
+                )
+            return decoding.sample(step_fn, state, **sampling, **common)
         return decoding.beam_search(
             step_fn,
             state,
