@@ -5,6 +5,8 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 import sharding
 from data import tokenizers
@@ -43,10 +45,11 @@ class Run:
 
 @dataclasses.dataclass(frozen=True)
 class Search:
-    """How to decode: greedy or beam (`beam_size`), length normalization (`length_penalty`, `alpha`)
-    and length limits (`max_decode_len`, and per sentence `ceil(max_decode_len_a x source tokens) + max_decode_len_b`
-    when `max_decode_len_a > 0`; see `programs.decode_fn`), and n-gram blocking
-    (`no_repeat_ngram_size`)."""
+    """How to decode: greedy, beam (`beam_size`) or sample, length normalization (`length_penalty`,
+    `alpha`) and length limits (`max_decode_len`, and per sentence `ceil(max_decode_len_a x source
+    tokens) + max_decode_len_b` when `max_decode_len_a > 0`; see `programs.decode_fn`), n-gram
+    blocking (`no_repeat_ngram_size`), sampling (`temperature`, `top_k`, `top_p`, `num_samples`
+    draws per sentence from `seed`) and per-token alignments (`alignment_layer`, None: off)."""
 
     decode: str
     beam_size: int
@@ -56,6 +59,26 @@ class Search:
     max_decode_len_a: float = 0.0
     max_decode_len_b: int = 0
     no_repeat_ngram_size: int = 0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    num_samples: int = 1
+    seed: int = 0
+    alignment_layer: int | None = None
+
+    def sampling(self, draw: int, example_ids: np.ndarray) -> dict | None:
+        """`decode_fn`'s sampling settings for draw `draw` of the sentences `example_ids [batch]`:
+        sentence i's draw j uses the key `fold_in(fold_in(key(seed), j), example_ids[i])`, so it
+        does not depend on the batching. None unless `decode == "sample"`."""
+        if self.decode != "sample":
+            return None
+        return {
+            "rng": jax.random.fold_in(jax.random.key(self.seed), draw),
+            "temperature": jnp.float32(self.temperature),
+            "top_k": jnp.int32(self.top_k),
+            "top_p": jnp.float32(self.top_p),
+            "example_ids": jnp.asarray(example_ids, jnp.int32),
+        }
 
     def decode_fn(self, run: Run):
         return programs.decode_fn(
@@ -68,6 +91,7 @@ class Search:
             self.max_decode_len_a,
             self.max_decode_len_b,
             self.no_repeat_ngram_size,
+            self.alignment_layer,
         )
 
     def length_limits(self, src) -> "object":
@@ -78,7 +102,7 @@ class Search:
 
     def report(self) -> dict:
         """The settings as the JSON report names them."""
-        return {
+        report = {
             "decode": self.decode,
             "beam_size": self.beam_size if self.decode == "beam" else 1,
             "alpha": self.alpha,
@@ -88,3 +112,7 @@ class Search:
             "max_decode_len_b": self.max_decode_len_b,
             "no_repeat_ngram_size": self.no_repeat_ngram_size,
         }
+        if self.decode == "sample":
+            fields = ("temperature", "top_k", "top_p", "num_samples", "seed")
+            report.update({f: getattr(self, f) for f in fields})
+        return report

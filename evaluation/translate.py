@@ -2,6 +2,9 @@
 
 from collections.abc import Callable, Iterable
 
+import numpy as np
+
+from contracts import PAD_ID
 from data import input_pipeline
 from evaluation.decode_report import decode_batches
 from evaluation.loading import Run, Search, notice
@@ -29,18 +32,28 @@ def translate_lines(
     batch_size: int,
     sink: Callable[[str, dict | None], None],
     nbest: int = 0,
+    *,
+    tsv: bool = False,
+    tokens: bool = False,
+    name: str = "--input",
 ) -> None:
     """Translates user text, one sentence per line. Empty lines are skipped and lines longer than
     `max_len - 1` tokens (room for EOS) truncated, each with a notice on stderr. Output lines stay
     aligned with input lines (an empty input line gives an empty output line); each is passed to
-    `sink(text, nbest record or None)` as soon as it and every line before it are translated, so an
-    error in a later line (e.g. one that is not UTF-8) loses nothing before it.
+    `sink(text, record or None)` (`decode_batches`' records) as soon as it and every line before it
+    are translated, so an error in a later line (e.g. one that is not UTF-8) loses nothing before it.
 
-    Batches are `[batch_size, L]` with L from a fixed set (`input_pipeline.source_lengths`): each
-    shape compiles once, however many chunks the input makes.
+    With `tsv`, each line is `source<TAB>prefix`: the translation starts with the prefix (tokenized
+    by the target tokenizer; an empty prefix leaves it free); a line without exactly one tab, or a
+    prefix with no room for EOS under `max_decode_len`, stops with a one-line `RunError` naming it.
+
+    Batches are `[batch_size, L]` with L from a fixed set (`input_pipeline.source_lengths`), and
+    prefixes `[batch_size, P]` with P from the same set (below `max_decode_len`): each shape
+    compiles once, however many chunks the input makes. A sentence's sampling key derives from its
+    line number.
     """
     limit = run.config.max_len - 1
-    pending: list[tuple[int, list[int]]] = []
+    pending: list[tuple[int, list[int], list[int]]] = []
     outputs: dict[int, str] = {}
     next_to_write = 0
 
@@ -49,11 +62,19 @@ def translate_lines(
         while pending and (force or len(pending) >= batch_size):
             chunk, pending = pending[:batch_size], pending[batch_size:]
             batches = input_pipeline.source_batches(
-                run.config, [ids for _, ids in chunk], batch_size
+                run.config, [ids for _, ids, _ in chunk], batch_size
             )
+            (batch,) = batches  # one chunk of at most batch_size lines is one batch
+            batch["example_ids"] = np.array(
+                [n for n, _, _ in chunk] + [0] * (batch_size - len(chunk))
+            )
+            if tsv:
+                batch["prefix"] = prefix_array([p for _, _, p in chunk], batch_size, search)
             hyps: list[tuple[str, dict | None]] = []
-            decode_batches(run, batches, search, lambda *d, hyps=hyps: hyps.append(d), nbest)
-            for (index, _), hyp in zip(chunk, hyps, strict=True):
+            decode_batches(
+                run, batches, search, lambda *d, hyps=hyps: hyps.append(d), nbest, tokens
+            )
+            for (index, _, _), hyp in zip(chunk, hyps, strict=True):
                 outputs[index] = hyp
         while next_to_write in outputs:
             sink(*outputs.pop(next_to_write))
@@ -61,10 +82,14 @@ def translate_lines(
 
     try:
         for number, line in enumerate(lines):
-            text = line.rstrip("\n").strip()
+            line = line.rstrip("\r\n")
+            prefix: list[int] = []
+            if tsv:
+                line, prefix = split_prefix(run, line, number, search, name)
+            text = line.strip()
             if not text:
                 notice(f"line {number + 1} is empty: skipped")
-                outputs[number] = ("", {"hypotheses": []} if nbest else None)
+                outputs[number] = ("", empty_record(nbest, search, tokens))
                 flush()
                 continue
             ids = run.src_tokenizer.encode(text)
@@ -74,9 +99,55 @@ def translate_lines(
                     f"(max_len={run.config.max_len} with EOS)"
                 )
                 ids = ids[:limit]
-            pending.append((number, ids))
+            pending.append((number, ids, prefix))
             flush()
     except RunError:  # a bad line: what came before it is still translated and written
         flush(force=True)
         raise
     flush(force=True)
+
+
+def split_prefix(run: Run, line: str, number: int, search: Search, name: str):
+    """(source text, target prefix ids) of a `source<TAB>prefix` line; one-line `RunError`s for a
+    line without exactly one tab or a prefix that leaves no room for EOS."""
+    fields = line.split("\t")
+    if len(fields) != 2:
+        raise RunError(
+            f"{name} line {number + 1} has {len(fields)} tab-separated fields: with "
+            "--input_format tsv each line is `source<TAB>prefix` (the prefix may be empty); the "
+            "lines before it are translated"
+        )
+    source, prefix_text = fields
+    prefix = run.tgt_tokenizer.encode(prefix_text.strip()) if prefix_text.strip() else []
+    if len(prefix) >= search.max_decode_len:
+        raise RunError(
+            f"{name} line {number + 1}: the prefix has {len(prefix)} tokens, which leaves no room "
+            f"for EOS under --max_decode_len={search.max_decode_len}: shorten it to at most "
+            f"{search.max_decode_len - 1} tokens or raise --max_decode_len; the lines before it "
+            "are translated"
+        )
+    return source, prefix
+
+
+def prefix_array(prefixes: list[list[int]], batch_size: int, search: Search) -> np.ndarray:
+    """int32 `[batch_size, P]`, the prefixes PAD-padded; P the least of
+    `input_pipeline.source_lengths` that fits them, below `max_decode_len`."""
+    longest = max(map(len, prefixes), default=0)
+    widths = [w for w in input_pipeline.source_lengths(search.max_decode_len) if w >= longest]
+    width = min(min(widths, default=longest), search.max_decode_len - 1)
+    out = np.full((batch_size, max(width, 1)), PAD_ID, np.int32)
+    for row, prefix in enumerate(prefixes):
+        out[row, : len(prefix)] = prefix
+    return out
+
+
+def empty_record(nbest: int, search: Search, tokens: bool) -> dict | None:
+    """The record of a skipped (empty) line: empty lists where `decode_batches` would fill them."""
+    record = {}
+    if nbest:
+        record["hypotheses"] = []
+    if search.num_samples > 1:
+        record["samples"] = []
+    if tokens:
+        record.update(tokens=[], token_log_probs=[])
+    return record or None

@@ -311,12 +311,12 @@ def test_input_compiles_each_shape_once_and_decodes_each_batch_once(
         def __init__(self, fn):
             self.fn = fn
 
-        def __call__(self, *args):
+        def __call__(self, *args, **kwargs):
             calls.append(args[1].shape)
-            return self.fn(*args)
+            return self.fn(*args, **kwargs)
 
-        def lower(self, *args):
-            return self.fn.lower(*args)
+        def lower(self, *args, **kwargs):
+            return self.fn.lower(*args, **kwargs)
 
     real = loading.Search.decode_fn
     monkeypatch.setattr(
@@ -468,3 +468,134 @@ def test_nbest_with_input_and_its_bad_values(tiny_run, tmp_path):
     ]:
         with pytest.raises(RunError, match=message):
             eval_script.evaluate(workdir, options(**bad))
+
+
+def test_sampling_from_the_command_line_is_reproducible_per_sentence(tiny_run, tmp_path):
+    workdir, _, _ = tiny_run
+
+    def draws(name, **fields):
+        output = tmp_path / f"{name}.txt"
+        settings = dict(decode="sample", num_samples=3, top_p=0.95, temperature=1.5, seed=1)
+        report = eval_script.evaluate(
+            workdir,
+            options(output=str(output), report=str(tmp_path / f"{name}.json"), **settings | fields),
+        )
+        records = [
+            json.loads(x) for x in (tmp_path / f"{name}.samples.jsonl").read_text().splitlines()
+        ]
+        return report, output.read_text().split("\n")[: len(records)], records
+
+    report, texts, records = draws("a", num_examples=12)
+    assert report["decode"] == "sample" and report["num_samples"] == 3 and report["seed"] == 1
+    assert [r["index"] for r in records] == list(range(12))
+    assert all(len(r["samples"]) == 3 for r in records)
+    assert [r["samples"][0]["text"] for r in records] == texts  # the output is the first draw
+    assert any(len({s["text"] for s in r["samples"]}) > 1 for r in records), "draws must differ"
+    # The same sentences in other batches draw the same; another seed draws otherwise.
+    _, _, rebatched = draws("b", num_examples=6, batch_size=4)
+    assert rebatched == records[:6]
+    _, _, reseeded = draws("c", num_examples=12, seed=2)
+    assert reseeded != records
+    # Each draw's log-probability is the model's, teacher-forced.
+    run = loading.Run(workdir)
+    data = input_pipeline.head(
+        input_pipeline.get_eval_data(
+            run.config, "validation", run.src_tokenizer, run.tgt_tokenizer
+        ),
+        4,
+    )
+    score = programs.score_fn(run.model, "none")
+    for record, source in zip(records, data.sources, strict=False):
+        src = np.array([run.src_tokenizer.encode(source) + [2]], np.int32)
+        for draw in record["samples"]:
+            ids = run.tgt_tokenizer.encode(draw["text"])
+            targets = np.array([ids + [2]] if len(ids) < draw["length"] else [ids], np.int32)
+            scored = score(run.params, src, targets, 0.0)
+            assert draw["log_prob"] == pytest.approx(float(scored.log_probs[0]), abs=1e-4)
+    for bad, message in [
+        (dict(decode="sample", top_p=1.5), r"--top_p=1.5: use a value in \(0, 1\]"),
+        (dict(decode="sample", top_p=0.0), r"--top_p=0.0: use a value in \(0, 1\]"),
+        (dict(decode="sample", temperature=0.0), r"--temperature=0.0: use a value > 0"),
+        (dict(decode="sample", top_k=-2), r"--top_k=-2: use k >= 1, or 0"),
+        (dict(num_samples=2), r"--num_samples=2 needs --decode sample .* use --nbest"),
+        (dict(decode="sample", num_samples=0), r"--num_samples=0: use N >= 1"),
+    ]:
+        with pytest.raises(RunError, match=message):
+            eval_script.evaluate(workdir, options(**bad))
+
+
+def test_tsv_input_forces_each_lines_prefix(tiny_run, tmp_path):
+    workdir, _, _ = tiny_run
+    free_in, tsv_in = tmp_path / "free.txt", tmp_path / "in.tsv"
+    sources = ["3 May 1979", "Thursday, May 3, 1979", "12/24/2001"]
+    free_in.write_text("\n".join(sources) + "\n")
+    eval_script.evaluate(workdir, options(input=str(free_in), output=str(tmp_path / "free.out")))
+    free = (tmp_path / "free.out").read_text().split("\n")[:3]
+    prefixes = ["1980-", "", free[2][:3] + "9"]
+    tsv_in.write_text("".join(f"{s}\t{p}\n" for s, p in zip(sources, prefixes, strict=True)))
+    output = tmp_path / "forced.jsonl"
+    eval_script.evaluate(
+        workdir,
+        options(input=str(tsv_in), input_format="tsv", output=str(output), output_format="jsonl"),
+    )
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [r["text"][: len(p)] for r, p in zip(records, prefixes, strict=True)] == prefixes
+    assert records[1]["text"] == free[1], "an empty prefix leaves the search free"
+    assert records[0]["text"] != free[0] and records[2]["text"] != free[2]
+    # The prefix's log-probabilities count: the record's equals the teacher-forced score.
+    run = loading.Run(workdir)
+    score = programs.score_fn(run.model, "none")
+    for record, source in zip(records, sources, strict=True):
+        src = np.array([run.src_tokenizer.encode(source) + [2]], np.int32)
+        targets = np.array([run.tgt_tokenizer.encode(record["text"]) + [2]], np.int32)
+        expected = float(score(run.params, src, targets, 0.0).log_probs[0])
+        assert record["log_prob"] == pytest.approx(expected, abs=1e-4)
+    # A malformed line or a prefix with no room for EOS stops there; the lines before are written.
+    for line, message in [
+        ("3 May 1979", r"line 2 has 1 tab-separated fields: with --input_format tsv each line"),
+        ("3 May\t19\t79", r"line 2 has 3 tab-separated fields"),
+        ("3 May 1979\t" + "1" * 40, r"line 2: the prefix has 40 tokens, .* --max_decode_len=\d+"),
+    ]:
+        tsv_in.write_text(f"3 May 1979\t1980-\n{line}\n")
+        with pytest.raises(RunError, match=message):
+            eval_script.evaluate(
+                workdir, options(input=str(tsv_in), input_format="tsv", output=str(output))
+            )
+        assert output.read_text().split("\n")[0].startswith("1980-")
+    with pytest.raises(RunError, match="--input_format tsv reads source<TAB>prefix lines from"):
+        eval_script.evaluate(workdir, options(input_format="tsv"))
+
+
+def test_jsonl_output_has_token_log_probs_and_alignments(tiny_run, tmp_path, capsys):
+    workdir, _, _ = tiny_run
+    eval_script.evaluate(
+        workdir,
+        options(num_examples=12, output=str(tmp_path / "h.txt"), report=str(tmp_path / "a.json")),
+    )
+    output = tmp_path / "h.jsonl"
+    report = eval_script.evaluate(
+        workdir,
+        options(
+            num_examples=12,
+            output=str(output),
+            output_format="jsonl",
+            report=str(tmp_path / "b.json"),
+        ),
+    )
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [r["text"] for r in records] == (tmp_path / "h.txt").read_text().split("\n")[:12]
+    assert report["bleu"] == json.loads((tmp_path / "a.json").read_text())["bleu"]
+    for record in records:
+        assert len(record["tokens"]) == len(record["alignment"]) == len(record["token_log_probs"])
+        # The dates run's tokens are characters: the pieces spell the text.
+        assert "".join(t for t in record["tokens"] if t != "<eos>") == record["text"]
+        assert sum(record["token_log_probs"]) == pytest.approx(record["log_prob"], abs=1e-4)
+        assert all(0 <= a < len(record["source_tokens"]) for a in record["alignment"])
+        assert record["source_tokens"][-1] == "<eos>"
+    assert len({tuple(r["alignment"]) for r in records}) > 1
+    # The same records for --input on stdout.
+    source = tmp_path / "in.txt"
+    source.write_text("3 May 1979\n")
+    eval_script.evaluate(workdir, options(input=str(source), output_format="jsonl"))
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["index"] == 0 and len(line["alignment"]) == len(line["tokens"])

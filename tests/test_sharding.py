@@ -151,6 +151,37 @@ def _job_decode(workdir, out):
         search = loading.Search(decode, 4, 0.6, "gnmt", run.config.max_decode_len)
         ids, _, _ = decode_report.decode_batches(run, eval_data.batches, search, lambda *_: None)
         arrays[decode] = ids
+    # The decoding features together: forced prefixes (none for every third sentence), n-gram
+    # blocking, per-sentence limits and alignments, for beam search and two draws of sampling.
+    prefix = np.zeros((32, 8), np.int32)
+    prefix[:, :2] = run.tgt_tokenizer.encode("19")
+    prefix[::3] = 0
+    batches = [{**batch, "prefix": prefix} for batch in eval_data.batches]
+    for decode in ("beam", "sample"):
+        search = loading.Search(
+            decode,
+            4,
+            0.6,
+            "gnmt",
+            run.config.max_decode_len,
+            1.0,
+            4,
+            no_repeat_ngram_size=3,
+            num_samples=2,
+            top_p=0.9,
+            seed=3,
+            alignment_layer=-1,
+        )
+        records = []
+        ids, results, _ = decode_report.decode_batches(
+            run, batches, search, lambda _, record, records=records: records.append(record)
+        )
+        arrays[f"{decode}_features"] = ids
+        arrays[f"{decode}_alignments"] = np.concatenate([r.alignments for r in results])
+        if decode == "sample":
+            arrays["sample_draws"] = np.array(
+                [[d["text"] for d in record["samples"]] for record in records]
+            )
     arrays.update({f"params{k}": np.asarray(v) for k, v in _flat(run.params).items()})
     np.savez(out, **arrays)
 
@@ -285,9 +316,13 @@ def test_checkpoint_written_on_4_devices_resumes_on_1_and_2(runs, resumed):
 def test_decoding_is_identical_on_1_2_and_4_devices(runs, devices):
     four, fewer = runs["decode4"], runs[f"decode{devices}"]
     assert int(four["devices"]) == 4 and int(fewer["devices"]) == devices
-    for decode in ("greedy", "beam"):
+    for decode in ("greedy", "beam", "beam_features", "sample_features"):
         assert four[decode].shape[0] == 32
         np.testing.assert_array_equal(fewer[decode], four[decode], err_msg=decode)
+    for key in ("beam_alignments", "sample_alignments", "sample_draws"):
+        np.testing.assert_array_equal(fewer[key], four[key], err_msg=key)
+    forced = four["beam_features"][:, :2]
+    assert np.all(forced[1::3] == forced[1]) and np.any(forced[::3] != forced[1])
     # eval.py read the params written on 4 devices into this device count, bit for bit.
     for key in (k for k in runs["fsdp4"] if k.startswith("params")):
         np.testing.assert_array_equal(fewer[key], runs["fsdp4"][key], err_msg=key)
