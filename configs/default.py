@@ -36,6 +36,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.model_hparams = ml_collections.ConfigDict(
         {"cell": "gru", "embed_dim": 64, "hidden_dim": 128, "attention_dim": 64}
     )
+    # Mixed precision: the computation dtype (matmuls, activations, the KV cache) and the parameters'.
+    # "bfloat16" computes in bfloat16 on float32 parameters and optimizer state; LayerNorm statistics,
+    # softmax, logits, the loss and decoding's scores stay float32 whatever it is.
+    config.dtype = "float32"
+    config.param_dtype = "float32"
 
     # Optimization.
     config.num_train_steps = 3000

@@ -152,7 +152,16 @@ def argmax(x: jax.Array) -> jax.Array:
     return jnp.minimum(first, x.shape[-1] - 1)  # a NaN row matches nothing; any index will do
 
 
-def top_k(x: jax.Array, k: int, block: int = 128) -> tuple[jax.Array, jax.Array]:
+def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """`jax.lax.top_k(x, k)` over the last axis of `x [..., n]`, with the kernel chosen for the
+    backend at trace time: XLA's own TopK on GPU and TPU (a fast native kernel there), the
+    blockwise top-k on CPU, where XLA's is slow. Both are exact, ties to the lower index."""
+    if jax.default_backend() == "cpu":
+        return blockwise_top_k(x, k)
+    return jax.lax.top_k(x, k)
+
+
+def blockwise_top_k(x: jax.Array, k: int, block: int = 128) -> tuple[jax.Array, jax.Array]:
     """`jax.lax.top_k(x, k)` over the last axis of `x [..., n]`, exactly, ties to the lower index.
 
     XLA:CPU's TopK scans every entry with a comparison sort network; over a beam x vocabulary row that

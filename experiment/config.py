@@ -26,7 +26,15 @@ SRC_TOKENIZER = "tokenizer/src"
 TGT_TOKENIZER = "tokenizer/tgt"
 
 # What a checkpoint contains: the model and the vocabulary it reads.
-IDENTITY_FIELDS = ("model", "model_hparams", "dataset", "tokenizer", "vocab_size", "shared_vocab")
+IDENTITY_FIELDS = (
+    "model",
+    "model_hparams",
+    "param_dtype",
+    "dataset",
+    "tokenizer",
+    "vocab_size",
+    "shared_vocab",
+)
 # What defines the sequence of training batches: the restored iterator position means the same
 # batches only under the same values (the order derives from `seed`, the batch shapes from the rest).
 DATA_PLAN_FIELDS = (

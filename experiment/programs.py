@@ -25,10 +25,22 @@ from models import registry
 
 
 def create_model(config: ml_collections.ConfigDict, src_vocab_size: int, tgt_vocab_size: int):
+    """`config.model` with `config.model_hparams` and the run's `dtype` / `param_dtype`."""
     hparams = dict(config.get("model_hparams", {}))
-    return registry.create_model(
-        config.model, src_vocab_size=src_vocab_size, tgt_vocab_size=tgt_vocab_size, **hparams
-    )
+    for field in ("dtype", "param_dtype"):
+        if field in hparams:
+            raise RunError(
+                f"model_hparams.{field} is not read: set the run's --config.{field} instead"
+            )
+        hparams[field] = config[field]
+    try:
+        return registry.create_model(
+            config.model, src_vocab_size=src_vocab_size, tgt_vocab_size=tgt_vocab_size, **hparams
+        )
+    except ValueError as e:
+        if "is not a dtype" in str(e):
+            raise RunError(f"--config.{e}") from None
+        raise
 
 
 def init_params(model, config: ml_collections.ConfigDict):

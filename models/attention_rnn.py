@@ -122,7 +122,9 @@ class AttentionRNNDecoder(nn.Module):
             **dtypes,
         )
         self.dropout = nn.Dropout(self.dropout_rate)
-        self.output = nn.Dense(self.tgt_vocab_size, **dtypes)
+        self.output = nn.Dense(
+            self.tgt_vocab_size, dot_general=common.float32_dot_general, **dtypes
+        )
 
     def check_decoder_fields(self) -> None:
         """One-line ValueErrors for the decoder's fields (call in `__post_init__`)."""
@@ -164,7 +166,7 @@ class AttentionRNNDecoder(nn.Module):
         )
         _, (features, weights) = scan(self.decoder, self.initial_carries(memory), embedded, memory)
         self.sow("intermediates", "attention", weights)
-        return self.output(features).astype(jnp.float32)
+        return self.output(features)
 
     def init_decode_state(self, memory: dict, max_len: int) -> dict:
         """Decoder state before BOS: per-layer carries, leaves `[batch, hidden_dim]`.
@@ -190,7 +192,7 @@ class AttentionRNNDecoder(nn.Module):
             state["carries"], self.tgt_embed(tokens), memory, train=False
         )
         self.sow("intermediates", "attention", weights)
-        return self.output(features).astype(jnp.float32), {"carries": carries}
+        return self.output(features), {"carries": carries}
 
 
 class AttentionRNN(AttentionRNNDecoder):

@@ -24,6 +24,24 @@ def check_rate(**fields: float) -> None:
             raise ValueError(f"{field}={value!r} must be in [0, 1)")
 
 
+def float32_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """`lax.dot_general` that accumulates into and returns float32 whatever its inputs' dtype: the
+    output projections use it, so bfloat16 models still give float32 logits, never rounded ones
+    (bfloat16 keeps 8 bits: ~0.06 at |logit| ~ 10, enough to create ties in beam search)."""
+    del preferred_element_type
+    return jax.lax.dot_general(
+        lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=jnp.float32
+    )
+
+
+def fused_attention() -> bool:
+    """Whether teacher-forced attention runs as `jax.nn.dot_product_attention`, chosen by the
+    backend at trace time: on GPU, where XLA dispatches it to cuDNN's fused attention (bfloat16 /
+    float16; XLA's own kernel otherwise); on CPU and TPU the einsum + masked softmax path, which
+    XLA:CPU runs fastest. Both compute the same attention (tests/test_transformer.py)."""
+    return jax.default_backend() == "gpu"
+
+
 def padding_mask(tokens: jax.Array) -> jax.Array:
     """`[batch, length]` bool, True at real tokens (id != PAD_ID)."""
     return tokens != PAD_ID

@@ -96,7 +96,9 @@ class Seq2SeqRNN(nn.Module):
             self.cell, self.hidden_dim, self.num_layers, self.dropout_rate, **dtypes
         )
         self.dropout = nn.Dropout(self.dropout_rate)
-        self.output = nn.Dense(self.tgt_vocab_size, **dtypes)
+        self.output = nn.Dense(
+            self.tgt_vocab_size, dot_general=common.float32_dot_general, **dtypes
+        )
 
     def __call__(self, src: jax.Array, tgt_in: jax.Array, train: bool = False) -> jax.Array:
         """Teacher-forced logits.
@@ -119,7 +121,7 @@ class Seq2SeqRNN(nn.Module):
             out_axes=1,
         )
         _, outputs = scan(self.decoder, memory["carries"], x)
-        return self.output(outputs).astype(jnp.float32)
+        return self.output(outputs)
 
     def encode(self, src: jax.Array, train: bool = False) -> dict:
         """Runs the encoder.
@@ -161,4 +163,4 @@ class Seq2SeqRNN(nn.Module):
         """
         del memory
         carries, output = self.decoder(state["carries"], self.tgt_embed(tokens), train=False)
-        return self.output(output).astype(jnp.float32), {"carries": carries}
+        return self.output(output), {"carries": carries}

@@ -113,6 +113,17 @@ class MultiHeadAttention(nn.Module):
         self.out = nn.DenseGeneral(self.d_model, axis=(-2, -1), **dense)
         self.dropout = nn.Dropout(self.dropout_rate)
 
+    def fused(self, train: bool) -> bool:
+        """Whether this (teacher-forced) call uses the fused kernel (`common.fused_attention`): not
+        when its weights are asked for (sown `intermediates`) or dropped out (training with attention
+        dropout), which the fused kernel cannot give."""
+        dropout = train and self.dropout_rate > 0
+        return (
+            common.fused_attention()
+            and not dropout
+            and not self.is_mutable_collection("intermediates")
+        )
+
     def kv(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Keys and values `[batch, len, heads, head_dim]` of `x [batch, len, d_model]`."""
         return self.key(x), self.value(x)
@@ -140,9 +151,15 @@ class MultiHeadAttention(nn.Module):
 
         Returns:
           (output `[batch, q_len, d_model]`, float32 weights `[batch, heads, q_len, kv_len]` before
-          attention dropout).
+          attention dropout; None from the fused kernel, see `fused`).
         """
         query = self.query(x) * (self.d_model // self.num_heads) ** -0.5
+        if not head_major and self.fused(train):
+            shape = (x.shape[0], self.num_heads, x.shape[1], keys.shape[1])
+            mixed = jax.nn.dot_product_attention(
+                query, keys, values, mask=jnp.broadcast_to(mask, shape), scale=1.0
+            )
+            return self.out(mixed), None
         if not head_major:
             scores = jnp.einsum("bqhd,bkhd->bhqk", query, keys)
         elif holds is None:
@@ -438,7 +455,9 @@ class TransformerDecoder(nn.Module):
         if self.pre_ln:
             self.decoder_norm = nn.LayerNorm(**dtypes)
         if not self.tie_output:
-            self.output = nn.Dense(self.tgt_vocab_size, **dtypes)
+            self.output = nn.Dense(
+                self.tgt_vocab_size, dot_general=common.float32_dot_general, **dtypes
+            )
         self.dropout = nn.Dropout(self.dropout_rate)
         self.positions = sinusoidal_positions(self.max_positions, self.d_model)
 
@@ -507,10 +526,13 @@ class TransformerDecoder(nn.Module):
             # transpose stays an op of its own, loop-invariant, so XLA hoists it out of the decoding
             # loop: once per decode instead of once per step.
             table = jnp.asarray(self.tgt_embed.embedding, self.dtype)
-            logits = x @ jax.lax.optimization_barrier(table.T)
+            logits = jnp.matmul(
+                x, jax.lax.optimization_barrier(table.T), preferred_element_type=jnp.float32
+            )
         else:
-            logits = self.tgt_embed.attend(x)
-        return logits.astype(jnp.float32)
+            table = jnp.asarray(self.tgt_embed.embedding, self.dtype)
+            logits = jnp.dot(x.astype(self.dtype), table.T, preferred_element_type=jnp.float32)
+        return logits  # float32 accumulated: never rounded to the computation dtype
 
     def cross_kv(self, x: jax.Array) -> tuple:
         """Every decoder layer's encoder-decoder keys/values `[batch, src_len, heads, head_dim]` of

@@ -625,3 +625,19 @@ def test_alignments_follow_each_hypothesis_through_the_reordering():
             row = np.asarray(aligned.sequences[b, k]).tolist()
             expected = teacher_forced_alignments(sentence, row)
             np.testing.assert_array_equal(aligned.alignments[b, k], expected, err_msg=f"{b},{k}")
+
+
+def test_top_k_kernels_agree_and_are_chosen_per_backend(monkeypatch):
+    # Ties (values rounded to 0.5) and rows longer than k x block, where the blockwise kernel cuts.
+    x = jnp.round(2 * jax.random.normal(jax.random.key(0), (3, 4, 2000))) / 2
+    want = jax.lax.top_k(x, 5)
+    for got in (decoding.common.blockwise_top_k(x, 5), decoding.common.top_k(x, 5)):
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+
+    def primitives(fn):
+        return {str(e.primitive) for e in jax.make_jaxpr(fn)(x).jaxpr.eqns}
+
+    assert "reduce_max" in primitives(lambda x: decoding.common.top_k(x, 5))  # CPU: blockwise
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert primitives(lambda x: decoding.common.top_k(x, 5)) == {"top_k"}  # XLA's own

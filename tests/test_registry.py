@@ -253,6 +253,9 @@ def test_bfloat16_compute_gives_float32_logits_close_to_float32(name):
     assert logits16.dtype == jnp.float32
     np.testing.assert_allclose(logits16, logits32, atol=0.1)
     assert not np.array_equal(logits16, logits32)  # the computation really ran in bfloat16
+    # The output projection accumulates in float32: logits are not bfloat16 values cast up.
+    rounded = np.asarray(jnp.asarray(logits16, jnp.bfloat16).astype(jnp.float32))
+    assert np.mean(rounded != np.asarray(logits16)) > 0.5
 
     # A bfloat16 decode step returns float32 logits and a state of unchanged dtypes (a loop carry).
     def first_step(variables):

@@ -242,3 +242,43 @@ def test_overfits_four_examples():
     model, variables, _ = tiny()
     _, losses = overfit(model, variables["params"], learning_rate=3e-3)
     assert losses[-1] < 0.05
+
+
+@pytest.mark.parametrize("pre_ln", [True, False])
+def test_fused_attention_kernel_computes_the_einsum_path(monkeypatch, pre_ln):
+    # On GPU teacher-forced attention is jax.nn.dot_product_attention; on CPU it is the einsum path.
+    # Forced on CPU, the fused kernel (XLA's) gives the same logits and gradients.
+    from models import common
+
+    model = Transformer(11, 13, **{**TINY, "pre_ln": pre_ln, "dropout_rate": 0.1})
+    variables = jax.jit(model.init)(jax.random.key(0), SRC, TGT_IN)
+
+    def loss(params, rng, model=model):
+        logits = model.apply({"params": params}, SRC, TGT_IN, train=True, rngs={"dropout": rng})
+        return jnp.sum(logits * jnp.sin(jnp.arange(13.0)))
+
+    def run():  # traced anew each time: the kernel is chosen at trace time
+        logits = model.apply(variables, SRC, TGT_IN, train=False)
+        return logits, jax.grad(loss)(variables["params"], jax.random.key(1))
+
+    einsum_logits, einsum_grads = run()
+    calls = []
+    fused_kernel = jax.nn.dot_product_attention
+    monkeypatch.setattr(
+        jax.nn, "dot_product_attention", lambda *a, **k: calls.append(1) or fused_kernel(*a, **k)
+    )
+    run()
+    assert not calls, "on CPU the einsum path"
+    monkeypatch.setattr(common, "fused_attention", lambda: True)
+    fused_logits, fused_grads = run()
+    assert len(calls) == 2 * 6  # forward and training: 2 encoder + 2 x 2 decoder attentions each
+    real = TGT_IN != 0
+    np.testing.assert_allclose(fused_logits[real], einsum_logits[real], atol=1e-5, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(fused_grads), jax.tree.leaves(einsum_grads), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+    # Attention weights asked for (sown) or dropped out: the einsum path, whatever the backend.
+    calls.clear()
+    model.apply(variables, SRC, TGT_IN, train=False, mutable=["intermediates"])
+    dropping = Transformer(11, 13, **{**TINY, "pre_ln": pre_ln, "attention_dropout_rate": 0.1})
+    jax.grad(loss)(variables["params"], jax.random.key(1), dropping)
+    assert not calls
