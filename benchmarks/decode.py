@@ -4,6 +4,8 @@ HuggingFace transformers `generate` and CTranslate2 `translate_batch`, on one mo
   python benchmarks/decode.py                      # the full benchmark (a few minutes on 2 cores)
   python benchmarks/decode.py --json decode.json   # also write every figure as JSON
   python benchmarks/decode.py --quick              # tiny sizes, seconds: a smoke test, not a result
+  python benchmarks/decode.py --device gpu --dtype bfloat16 --batch_sizes 1,32,256 \
+      --systems seqzoo,transformers                # on a GPU (torch on CUDA)
 
 The baselines come from `benchmarks/requirements.txt`; install it beside `requirements.txt` (in its own
 virtualenv) and run this script with that interpreter. A baseline whose packages are missing is
@@ -77,6 +79,10 @@ class Config:
     warmup: int = 2
     threads: int = 2
     seed: int = 0
+    device: str = "cpu"  # "gpu": XLA and torch on the GPU (CTranslate2 on CUDA)
+    dtype: str = (
+        "float32"  # "bfloat16": every system computes in bfloat16 (float32 weights in seqzoo)
+    )
 
     def cells(self) -> list[tuple[int, int]]:
         """(beam, batch) pairs, greedy first."""
@@ -203,6 +209,7 @@ def jax_model(config: Config, family: str):
         src_vocab_size=config.vocab_size,
         tgt_vocab_size=config.vocab_size,
         dropout_rate=0.0,
+        dtype=config.dtype,
         **({"attention_dropout_rate": 0.0} if family == "transformer" else {}),
         **hparams,
     )
@@ -380,6 +387,7 @@ def jax_versions() -> dict:
         "jaxlib": jaxlib.__version__,
         "flax": flax.__version__,
         "numpy": np.__version__,
+        "jax_device": f"{jax.default_backend()}: {jax.devices()[0].device_kind}",
     }
 
 
@@ -505,21 +513,34 @@ def marian_model(config: Config, workdir: Path):
     return model
 
 
+def torch_device(config: Config):
+    """torch's device for `config.device`; on the GPU float32 matmuls stay float32 (no TF32), as
+    seqzoo's run at "highest" precision there, so that both compute the same tokens."""
+    import torch
+
+    if config.device != "gpu":
+        return torch.device("cpu")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return torch.device("cuda")
+
+
 def run_transformers(config: Config, family: str, workdir: Path) -> dict:
     import torch
     import transformers
 
     del family
     torch.set_num_threads(config.threads)
-    model = marian_model(config, workdir)
-    src_all = torch.from_numpy(sources(config).astype(np.int64))
+    device = torch_device(config)
+    model = marian_model(config, workdir).to(device, getattr(torch, config.dtype))
+    src_all = torch.from_numpy(sources(config).astype(np.int64)).to(device)
     cells = []
     for beam, batch in config.cells():
         src = src_all[:batch]
 
         def run(beam=beam, src=src):
             with torch.inference_mode():
-                return model.generate(
+                out = model.generate(
                     input_ids=src,
                     attention_mask=torch.ones_like(src),
                     num_beams=beam,
@@ -529,6 +550,7 @@ def run_transformers(config: Config, family: str, workdir: Path) -> dict:
                     suppress_tokens=[PAD_ID, BOS_ID],
                     num_return_sequences=1,
                 )
+                return out.cpu()  # waits for the GPU
 
         start = time.perf_counter()
         run()
@@ -571,8 +593,8 @@ def run_ctranslate2(config: Config, family: str, workdir: Path) -> dict:
     convert_s = time.perf_counter() - start
     translator = ctranslate2.Translator(
         str(converted),
-        device="cpu",
-        compute_type="float32",
+        device="cuda" if config.device == "gpu" else "cpu",
+        compute_type=config.dtype,
         inter_threads=1,
         intra_threads=config.threads,
     )
@@ -623,6 +645,12 @@ def child_main(system: str, workdir: Path) -> None:
         }
     )
     family = SYSTEMS[system][0]
+    if config.device == "gpu" and not system.startswith(("transformers", "ctranslate2")):
+        import jax
+
+        if jax.default_backend() != "gpu":
+            raise RuntimeError(f"--device gpu, but JAX runs on {jax.default_backend()}")
+        jax.config.update("jax_default_matmul_precision", "highest")  # float32, not TF32
     result = RUNNERS[system](config, family, workdir)
     result["peak_rss_mb"] = peak_rss_mb()
     (workdir / f"{system}.json").write_text(json.dumps(result))
@@ -642,12 +670,16 @@ def missing_packages(system: str) -> list[str]:
     return [name for name in SYSTEMS[system][1] if importlib.util.find_spec(name) is None]
 
 
-def run_child(system: str, workdir: Path, threads: int) -> dict:
+def run_child(system: str, workdir: Path, threads: int, device: str = "cpu") -> dict:
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
     )
     # Pin the BLAS/OpenMP pools of the baselines to the same thread count as XLA's 2 cores.
     env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    if device == "cpu":
+        env["JAX_PLATFORMS"] = "cpu"  # on a GPU machine too: the CPU benchmark stays on the CPU
+    else:
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # the torch child shares the GPU after it
     command = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -762,6 +794,11 @@ def main(argv=None) -> int:
         help="run every system this many times, one after the other, and keep each cell's best "
         "round (on a shared machine; every round's medians go to the JSON)",
     )
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="where all run")
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default="float32", help="computation dtype"
+    )
+    parser.add_argument("--batch_sizes", help="comma-separated batch sizes (default 1,32)")
     parser.add_argument("--child", choices=list(SYSTEMS), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -778,7 +815,15 @@ def main(argv=None) -> int:
         parser.error("ctranslate2 converts the transformers model: add transformers to --systems")
     if "seqzoo" not in systems and {"transformers", "ctranslate2"} & set(systems):
         parser.error("the baselines load seqzoo's weights: add seqzoo to --systems")
-    config = QUICK if args.quick else CONFIG
+    config = dataclasses.replace(
+        QUICK if args.quick else CONFIG, device=args.device, dtype=args.dtype
+    )
+    if args.batch_sizes:
+        try:
+            sizes = tuple(int(n) for n in args.batch_sizes.split(","))
+        except ValueError:
+            parser.error(f"--batch_sizes {args.batch_sizes!r}: give integers like 1,32,256")
+        config = dataclasses.replace(config, batch_sizes=sizes)
     report = {
         "rounds": args.rounds,
         "config": dataclasses.asdict(config),
@@ -810,7 +855,7 @@ def main(argv=None) -> int:
             for system in available:
                 log(f"--- {system} (round {round_index + 1} of {args.rounds})")
                 load = os.getloadavg()[0]
-                result = run_child(system, workdir, config.threads)
+                result = run_child(system, workdir, config.threads, config.device)
                 result["load_average_before"] = load
                 report["versions"] |= result.pop("versions")
                 rounds[system].append(result)

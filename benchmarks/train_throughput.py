@@ -3,6 +3,8 @@ r"""Train-step throughput on 1, 2 and 4 devices: data parallel and FSDP, one glo
   python benchmarks/train_throughput.py                          # configs/default.py, 1/2/4 devices
   python benchmarks/train_throughput.py --config dates_transformer --json throughput.json
   python benchmarks/train_throughput.py --devices 1,8 --meshes dp  # on a machine with 8 devices
+  python benchmarks/train_throughput.py --config multi30k_transformer --synthetic 128x32 \
+      --devices 1 --no_host_devices --dtype bfloat16   # one GPU, no dataset needed
 
 Each (device count, mesh) runs in its own subprocess. On a CPU-only machine the devices are host
 devices (`XLA_FLAGS=--xla_force_host_platform_device_count=N`): the N devices share the machine's
@@ -14,7 +16,11 @@ state sharded by the mesh, the batch split over every device, state donated), on
 training batches, assembled as global arrays before timing (the input pipeline is not timed).
 After `--warmup` steps (compilation), `--steps` steps run back to back and the clock stops when the
 last one's result is ready. Reported: steps/s, examples/s, target tokens/s (non-padding), ms per step,
-the warm-up seconds (compilation and the warm-up steps), and the speed relative to the 1-device run.
+the warm-up seconds (compilation and the warm-up steps), and the speed relative to the 1-device run;
+the compiled step's FLOPs (XLA's cost analysis: everything the program computes, forward, backward and
+optimizer) and, where the device's peak is known (`--peak_tflops`, or the bfloat16 dense peak of an
+H100/H200/A100), the model FLOPs utilization `FLOPs x steps/s / peak`. `--synthetic BxL` trains on
+random token batches `[B, L]` of the config's vocabulary instead of its dataset (no data needed).
 
 Meshes: `dp` = data parallel (`data=N, fsdp=1`: params replicated), `fsdp` = fully sharded
 (`data=1, fsdp=N`: params and optimizer state split over the devices). Both split the batch over
@@ -43,28 +49,40 @@ def child(args) -> dict:
     import numpy as np
 
     import sharding
-    from data import input_pipeline
     from experiment import programs, training
 
     config = importlib.import_module(f"configs.{args.config}").get_config()
+    config.dtype = args.dtype
     if args.batch_size:
         config.batch_size = args.batch_size
     config.num_buckets = 1  # one batch shape: one compilation, comparable steps
     devices = jax.device_count()
     config.mesh.data, config.mesh.fsdp = (devices, 1) if args.mesh == "dp" else (1, devices)
     mesh = sharding.mesh_from_config(config)
-    data = input_pipeline.get_datasets(config, batch_multiple=mesh.size)
-    model = programs.create_model(
-        config, data.src_tokenizer.vocab_size, data.tgt_tokenizer.vocab_size
-    )
+    if args.synthetic:
+        vocab = config.vocab_size
+        host_batches = synthetic_batches(
+            args.synthetic, vocab, args.warmup + args.steps, config.seed
+        )
+        model = programs.create_model(config, vocab, vocab)
+    else:
+        from data import input_pipeline
+
+        data = input_pipeline.get_datasets(config, batch_multiple=mesh.size)
+        model = programs.create_model(
+            config, data.src_tokenizer.vocab_size, data.tgt_tokenizer.vocab_size
+        )
+        iterator = data.train.iterator(*sharding.host_shard(mesh))
+        host_batches = [next(iterator) for _ in range(args.warmup + args.steps)]
     run = training.jitted_programs(
         model, programs.make_optimizer(config), config.label_smoothing, mesh
     )
     seed = np.int32(config.seed)
     state = run.init(seed)
-    iterator = data.train.iterator(*sharding.host_shard(mesh))
-    host_batches = [next(iterator) for _ in range(args.warmup + args.steps)]
     batches = [sharding.global_batch(b, mesh) for b in host_batches]
+    cost = run.train_step.lower(state, batches[0], seed).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    flops = float(cost.get("flops", 0.0)) if cost else 0.0
 
     start = time.perf_counter()
     for batch in batches[: args.warmup]:
@@ -82,11 +100,17 @@ def child(args) -> dict:
     examples = sum(b["src"].shape[0] for b in timed) * sharding.host_shard(mesh)[1]
     tokens = sum(int((b["tgt_out"] != 0).sum()) for b in timed) * sharding.host_shard(mesh)[1]
     params = sum(x.size for x in jax.tree.leaves(state.params))
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(jax.devices()[0])
     sharded = sum(
         x.size for x in jax.tree.leaves(state.params) if not x.sharding.is_fully_replicated
     )
     return {
         "backend": f"{jax.default_backend()} (jax {jax.__version__})",
+        "device_kind": jax.devices()[0].device_kind,
+        "dtype": config.dtype,
+        "flops_per_step": flops,
+        "tflops_per_sec": flops * args.steps / seconds / 1e12,
+        "mfu": flops * args.steps / seconds / (peak * jax.device_count()) if peak else None,
         "devices": jax.device_count(),
         "mesh": dict(mesh.shape),
         "global_batch": int(batches[0]["src"].shape[0]),
@@ -103,6 +127,37 @@ def child(args) -> dict:
     }
 
 
+# bfloat16 dense peak FLOP/s per device, by device kind (vendor figures, without sparsity).
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12}
+
+
+def peak_flops(device) -> float | None:
+    kind = device.device_kind
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in kind), None)
+
+
+def synthetic_batches(shape: str, vocab: int, count: int, seed: int) -> list[dict]:
+    """`count` batches of random tokens `[B, L]` (`shape` "BxL"): `src`, `tgt_in` (BOS first) and
+    `tgt_out` (EOS last), no padding, ids in [4, vocab)."""
+    import numpy as np
+
+    try:
+        batch, length = (int(n) for n in shape.lower().split("x"))
+    except ValueError:
+        sys.exit(f"error: --synthetic {shape!r}: give the batch shape as BxL, e.g. 128x32")
+    rng = np.random.default_rng(seed)
+    batches = []
+    for _ in range(count):
+        src = rng.integers(4, vocab, (batch, length)).astype(np.int32)
+        tgt = rng.integers(4, vocab, (batch, length)).astype(np.int32)
+        src[:, -1] = 2
+        tgt_in = np.concatenate([np.ones((batch, 1), np.int32), tgt[:, :-1]], axis=1)
+        tgt_out = tgt.copy()
+        tgt_out[:, -1] = 2
+        batches.append({"src": src, "tgt_in": tgt_in, "tgt_out": tgt_out})
+    return batches
+
+
 def spawn(args, devices: int, mesh: str) -> dict:
     env = dict(os.environ)
     if args.host_devices:
@@ -117,6 +172,9 @@ def spawn(args, devices: int, mesh: str) -> dict:
         mesh,
         *("--config", args.config, "--steps", str(args.steps), "--warmup", str(args.warmup)),
         *(("--batch_size", str(args.batch_size)) if args.batch_size else ()),
+        *("--dtype", args.dtype),
+        *(("--synthetic", args.synthetic) if args.synthetic else ()),
+        *(("--peak_tflops", str(args.peak_tflops)) if args.peak_tflops else ()),
     ]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     lines = [line for line in result.stdout.splitlines() if line.startswith(RESULT)]
@@ -139,6 +197,11 @@ def main() -> None:
         action="store_false",
         help="use the real devices (GPU/TPU) instead of forcing N host (CPU) devices",
     )
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="computation dtype"
+    )
+    parser.add_argument("--synthetic", help="BxL: random token batches of this shape, no dataset")
+    parser.add_argument("--peak_tflops", type=float, help="the device's peak, for the MFU")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mesh", default="dp", help=argparse.SUPPRESS)
@@ -161,7 +224,7 @@ def main() -> None:
     base = next((r for r in results if r["devices"] == 1), results[0])
     header = (
         f"{'devices':>7}  {'mesh':<22}{'steps/s':>9}{'examples/s':>12}{'tokens/s':>10}"
-        f"{'ms/step':>9}{'vs 1':>7}{'sharded params':>16}{'warm-up s':>11}"
+        f"{'ms/step':>9}{'vs 1':>7}{'sharded params':>16}{'warm-up s':>11}{'TFLOP/s':>9}{'MFU':>7}"
     )
     print(
         f"config {args.config}: {base['params']:,} params, global batch {base['batch_shape']} "
@@ -170,11 +233,13 @@ def main() -> None:
     print(header)
     for r in results:
         mesh = f"{r['name']} {r['mesh']['data']}x{r['mesh']['fsdp']}"
+        mfu = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
         print(
             f"{r['devices']:>7}  {mesh:<22}{r['steps_per_sec']:>9.2f}{r['examples_per_sec']:>12.0f}"
             f"{r['tokens_per_sec']:>10.0f}{r['ms_per_step']:>9.1f}"
             f"{r['steps_per_sec'] / base['steps_per_sec']:>7.2f}"
             f"{r['params_sharded'] / r['params']:>16.0%}{r['warmup_seconds']:>11.1f}"
+            f"{r['tflops_per_sec']:>9.2f}{mfu:>7}"
         )
     if args.json:
         machine = {"platform": platform.platform(), "cpus": os.cpu_count()}
