@@ -18,7 +18,7 @@ Steps (each in its own subprocess with a time limit; a failing step is recorded 
    (nothing leaves the device between steps), run under `jax.transfer_guard("disallow")`, and are
    not compiled again by new sources of the same shape.
 
-`--smoke` runs every step at toy sizes on whatever backend is there (the CPU in CI: the test
+`--smoke` runs every step at toy sizes (bfloat16 only) on whatever backend is there (the CPU in CI: the test
 `tests/test_accelerator_check.py` calls it, so the script cannot rot). Never `pip install -r
 requirements.txt` on a GPU machine whose jax has the CUDA plugin: carry the missing wheels and install
 them with `--no-deps` (README, "Accelerators").
@@ -144,6 +144,11 @@ def run_tests(check: Check, smoke: bool) -> dict:
     return {"status": status, "exit_code": code, "counts": counts, "failed": failed[:50]}
 
 
+def dtypes(smoke: bool) -> tuple[str, ...]:
+    """Both dtypes; the smoke run only bfloat16 (the float32 paths run in the other tests)."""
+    return ("bfloat16",) if smoke else ("float32", "bfloat16")
+
+
 def run_decode(check: Check, smoke: bool, device: str) -> dict:
     import importlib.util
 
@@ -153,7 +158,7 @@ def run_decode(check: Check, smoke: bool, device: str) -> dict:
         if importlib.util.find_spec("ctranslate2") is not None:
             systems.append("ctranslate2")
     result = {"status": "ok", "systems": systems, "dtypes": {}}
-    for dtype in ("float32", "bfloat16"):
+    for dtype in dtypes(smoke):
         path = check.out / f"decode_{dtype}.json"
         args = [sys.executable, "benchmarks/decode.py", "--device", device, "--dtype", dtype]
         args += ["--systems", ",".join(systems), "--json", str(path)]
@@ -196,7 +201,7 @@ def summarize_decode(report: dict) -> dict:
 
 def run_train(check: Check, smoke: bool, device: str) -> dict:
     result = {"status": "ok", "dtypes": {}}
-    for dtype in ("float32", "bfloat16"):
+    for dtype in dtypes(smoke):
         path = check.out / f"train_{dtype}.json"
         args = [sys.executable, "benchmarks/train_throughput.py", "--devices", "1"]
         args += ["--dtype", dtype, "--json", str(path)]

@@ -22,7 +22,7 @@ def test_smoke_run_fills_every_section(tmp_path):
         "decode_loop": "ok",
     }
     assert steps["tests"]["counts"]["passed"] >= 2 and "failed" not in steps["tests"]["counts"]
-    for dtype in ("float32", "bfloat16"):
+    for dtype in ("bfloat16",):  # the smoke run's; float32's paths run in the other tests
         cells = steps["decode"]["dtypes"][dtype]["cells"]["seqzoo"]
         assert set(cells) == {"greedy b1", "greedy b2", "beam2 b1", "beam2 b2"}
         assert all(c["tokens_per_s"] > 0 for c in cells.values())
