@@ -67,6 +67,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.alpha = 0.6
     config.length_penalty = "gnmt"
     config.checkpoint_every = 500
+    # > 0: stop once this many validations in a row have not lowered the lowest validation loss
+    # (fairseq's --patience; counted across resumes from metrics.jsonl); 0: train num_train_steps.
+    config.early_stopping_patience = 0
     config.keep_checkpoints = 3  # Periodic checkpoints kept (the latest); best/ keeps one more.
 
     # Scale-out (see sharding.py): a (data, fsdp) device mesh over every device of every host.

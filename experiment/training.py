@@ -209,6 +209,12 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None):
 
     start = int(state.step)
     last_metrics: dict = {}
+    patience = Patience(config.early_stopping_patience, workdir, start, is_main)
+    if patience.exhausted():
+        print(f"stopped early at step {start}: {patience.reason()}")
+        ckpt.close()
+        best.close()
+        return state, last_metrics
     window = TrainWindow()
     progress = tqdm(
         total=config.num_train_steps,
@@ -256,7 +262,9 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None):
                     config.eval_metric,
                     workdir / "learning_curves.png",
                 )
-        if step % config.checkpoint_every == 0 or is_last:
+            patience.add(step, last_metrics["loss"])
+        stopping = patience.exhausted()
+        if step % config.checkpoint_every == 0 or is_last or stopping:
             if not programs.all_finite(state.params):
                 raise TrainingDiverged(
                     f"params are not finite at step {step}; the last good checkpoint "
@@ -271,12 +279,54 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None):
                     data=grain.checkpoint.CheckpointSave(train_iter),
                 ),
             )
+        if stopping:
+            if is_main:
+                metrics.append_metrics(workdir, {"step": step, "split": "early_stop"})
+            progress.write(f"stopped early at step {step}: {patience.reason()}")
+            break
     progress.close()
     ckpt.wait_until_finished()
     best.wait_until_finished()
     ckpt.close()
     best.close()
     return state, last_metrics
+
+
+class Patience:
+    """Early stopping on validation loss: exhausted once `patience` validations in a row have not
+    lowered the lowest one (0: never). The history before `start` comes from metrics.jsonl (process
+    0 reads it, every host gets its figures), so a resumed run counts as the uninterrupted one."""
+
+    def __init__(self, patience: int, workdir: Path, start: int, is_main: bool):
+        self.patience, self.best, self.best_step, self.since = patience, math.inf, 0, 0
+        if patience <= 0:
+            return
+        history = np.array([math.inf, 0.0, 0.0])
+        if is_main and (workdir / metrics.METRICS_FILE).exists():
+            for record in metrics.read_metrics(workdir):
+                if record["split"] == "validation" and record["step"] <= start:
+                    self.add(record["step"], record["loss"])
+            history = np.array([self.best, self.best_step, self.since])
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            history = np.asarray(multihost_utils.broadcast_one_to_all(history))
+        self.best, self.best_step, self.since = float(history[0]), int(history[1]), int(history[2])
+
+    def add(self, step: int, loss: float) -> None:
+        if loss < self.best:
+            self.best, self.best_step, self.since = loss, step, 0
+        else:
+            self.since += 1
+
+    def exhausted(self) -> bool:
+        return self.patience > 0 and self.since >= self.patience
+
+    def reason(self) -> str:
+        return (
+            f"{self.since} validations without a lower loss than {self.best:.4f} (step "
+            f"{self.best_step}; early_stopping_patience={self.patience})"
+        )
 
 
 def restore_or_init(run: Programs, seed, train_iter, workdir: Path) -> TrainState:

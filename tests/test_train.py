@@ -272,3 +272,34 @@ def test_command_line_reports_bad_flag_in_one_line(tmp_path, args, problem):
     [line] = result.stderr.strip().splitlines()
     assert line.startswith(f"error: {problem}")
     assert not (tmp_path / "config.json").exists()  # nothing written
+
+
+def test_early_stopping_on_validation_loss_stops_saves_and_stays_stopped(
+    tmp_path, tfds_data_dir, tokenizer_dir
+):
+    # A learning rate of 0: the validation loss never falls below its first value, so with patience
+    # 2 the run stops at its third validation (step 6), saves there, and a rerun does not train on.
+    config = tiny_run_config(
+        tfds_data_dir,
+        tokenizer_dir,
+        learning_rate=0.0,
+        eval_every=2,
+        log_every=2,
+        checkpoint_every=4,
+        early_stopping_patience=2,
+    )
+    state, _ = training.train_and_evaluate(config, tmp_path / "run")
+    assert int(state.step) == 6
+    records = metrics.read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records if r["split"] == "validation"] == [2, 4, 6]
+    assert [r["step"] for r in records if r["split"] == "early_stop"] == [6]
+    assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir()) == [4, 6]
+    again, _ = training.train_and_evaluate(config, tmp_path / "run")
+    assert int(again.step) == 6 and len(metrics.read_metrics(tmp_path / "run")) == len(records)
+    # Resumed before the stop (from step 4), the run counts the validations before it.
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "6")
+    (tmp_path / "run" / metrics.METRICS_FILE).write_text(
+        "".join(json.dumps(r) + "\n" for r in records if r["step"] <= 4)
+    )
+    resumed, _ = training.train_and_evaluate(config, tmp_path / "run")
+    assert int(resumed.step) == 6
