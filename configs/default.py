@@ -70,6 +70,9 @@ def get_config() -> ml_collections.ConfigDict:
     # > 0: stop once this many validations in a row have not lowered the lowest validation loss
     # (fairseq's --patience; counted across resumes from metrics.jsonl); 0: train num_train_steps.
     config.early_stopping_patience = 0
+    # > 0: when training ends, the mean of the last K periodic checkpoints is validated too
+    # (`validation_averaged` in metrics.jsonl; `eval.py --average_checkpoints K` evaluates it).
+    config.average_last_checkpoints = 0
     config.keep_checkpoints = 3  # Periodic checkpoints kept (the latest); best/ keeps one more.
 
     # Scale-out (see sharding.py): a (data, fsdp) device mesh over every device of every host.

@@ -177,6 +177,12 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None):
     sharding.initialize_distributed(config)
     mesh = sharding.mesh_from_config(config)
     is_main = jax.process_index() == 0
+    if config.average_last_checkpoints > config.keep_checkpoints:
+        raise RunError(
+            f"average_last_checkpoints={config.average_last_checkpoints} needs keep_checkpoints >= "
+            f"{config.average_last_checkpoints} (got {config.keep_checkpoints}): raise "
+            "--config.keep_checkpoints"
+        )
     saved = None
     if (workdir / run_config.CONFIG_FILE).exists():
         saved = run_config.load_config(workdir)
@@ -216,6 +222,7 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None):
         best.close()
         return state, last_metrics
     window = TrainWindow()
+    finished = False
     progress = tqdm(
         total=config.num_train_steps,
         initial=start,
@@ -279,6 +286,7 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None):
                     data=grain.checkpoint.CheckpointSave(train_iter),
                 ),
             )
+        finished = is_last or stopping
         if stopping:
             if is_main:
                 metrics.append_metrics(workdir, {"step": step, "split": "early_stop"})
@@ -289,7 +297,39 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None):
     best.wait_until_finished()
     ckpt.close()
     best.close()
+    if finished and config.average_last_checkpoints > 0:
+        validate_average(config, model, state, data, mesh, workdir, is_main)
     return state, last_metrics
+
+
+def validate_average(config, model, state, data, mesh, workdir: Path, is_main: bool) -> dict:
+    """Validates the mean of the last `average_last_checkpoints` periodic checkpoints (the anchors'
+    checkpoint averaging) and records it as `validation_averaged` at the final step."""
+    shardings = jax.tree.map(lambda x: x.sharding, state.params)
+    template = sharding.abstract(jax.eval_shape(lambda: state.params), shardings)
+    params, _, which = checkpoints.restore_params(
+        workdir, template, config.average_last_checkpoints
+    )
+    scores, _ = evaluate(
+        config,
+        model,
+        params,
+        data.eval["validation"],
+        data.tgt_tokenizer,
+        config.num_eval_examples,
+        mesh,
+    )
+    record = {
+        "step": int(state.step),
+        "split": "validation_averaged",
+        "checkpoints": which,
+        **scores,
+    }
+    if is_main:
+        metrics.append_metrics(workdir, record)
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in scores.items() if isinstance(v, float))
+        print(f"{which} validation: {summary}")
+    return record
 
 
 class Patience:

@@ -303,3 +303,29 @@ def test_early_stopping_on_validation_loss_stops_saves_and_stays_stopped(
     )
     resumed, _ = training.train_and_evaluate(config, tmp_path / "run")
     assert int(resumed.step) == 6
+
+
+def test_the_last_checkpoints_are_averaged_and_validated_when_training_ends(
+    tiny_run, tmp_path, tfds_data_dir, tokenizer_dir
+):
+    workdir, _, _ = tiny_run
+    config = tiny_run_config(
+        tfds_data_dir,
+        tokenizer_dir,
+        checkpoint_every=5,
+        keep_checkpoints=3,
+        average_last_checkpoints=3,
+    )
+    training.train_and_evaluate(config, tmp_path / "run")
+    records = metrics.read_metrics(tmp_path / "run")
+    (averaged,) = [r for r in records if r["split"] == "validation_averaged"]
+    assert averaged["step"] == 20 and averaged["checkpoints"] == "average of checkpoints 10-20 (3)"
+    last = [r for r in records if r["split"] == "validation"][-1]
+    assert np.isfinite(averaged["loss"]) and averaged["loss"] != last["loss"]
+    # Training itself is unchanged by it: the session run's losses, step for step.
+    assert [x for x in losses(tmp_path / "run") if x[1] != "validation_averaged"] == losses(workdir)
+    with pytest.raises(RunError, match="average_last_checkpoints=5 needs keep_checkpoints >= 5"):
+        training.train_and_evaluate(
+            tiny_run_config(tfds_data_dir, tokenizer_dir, average_last_checkpoints=5),
+            tmp_path / "x",
+        )
