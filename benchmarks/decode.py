@@ -813,6 +813,8 @@ def main(argv=None) -> int:
         parser.error(f"unknown system(s) {', '.join(unknown)}: use some of {', '.join(SYSTEMS)}")
     if "ctranslate2" in systems and "transformers" not in systems:
         parser.error("ctranslate2 converts the transformers model: add transformers to --systems")
+    if "ctranslate2" in systems and args.dtype == "bfloat16" and args.device == "cpu":
+        parser.error("ctranslate2 computes in bfloat16 on GPUs only: use --device gpu or float32")
     if "seqzoo" not in systems and {"transformers", "ctranslate2"} & set(systems):
         parser.error("the baselines load seqzoo's weights: add seqzoo to --systems")
     config = dataclasses.replace(

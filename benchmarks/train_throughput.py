@@ -82,7 +82,8 @@ def child(args) -> dict:
     batches = [sharding.global_batch(b, mesh) for b in host_batches]
     cost = run.train_step.lower(state, batches[0], seed).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    # XLA counts the FLOPs of one device's partitioned program: the step's total is N times that.
+    flops = float(cost.get("flops", 0.0)) * jax.device_count() if cost else 0.0
 
     start = time.perf_counter()
     for batch in batches[: args.warmup]:

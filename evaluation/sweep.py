@@ -21,6 +21,7 @@ def run_sweep(run: Run, eval_data, search: Search, workdir: Path) -> list[dict]:
             beam_size=beam_size,
             alpha=search.alpha if length_penalty != "none" else 0.0,
             length_penalty=length_penalty,
+            num_samples=1,
         )
         output = workdir / "sweep" / f"{decode}{beam_size}_{length_penalty}.txt"
         report, _, _ = evaluate_split(run, eval_data, setting, output)

@@ -84,7 +84,7 @@ def translate_lines(
         for number, line in enumerate(lines):
             line = line.rstrip("\r\n")
             prefix: list[int] = []
-            if tsv:
+            if tsv and line.strip():  # an empty line is skipped below, in either format
                 line, prefix = split_prefix(run, line, number, search, name)
             text = line.strip()
             if not text:

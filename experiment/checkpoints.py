@@ -120,6 +120,11 @@ def reader(directory: Path) -> ocp.CheckpointManager:
     )
 
 
+def periodic_steps(workdir: Path) -> list[int]:
+    """The steps of the run's periodic checkpoints (`checkpoints/<step>`), oldest first."""
+    return _steps(Path(workdir) / "checkpoints")
+
+
 def _steps(directory: Path) -> list[int]:
     """The step numbers of the checkpoints in `directory`, oldest first."""
     if not directory.is_dir():

@@ -305,11 +305,16 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None):
 def validate_average(config, model, state, data, mesh, workdir: Path, is_main: bool) -> dict:
     """Validates the mean of the last `average_last_checkpoints` periodic checkpoints (the anchors'
     checkpoint averaging) and records it as `validation_averaged` at the final step."""
+    available = len(checkpoints.periodic_steps(workdir))
+    count = min(config.average_last_checkpoints, available)
+    if count < config.average_last_checkpoints and is_main:
+        print(
+            f"notice: average_last_checkpoints={config.average_last_checkpoints}, but the run has "
+            f"{available} periodic checkpoint(s): averaging {count}"
+        )
     shardings = jax.tree.map(lambda x: x.sharding, state.params)
     template = sharding.abstract(jax.eval_shape(lambda: state.params), shardings)
-    params, _, which = checkpoints.restore_params(
-        workdir, template, config.average_last_checkpoints
-    )
+    params, _, which = checkpoints.restore_params(workdir, template, count)
     scores, _ = evaluate(
         config,
         model,
@@ -343,9 +348,14 @@ class Patience:
             return
         history = np.array([math.inf, 0.0, 0.0])
         if is_main and (workdir / metrics.METRICS_FILE).exists():
-            for record in metrics.read_metrics(workdir):
-                if record["split"] == "validation" and record["step"] <= start:
-                    self.add(record["step"], record["loss"])
+            # The last record of each step: a validation repeated after a crash counts once.
+            losses = {
+                r["step"]: r["loss"]
+                for r in metrics.read_metrics(workdir)
+                if r["split"] == "validation" and r["step"] <= start
+            }
+            for step in sorted(losses):
+                self.add(step, losses[step])
             history = np.array([self.best, self.best_step, self.since])
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils

@@ -34,12 +34,16 @@ def float32_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_e
     )
 
 
-def fused_attention() -> bool:
-    """Whether teacher-forced attention runs as `jax.nn.dot_product_attention`, chosen by the
-    backend at trace time: on GPU, where XLA dispatches it to cuDNN's fused attention (bfloat16 /
-    float16; XLA's own kernel otherwise); on CPU and TPU the einsum + masked softmax path, which
-    XLA:CPU runs fastest. Both compute the same attention (tests/test_transformer.py)."""
-    return jax.default_backend() == "gpu"
+def fused_attention(dtype: Any, head_dim: int) -> str | None:
+    """The fused kernel for teacher-forced attention on this backend, chosen at trace time: "cudnn"
+    (cuDNN's fused flash attention through `jax.nn.dot_product_attention`) on GPU for bfloat16 or
+    float16 with `head_dim` a multiple of 8 up to 128, which it supports; else None: the einsum +
+    masked softmax path (XLA:CPU's fastest, and on GPU XLA's own attention kernel computes just
+    that). Both give the same attention (tests/test_transformer.py, XLA's kernel forced on CPU)."""
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if jax.default_backend() == "gpu" and half and head_dim % 8 == 0 and head_dim <= 128:
+        return "cudnn"
+    return None
 
 
 def padding_mask(tokens: jax.Array) -> jax.Array:

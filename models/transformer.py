@@ -113,16 +113,13 @@ class MultiHeadAttention(nn.Module):
         self.out = nn.DenseGeneral(self.d_model, axis=(-2, -1), **dense)
         self.dropout = nn.Dropout(self.dropout_rate)
 
-    def fused(self, train: bool) -> bool:
-        """Whether this (teacher-forced) call uses the fused kernel (`common.fused_attention`): not
-        when its weights are asked for (sown `intermediates`) or dropped out (training with attention
-        dropout), which the fused kernel cannot give."""
-        dropout = train and self.dropout_rate > 0
-        return (
-            common.fused_attention()
-            and not dropout
-            and not self.is_mutable_collection("intermediates")
-        )
+    def fused_kernel(self, train: bool) -> str | None:
+        """The fused kernel this (teacher-forced) call uses (`common.fused_attention`), or None for
+        the einsum path: always None when its weights are asked for (sown `intermediates`) or dropped
+        out (training with attention dropout), which a fused kernel cannot give."""
+        if (train and self.dropout_rate > 0) or self.is_mutable_collection("intermediates"):
+            return None
+        return common.fused_attention(self.dtype, self.d_model // self.num_heads)
 
     def kv(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Keys and values `[batch, len, heads, head_dim]` of `x [batch, len, d_model]`."""
@@ -151,13 +148,19 @@ class MultiHeadAttention(nn.Module):
 
         Returns:
           (output `[batch, q_len, d_model]`, float32 weights `[batch, heads, q_len, kv_len]` before
-          attention dropout; None from the fused kernel, see `fused`).
+          attention dropout; None from a fused kernel, see `fused_kernel`).
         """
         query = self.query(x) * (self.d_model // self.num_heads) ** -0.5
-        if not head_major and self.fused(train):
+        kernel = None if head_major else self.fused_kernel(train)
+        if kernel is not None:
             shape = (x.shape[0], self.num_heads, x.shape[1], keys.shape[1])
             mixed = jax.nn.dot_product_attention(
-                query, keys, values, mask=jnp.broadcast_to(mask, shape), scale=1.0
+                query,
+                keys,
+                values,
+                mask=jnp.broadcast_to(mask, shape),
+                scale=1.0,
+                implementation=kernel,
             )
             return self.out(mixed), None
         if not head_major:

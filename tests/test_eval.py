@@ -532,13 +532,16 @@ def test_tsv_input_forces_each_lines_prefix(tiny_run, tmp_path):
     eval_script.evaluate(workdir, options(input=str(free_in), output=str(tmp_path / "free.out")))
     free = (tmp_path / "free.out").read_text().split("\n")[:3]
     prefixes = ["1980-", "", free[2][:3] + "9"]
-    tsv_in.write_text("".join(f"{s}\t{p}\n" for s, p in zip(sources, prefixes, strict=True)))
+    lines = [f"{s}\t{p}\n" for s, p in zip(sources, prefixes, strict=True)]
+    tsv_in.write_text("".join(lines[:2]) + "\n" + lines[2])  # an empty line: skipped, as in text
     output = tmp_path / "forced.jsonl"
     eval_script.evaluate(
         workdir,
         options(input=str(tsv_in), input_format="tsv", output=str(output), output_format="jsonl"),
     )
     records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert records[2]["text"] == "" and records[2]["tokens"] == []
+    records = records[:2] + records[3:]
     assert [r["text"][: len(p)] for r, p in zip(records, prefixes, strict=True)] == prefixes
     assert records[1]["text"] == free[1], "an empty prefix leaves the search free"
     assert records[0]["text"] != free[0] and records[2]["text"] != free[2]

@@ -246,8 +246,9 @@ def test_overfits_four_examples():
 
 @pytest.mark.parametrize("pre_ln", [True, False])
 def test_fused_attention_kernel_computes_the_einsum_path(monkeypatch, pre_ln):
-    # On GPU teacher-forced attention is jax.nn.dot_product_attention; on CPU it is the einsum path.
-    # Forced on CPU, the fused kernel (XLA's) gives the same logits and gradients.
+    # On GPU in bfloat16 teacher-forced attention is jax.nn.dot_product_attention (cuDNN); elsewhere
+    # the einsum path. Forced here, the fused entry point (XLA's kernel, which CPUs have) gives the
+    # same logits and gradients. The choice itself: cuDNN on GPU for half precision only.
     from models import common
 
     model = Transformer(11, 13, **{**TINY, "pre_ln": pre_ln, "dropout_rate": 0.1})
@@ -261,15 +262,15 @@ def test_fused_attention_kernel_computes_the_einsum_path(monkeypatch, pre_ln):
         logits = model.apply(variables, SRC, TGT_IN, train=False)
         return logits, jax.grad(loss)(variables["params"], jax.random.key(1))
 
-    einsum_logits, einsum_grads = run()
     calls = []
     fused_kernel = jax.nn.dot_product_attention
     monkeypatch.setattr(
         jax.nn, "dot_product_attention", lambda *a, **k: calls.append(1) or fused_kernel(*a, **k)
     )
-    run()
-    assert not calls, "on CPU the einsum path"
-    monkeypatch.setattr(common, "fused_attention", lambda: True)
+    monkeypatch.setattr(common, "fused_attention", lambda dtype, head_dim: None)
+    einsum_logits, einsum_grads = run()
+    assert not calls
+    monkeypatch.setattr(common, "fused_attention", lambda dtype, head_dim: "xla")
     fused_logits, fused_grads = run()
     assert len(calls) == 2 * 6  # forward and training: 2 encoder + 2 x 2 decoder attentions each
     real = TGT_IN != 0
@@ -282,3 +283,9 @@ def test_fused_attention_kernel_computes_the_einsum_path(monkeypatch, pre_ln):
     dropping = Transformer(11, 13, **{**TINY, "pre_ln": pre_ln, "attention_dropout_rate": 0.1})
     jax.grad(loss)(variables["params"], jax.random.key(1), dropping)
     assert not calls
+    monkeypatch.undo()
+    assert common.fused_attention(jnp.bfloat16, 64) is None  # not on this CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert common.fused_attention(jnp.bfloat16, 64) == "cudnn"
+    assert common.fused_attention(jnp.float32, 64) is None  # XLA's kernel = the einsum path
+    assert common.fused_attention(jnp.bfloat16, 12) is None  # head_dim cuDNN cannot take
