@@ -20,6 +20,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.vocab_size = 8000  # SentencePiece only.
     config.sp_model_type = "unigram"  # "unigram" | "bpe".
     config.shared_vocab = True  # One tokenizer for source and target.
+    # Lowercase what the model reads and writes (the Multi30k papers' convention); references keep
+    # their case, so cased sacreBLEU says what it costs and bleu_lc_tok compares with the papers.
+    config.lowercase = False
     # Where trained tokenizers are cached, by a hash of their training text and options (each run
     # also keeps a copy in <workdir>/tokenizer); None: ~/.cache/seqzoo/tokenizers.
     config.tokenizer_dir = config_dict.placeholder(str)

@@ -60,6 +60,12 @@ def build_tokenizers(
     return src, tokenizers.build(config.tokenizer, targets, **options)
 
 
+def cased(config, texts: Sequence[str]) -> list[str]:
+    """`texts` as the model reads them: lowercased with `config.lowercase`, else as they are. Only
+    what is tokenized changes: the references BLEU is computed against keep their case."""
+    return [t.lower() for t in texts] if config.lowercase else list(texts)
+
+
 def tokenize(
     src_tokenizer: tokenizers.Tokenizer,
     tgt_tokenizer: tokenizers.Tokenizer,
@@ -72,20 +78,23 @@ def tokenize(
 
 
 def _split_data(
+    config,
     pairs: datasets.TextPairs | datasets.ImageCaptionPairs,
     src_tokenizer: tokenizers.Tokenizer,
     tgt_tokenizer: tokenizers.Tokenizer,
 ) -> tuple[pipeline.Tokenized | pipeline.ImageCaptions, list[str], list[str]]:
-    """A loaded split as (pipeline data, source texts, target texts).
+    """A loaded split as (pipeline data, source texts, target texts); the texts as in the dataset,
+    the tokens of `cased` text.
 
     Image pairs: the source texts are the images' descriptions; only captions are tokenized.
     """
     if isinstance(pairs, datasets.ImageCaptionPairs):
         images, captions, descriptions = pairs.columns()
-        ids = [tgt_tokenizer.encode(c) for c in captions]
+        ids = [tgt_tokenizer.encode(c) for c in cased(config, captions)]
         return pipeline.ImageCaptions.from_lists(images, ids), descriptions, captions
     sources, targets = pairs.columns()
-    return tokenize(src_tokenizer, tgt_tokenizer, sources, targets), sources, targets
+    data = tokenize(src_tokenizer, tgt_tokenizer, cased(config, sources), cased(config, targets))
+    return data, sources, targets
 
 
 def get_datasets(config, *, batch_multiple: int = 1) -> Datasets:
@@ -107,6 +116,7 @@ def get_datasets(config, *, batch_multiple: int = 1) -> Datasets:
     train_pairs = datasets.load(config.dataset, "train", **where)
     if isinstance(train_pairs, datasets.ImageCaptionPairs):
         images, captions, sources = train_pairs.columns()
+        captions = cased(config, captions)
         src_tokenizer = tgt_tokenizer = tokenizers.build(
             config.tokenizer,
             captions,
@@ -117,7 +127,7 @@ def get_datasets(config, *, batch_multiple: int = 1) -> Datasets:
         ids = [tgt_tokenizer.encode(c) for c in captions]
         train_data = pipeline.ImageCaptions.from_lists(images, ids)
     else:
-        sources, targets = train_pairs.columns()
+        sources, targets = (cased(config, texts) for texts in train_pairs.columns())
         src_tokenizer, tgt_tokenizer = build_tokenizers(config, sources, targets)
         train_data = tokenize(src_tokenizer, tgt_tokenizer, sources, targets)
     train = pipeline.TrainPipeline(
@@ -148,7 +158,7 @@ def get_datasets(config, *, batch_multiple: int = 1) -> Datasets:
     available = datasets.split_names(config.dataset, data_dir=config.data_dir)
     for split in (s for s in EVAL_SPLITS if s in available):
         data, sources, references = _split_data(
-            datasets.load(config.dataset, split, **where), src_tokenizer, tgt_tokenizer
+            config, datasets.load(config.dataset, split, **where), src_tokenizer, tgt_tokenizer
         )
         evals[split] = pipeline.make_eval_data(
             data,
@@ -198,7 +208,7 @@ def get_eval_data(
         )
     where = dict(data_dir=config.data_dir, manual_dir=config.manual_dir)
     data, sources, references = _split_data(
-        datasets.load(config.dataset, split, **where), src_tokenizer, tgt_tokenizer
+        config, datasets.load(config.dataset, split, **where), src_tokenizer, tgt_tokenizer
     )
     batch_size = batch_size or config.get("eval_batch_size") or config.batch_size
     return _eval_data(config, data, sources, references, batch_size)

@@ -92,7 +92,7 @@ def translate_lines(
                 outputs[number] = ("", empty_record(nbest, search, tokens))
                 flush()
                 continue
-            ids = run.src_tokenizer.encode(text)
+            ids = run.src_tokenizer.encode(text.lower() if run.config.lowercase else text)
             if len(ids) > limit:
                 notice(
                     f"line {number + 1} has {len(ids)} tokens: truncated to {limit} "
@@ -118,7 +118,8 @@ def split_prefix(run: Run, line: str, number: int, search: Search, name: str):
             "lines before it are translated"
         )
     source, prefix_text = fields
-    prefix = run.tgt_tokenizer.encode(prefix_text.strip()) if prefix_text.strip() else []
+    prefix_text = prefix_text.strip().lower() if run.config.lowercase else prefix_text.strip()
+    prefix = run.tgt_tokenizer.encode(prefix_text) if prefix_text else []
     if len(prefix) >= search.max_decode_len:
         raise RunError(
             f"{name} line {number + 1}: the prefix has {len(prefix)} tokens, which leaves no room "

@@ -127,6 +127,7 @@ def data_config(**fields) -> ml_collections.ConfigDict:
         seed=0,
         eval_batch_size=32,
         num_buckets=4,
+        lowercase=False,
     )
     config.update(fields)
     return ml_collections.ConfigDict(config)

@@ -115,3 +115,17 @@ def test_multi30k_sentencepiece(multi30k_data, multi30k_data_dir):
     whole = [i for i, (s, _) in enumerate(pairs) if len(data.src_tokenizer.encode(s)) < 64]
     assert len(whole) > 990
     assert all(pairs[i] == (ev.sources[i], ev.references[i]) for i in whole)
+
+
+def test_lowercase_changes_what_the_model_reads_not_the_references(dates_config, tfds_data_dir):
+    data = input_pipeline.get_datasets(dates_config(lowercase=True))
+    alphabet = data.src_tokenizer.pieces(range(4, data.src_tokenizer.vocab_size))
+    assert any(c.isalpha() for c in alphabet) and not any(c.isupper() for c in alphabet)
+    validation = data.eval["validation"]
+    sources, references = datasets.load(
+        "dates/tiny", "validation", data_dir=tfds_data_dir
+    ).columns()
+    assert validation.sources == sources and validation.references == references  # as they are
+    assert any(s != s.lower() for s in sources)
+    read = [data.src_tokenizer.decode(row) for row in validation.batches[0]["src"]]
+    assert read[:5] == [s.lower() for s in sources[:5]]
