@@ -70,6 +70,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.alpha = 0.6
     config.length_penalty = "gnmt"
     config.checkpoint_every = 500
+    # > 0: validate / checkpoint every this many epochs instead (the anchors' epoch checkpoints, so
+    # average_last_checkpoints averages the last K epochs); updates per epoch come from the batches.
+    config.eval_every_epochs = 0.0
+    config.checkpoint_every_epochs = 0.0
     # > 0: stop once this many validations in a row have not lowered the lowest validation loss
     # (fairseq's --patience; counted across resumes from metrics.jsonl); 0: train num_train_steps.
     config.early_stopping_patience = 0

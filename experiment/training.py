@@ -213,6 +213,14 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None):
     ckpt = checkpoints.checkpoint_manager(workdir, config.keep_checkpoints)
     best = checkpoints.best_manager(workdir, config.eval_metric)
 
+    per_epoch = data.train.batches_per_epoch
+    eval_every = interval(config.eval_every, config.eval_every_epochs, per_epoch)
+    checkpoint_every = interval(config.checkpoint_every, config.checkpoint_every_epochs, per_epoch)
+    if is_main and (config.eval_every_epochs > 0 or config.checkpoint_every_epochs > 0):
+        print(
+            f"{per_epoch} updates per epoch: validation every {eval_every}, checkpoints every "
+            f"{checkpoint_every} updates"
+        )
     start = int(state.step)
     last_metrics: dict = {}
     patience = Patience(config.early_stopping_patience, workdir, start, is_main)
@@ -246,7 +254,7 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None):
             progress.set_postfix(
                 loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}"
             )
-        if step % config.eval_every == 0 or is_last:
+        if step % eval_every == 0 or is_last:
             last_metrics, samples = evaluate(
                 config,
                 model,
@@ -271,7 +279,7 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None):
                 )
             patience.add(step, last_metrics["loss"])
         stopping = patience.exhausted()
-        if step % config.checkpoint_every == 0 or is_last or stopping:
+        if step % checkpoint_every == 0 or is_last or stopping:
             if not programs.all_finite(state.params):
                 raise TrainingDiverged(
                     f"params are not finite at step {step}; the last good checkpoint "
@@ -335,6 +343,12 @@ def validate_average(config, model, state, data, mesh, workdir: Path, is_main: b
         summary = ", ".join(f"{k} {v:.4g}" for k, v in scores.items() if isinstance(v, float))
         print(f"{which} validation: {summary}")
     return record
+
+
+def interval(steps: int, epochs: float, per_epoch: int) -> int:
+    """Updates between validations or checkpoints: `epochs` x updates per epoch (rounded, at least 1)
+    when `epochs` > 0, else `steps`."""
+    return max(1, round(epochs * per_epoch)) if epochs > 0 else steps
 
 
 class Patience:

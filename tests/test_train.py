@@ -342,3 +342,15 @@ def test_the_last_checkpoints_are_averaged_and_validated_when_training_ends(
             tiny_run_config(tfds_data_dir, tokenizer_dir, average_last_checkpoints=5),
             tmp_path / "x",
         )
+
+
+def test_epoch_intervals_set_validation_and_checkpoints(tmp_path, tfds_data_dir, tokenizer_dir):
+    # dates/tiny: 2,000 pairs in batches of 16 = 125 updates per epoch; 0.04 epochs = 5 updates.
+    config = tiny_run_config(
+        tfds_data_dir, tokenizer_dir, eval_every_epochs=0.04, checkpoint_every_epochs=0.04
+    )
+    training.train_and_evaluate(config, tmp_path / "run")
+    records = metrics.read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records if r["split"] == "validation"] == [5, 10, 15, 20]
+    assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir()) == [10, 15, 20]
+    assert training.interval(7, 0.0, 125) == 7 and training.interval(7, 0.001, 125) == 1
