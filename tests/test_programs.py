@@ -49,9 +49,9 @@ def teacher_forced_attention(model, params, targets, layer):
 
 
 @pytest.mark.parametrize(
-    "name, layer", [("transformer", 0), ("transformer", -1), ("attention_rnn", -1)]
+    "name, layer, decode",
+    [("transformer", -1, "beam"), ("transformer", 0, "greedy"), ("attention_rnn", -1, "beam")],
 )
-@pytest.mark.parametrize("decode", ["greedy", "beam"])
 def test_alignments_are_the_most_attended_source_position_of_each_token(name, layer, decode):
     model, params = tiny(name)
     fn = programs.decode_fn(model, decode, 3, MAX_LEN, "gnmt", None, 0.0, 0, 0, layer)
