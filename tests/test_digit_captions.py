@@ -52,6 +52,7 @@ def config(data_dir, tokenizer_dir, **fields) -> ml_collections.ConfigDict:
         seed=0,
         eval_batch_size=24,
         num_buckets=4,
+        lowercase=False,
     )
     return ml_collections.ConfigDict({**base, **fields})
 
