@@ -1,8 +1,13 @@
 """What models, decoding and data agree on; a leaf module (it imports nothing of the project).
 
-- Special ids of seqzoo's tokenizers: PAD 0 (never generated; the filler after EOS and of every
-  padded array), BOS 1 (the decoder's first input), EOS 2 (ends a sequence), UNK 3. Models mask
-  padding by `PAD_ID`; decoders take `bos_id` / `eos_id` as arguments.
+- `SpecialIds`: a vocabulary's pad, BOS, EOS and UNK ids. PAD is never generated and fills every
+  padded array (sources after their EOS, targets, decoded sequences after EOS); BOS is the
+  decoder's first input; EOS ends a sequence. They belong to a run's tokenizers and model, never to
+  the code: seqzoo's own tokenizers use `SEQZOO_IDS` (pad 0, BOS 1, EOS 2, UNK 3), an imported
+  opus-mt model its own (opus-mt-en-de: pad 58100, EOS 0, UNK 1, BOS = pad). Tokenizers carry
+  `special_ids`, the data pipeline pads and appends with the tokenizers' ids, models that mask
+  padding take `pad_id`, and decoding takes `pad_id` / `bos_id` / `eos_id` as arguments (defaults:
+  `SEQZOO_IDS`).
 - `BeamShared`: decoder state that beam search does not reorder between beams.
 - `check_positive`: the one-line error for a count that must be a positive integer.
 """
@@ -10,8 +15,23 @@
 import numbers
 from typing import Any, NamedTuple
 
-PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3  # seqzoo's own tokenizers' ids
 NUM_SPECIAL = 4
+
+
+class SpecialIds(NamedTuple):
+    """A vocabulary's special ids; BOS may equal PAD (Marian starts decoding from pad)."""
+
+    pad: int
+    bos: int
+    eos: int
+    unk: int
+
+    def as_dict(self) -> dict:
+        return self._asdict()
+
+
+SEQZOO_IDS = SpecialIds(PAD_ID, BOS_ID, EOS_ID, UNK_ID)
 
 
 class BeamShared(NamedTuple):

@@ -73,8 +73,22 @@ def tokenize(
     targets: Sequence[str],
 ) -> pipeline.Tokenized:
     return pipeline.Tokenized.from_lists(
-        [src_tokenizer.encode(s) for s in sources], [tgt_tokenizer.encode(t) for t in targets]
+        [src_tokenizer.encode(s) for s in sources],
+        [tgt_tokenizer.encode(t) for t in targets],
+        special_ids(src_tokenizer, tgt_tokenizer),
     )
+
+
+def special_ids(src_tokenizer, tgt_tokenizer) -> tokenizers.SpecialIds:
+    """The special ids batches are built with: the target's, which the source must share (pad and
+    EOS end and fill both sides of a batch)."""
+    src, tgt = src_tokenizer.special_ids, tgt_tokenizer.special_ids
+    if (src.pad, src.eos) != (tgt.pad, tgt.eos):
+        raise DataError(
+            f"source and target tokenizers disagree on pad/EOS ids ({src.pad}/{src.eos} vs "
+            f"{tgt.pad}/{tgt.eos}): use tokenizers with the same special ids"
+        )
+    return tgt
 
 
 def _split_data(
@@ -227,11 +241,16 @@ def source_lengths(max_len: int) -> list[int]:
     return [*lengths, max_len]
 
 
-def source_batches(config, src_ids: Sequence[Sequence[int]], batch_size: int) -> list:
+def source_batches(
+    config,
+    src_ids: Sequence[Sequence[int]],
+    batch_size: int,
+    special: tokenizers.SpecialIds = tokenizers.SEQZOO_IDS,
+) -> list:
     """Ordered decode batches of already tokenized sources (user input, each at most
-    `config.max_len - 1` tokens), with `mask` for real rows; every batch is `[batch_size, L]` with L
-    from `source_lengths(config.max_len)`."""
-    data = pipeline.Tokenized.from_lists(src_ids, [[] for _ in src_ids])
+    `config.max_len - 1` tokens, padded with `special.pad`), with `mask` for real rows; every batch
+    is `[batch_size, L]` with L from `source_lengths(config.max_len)`."""
+    data = pipeline.Tokenized.from_lists(src_ids, [[] for _ in src_ids], special)
     blanks = [""] * len(src_ids)
     buckets = [(length, pipeline.BUCKET_MULTIPLE) for length in source_lengths(config.max_len)]
     return pipeline.make_eval_data(

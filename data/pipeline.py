@@ -1,12 +1,13 @@
 """Bucketed, padded batches: an exactly resumable grain training iterator, and evaluation batches.
 
-Batches are dicts of int32 arrays (docs/design.md):
-  `src [batch, src_len]`: x1 .. xS EOS, then PAD (0);
+Batches are dicts of int32 arrays (docs/design.md), with the tokenizers' special ids (`Tokenized.
+special_ids`; seqzoo's PAD is 0):
+  `src [batch, src_len]`: x1 .. xS EOS, then PAD;
   `tgt_in [batch, tgt_len]`: BOS y1 .. yT, then PAD;
   `tgt_out [batch, tgt_len]`: y1 .. yT EOS, then PAD.
 Every (src_len, tgt_len) is one of a few buckets, so jit compiles a bounded number of programs.
 A filler row (to complete a batch) is an empty sentence: `src` = EOS, `tgt_in` = BOS, `tgt_out` all
-PAD, so it adds nothing to a loss masked by `tgt_out != 0` and never leaves attention without keys.
+PAD, so it adds nothing to a loss masked by `tgt_out != PAD` and never leaves attention without keys.
 
 Image captioning (`ImageCaptions` data): `src` is float32 `[batch, height, width, channels]`, pixels
 scaled to [0, 1], and the caption is the target. Images have one size and are never padded or
@@ -31,7 +32,7 @@ from typing import NamedTuple
 import grain
 import numpy as np
 
-from data.tokenizers import BOS_ID, EOS_ID
+from data.tokenizers import SEQZOO_IDS, SpecialIds
 
 BUCKET_MULTIPLE = 4  # bucket lengths are multiples of this (or max_len)
 DEFAULT_NUM_BUCKETS = 4
@@ -52,20 +53,27 @@ class Tokenized:
     """Token ids of (source, target) pairs, stored flat; no BOS/EOS.
 
     Example i's source is `src[src_offsets[i]:src_offsets[i + 1]]` (int32), likewise its target.
+    `special_ids`: the tokenizers' pad, BOS and EOS, which batches are built with.
     """
 
     src: np.ndarray
     src_offsets: np.ndarray
     tgt: np.ndarray
     tgt_offsets: np.ndarray
+    special_ids: SpecialIds = SEQZOO_IDS
 
     @classmethod
-    def from_lists(cls, src_ids: Sequence[Sequence[int]], tgt_ids: Sequence[Sequence[int]]):
+    def from_lists(
+        cls,
+        src_ids: Sequence[Sequence[int]],
+        tgt_ids: Sequence[Sequence[int]],
+        special_ids: SpecialIds = SEQZOO_IDS,
+    ):
         if len(src_ids) != len(tgt_ids):
             raise ValueError(f"{len(src_ids)} sources but {len(tgt_ids)} targets")
         src, src_offsets = _flatten(src_ids)
         tgt, tgt_offsets = _flatten(tgt_ids)
-        return cls(src, src_offsets, tgt, tgt_offsets)
+        return cls(src, src_offsets, tgt, tgt_offsets, SpecialIds(*special_ids))
 
     def __len__(self) -> int:
         return len(self.src_offsets) - 1
@@ -237,17 +245,18 @@ def make_batch(
     Image data: `src` is float32 `[batch, height, width, channels]` and `src_len` is unused.
     """
     images = isinstance(data, ImageCaptions)
+    special = SEQZOO_IDS if images else data.special_ids
     if images:
         src = np.zeros((len(ids), *data.images.shape[1:]), np.float32)
     else:
-        src = np.zeros((len(ids), src_len), np.int32)
-    tgt_in = np.zeros((len(ids), tgt_len), np.int32)
-    tgt_out = np.zeros((len(ids), tgt_len), np.int32)
-    tgt_in[:, 0] = BOS_ID
+        src = np.full((len(ids), src_len), special.pad, np.int32)
+    tgt_in = np.full((len(ids), tgt_len), special.pad, np.int32)
+    tgt_out = np.full((len(ids), tgt_len), special.pad, np.int32)
+    tgt_in[:, 0] = special.bos
     for row, i in enumerate(ids):
         if i < 0:  # filler: the empty sentence (a blank image)
             if not images:
-                src[row, 0] = EOS_ID
+                src[row, 0] = special.eos
             continue
         y = data.target(i)
         if images:
@@ -255,10 +264,10 @@ def make_batch(
         else:
             x = data.source(i)
             src[row, : len(x)] = x
-            src[row, len(x)] = EOS_ID
+            src[row, len(x)] = special.eos
         tgt_in[row, 1 : len(y) + 1] = y
         tgt_out[row, : len(y)] = y
-        tgt_out[row, len(y)] = EOS_ID
+        tgt_out[row, len(y)] = special.eos
     return {"src": src, "tgt_in": tgt_in, "tgt_out": tgt_out}
 
 
@@ -453,4 +462,5 @@ def _truncate(data: Tokenized | ImageCaptions, max_len: int) -> Tokenized | Imag
     return Tokenized.from_lists(
         [data.source(i)[: max_len - 1] for i in range(len(data))],
         [data.target(i)[: max_len - 1] for i in range(len(data))],
+        data.special_ids,
     )

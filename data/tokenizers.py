@@ -1,8 +1,9 @@
-"""Tokenizers with fixed special ids: SentencePiece (unigram or BPE) and characters.
+"""Tokenizers: seqzoo's SentencePiece (unigram or BPE) and characters, and an imported Marian model's.
 
-Every tokenizer has `vocab_size`, `encode(text) -> list[int]` (no BOS/EOS added),
-`decode(ids) -> str` (stops at the first EOS, drops PAD and BOS), `save(directory)`; `load(directory)`
-reads either kind back. Ids 0-3 are PAD, BOS, EOS, UNK in both kinds.
+Every tokenizer has `vocab_size`, `special_ids` (`contracts.SpecialIds`), `encode(text) -> list[int]`
+(no BOS/EOS added), `decode(ids) -> str` (stops at the first EOS, drops PAD and BOS), `pieces(ids)`,
+`save(directory)`; `load(directory)` reads any kind back. seqzoo's own kinds have ids 0-3 = PAD, BOS,
+EOS, UNK (`contracts.SEQZOO_IDS`); a `MarianTokenizer` keeps the ids of the model it came with.
 
 SentencePiece is trained with byte fallback, identity normalization and whitespace kept as is, so
 `decode(encode(text)) == text` for any text: BLEU is computed on the real strings, and characters
@@ -22,12 +23,20 @@ from typing import Protocol
 
 import sentencepiece as spm
 
-from contracts import BOS_ID, EOS_ID, NUM_SPECIAL, PAD_ID, UNK_ID  # noqa: F401 (re-exported)
+from contracts import (  # noqa: F401 (re-exported)
+    BOS_ID,
+    EOS_ID,
+    NUM_SPECIAL,
+    PAD_ID,
+    SEQZOO_IDS,
+    UNK_ID,
+    SpecialIds,
+)
 from data import DataError
 
 UNK_TEXT = "\u2047"  # "⁇", what SentencePiece decodes UNK to
 SPECIAL_NAMES = {PAD_ID: "<pad>", BOS_ID: "<bos>", EOS_ID: "<eos>", UNK_ID: "<unk>"}
-KINDS = ("char", "sentencepiece")
+KINDS = ("char", "sentencepiece")  # what `build` trains; "marian" tokenizers are imported
 SP_MODEL_TYPES = ("unigram", "bpe")
 SP_SEED = 0
 SP_MAX_SENTENCES = 2_000_000  # SentencePiece samples this many sentences from larger corpora
@@ -39,6 +48,7 @@ _CACHE_FORMAT = 1  # bump when training changes, so old caches are not reused
 
 class Tokenizer(Protocol):
     vocab_size: int
+    special_ids: SpecialIds
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -49,13 +59,13 @@ class Tokenizer(Protocol):
     def save(self, directory: str | os.PathLike) -> None: ...
 
 
-def content_ids(ids: Iterable[int]) -> list[int]:
+def content_ids(ids: Iterable[int], special_ids: SpecialIds = SEQZOO_IDS) -> list[int]:
     """`ids` up to the first EOS, without PAD and BOS (accepts lists and numpy arrays)."""
     out = []
     for i in map(int, ids):
-        if i == EOS_ID:
+        if i == special_ids.eos:
             break
-        if i not in (PAD_ID, BOS_ID):
+        if i not in (special_ids.pad, special_ids.bos):
             out.append(i)
     return out
 
@@ -64,6 +74,7 @@ class CharTokenizer:
     """One id per character; characters outside the vocabulary map to UNK."""
 
     kind = "char"
+    special_ids = SEQZOO_IDS
 
     def __init__(self, chars: Sequence[str]):
         """`chars`: the vocabulary after the four special ids (id 4 is `chars[0]`)."""
@@ -108,6 +119,7 @@ class SentencePieceTokenizer:
     """A SentencePiece model (unigram or BPE) trained with the fixed special ids."""
 
     kind = "sentencepiece"
+    special_ids = SEQZOO_IDS
 
     def __init__(self, model_proto: bytes):
         self.model_proto = model_proto
@@ -176,6 +188,58 @@ class SentencePieceTokenizer:
         (path / _META).write_text(json.dumps({"kind": self.kind, "model": _SP_MODEL}))
 
 
+MARIAN_SPECIAL_PIECES = {"pad": "<pad>", "eos": "</s>", "unk": "<unk>"}
+
+
+class MarianTokenizer:
+    """One side of a Marian (opus-mt) model: its SentencePiece model splits text into pieces and the
+    model's vocabulary (`vocab.json`, piece -> id) numbers them, as transformers' `MarianTokenizer`
+    does: the ids are the model's own, not SentencePiece's (`special_ids`: pad, EOS and UNK are the
+    vocabulary's `<pad>`, `</s>`, `<unk>`; BOS is the model's decoder start). A leading language
+    code (`>>fr<<`, multilingual models) is one vocabulary token.
+    """
+
+    kind = "marian"
+
+    def __init__(self, model_proto: bytes, vocab: dict[str, int], bos_id: int, name: str = "vocab"):
+        missing = [p for p in MARIAN_SPECIAL_PIECES.values() if p not in vocab]
+        if missing:
+            raise DataError(
+                f"{name} has no {', '.join(missing)} entry: a Marian vocabulary names its special "
+                "pieces <pad>, </s> and <unk>"
+            )
+        self.model_proto = model_proto
+        self.vocab = dict(vocab)
+        self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self._pieces = {i: piece for piece, i in self.vocab.items()}
+        self.vocab_size = max(self.vocab.values()) + 1
+        ids = {field: self.vocab[piece] for field, piece in MARIAN_SPECIAL_PIECES.items()}
+        self.special_ids = SpecialIds(ids["pad"], int(bos_id), ids["eos"], ids["unk"])
+
+    def encode(self, text: str) -> list[int]:
+        ids = []
+        if text.startswith(">>") and (end := text.find("<<")) != -1:
+            ids.append(self.vocab.get(text[: end + 2], self.special_ids.unk))
+            text = text[end + 2 :]
+        unk = self.special_ids.unk
+        return ids + [self.vocab.get(p, unk) for p in self._sp.encode(text, out_type=str)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        pieces = self.pieces(content_ids(ids, self.special_ids))
+        return self._sp.decode_pieces(pieces)
+
+    def pieces(self, ids: Iterable[int]) -> list[str]:
+        return [self._pieces.get(i, MARIAN_SPECIAL_PIECES["unk"]) for i in map(int, ids)]
+
+    def save(self, directory: str | os.PathLike) -> None:
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / _SP_MODEL).write_bytes(self.model_proto)
+        (path / "vocab.json").write_text(json.dumps(self.vocab, ensure_ascii=False))
+        meta = {"kind": self.kind, "model": _SP_MODEL, "vocab": "vocab.json"}
+        (path / _META).write_text(json.dumps(meta | {"bos_id": self.special_ids.bos}))
+
+
 def load(directory: str | os.PathLike) -> Tokenizer:
     """The tokenizer saved in `directory` by `save`."""
     path = Path(directory)
@@ -183,7 +247,11 @@ def load(directory: str | os.PathLike) -> Tokenizer:
         meta = json.loads((path / _META).read_text())
         if meta["kind"] == CharTokenizer.kind:
             return CharTokenizer(meta["chars"])
-        return SentencePieceTokenizer((path / meta["model"]).read_bytes())
+        model = (path / meta["model"]).read_bytes()
+        if meta["kind"] == MarianTokenizer.kind:
+            vocab = json.loads((path / meta["vocab"]).read_text())
+            return MarianTokenizer(model, vocab, meta["bos_id"])
+        return SentencePieceTokenizer(model)
     except (OSError, ValueError, KeyError) as e:
         raise DataError(
             f"no readable tokenizer in {path} ({type(e).__name__}: {e}): point to a directory "

@@ -87,6 +87,7 @@ def beam_search(
     *,
     bos_id: int,
     eos_id: int,
+    pad_id: int = common.PAD_ID,
     batch_size: int,
     beam_size: int,
     max_len: int,
@@ -108,7 +109,8 @@ def beam_search(
       init_state: pytree, every leaf `[batch, ...]`: the decoder state before BOS. It is repeated once
         to `[batch x beam, ...]`, and after each step gathered by rows to follow the hypotheses'
         parents, except under `decoding.BeamShared`.
-      bos_id, eos_id: token ids (Python ints, inside the vocabulary).
+      bos_id, eos_id, pad_id: token ids (Python ints, inside the vocabulary; BOS may be pad, EOS
+        is neither). Pad and BOS are never generated; pad fills `sequences` after EOS.
       batch_size, beam_size, max_len: static shapes; one compilation per triple. max_len is the most
         tokens generated per hypothesis, EOS included.
       alpha: length-penalty exponent, traced (changing it does not recompile).
@@ -145,13 +147,14 @@ def beam_search(
     common.check_batch(init_state, batch_size)
     batch, beam, rows = batch_size, beam_size, batch_size * beam_size
     vocab = common.probe_step_fn(step_fn, init_state, rows, with_alignment)
-    common.check_token_ids(vocab, bos_id=bos_id, eos_id=eos_id)
+    common.check_token_ids(vocab, pad_id=pad_id, bos_id=bos_id, eos_id=eos_id)
     prefix = common.check_prefix(
         prefix,
         prefix_lengths,
         batch_size=batch,
         max_len=max_len,
         vocab=vocab,
+        pad_id=pad_id,
         bos_id=bos_id,
         eos_id=eos_id,
     )
@@ -183,7 +186,7 @@ def beam_search(
         logits, new_state, *alignment = step_fn(tokens, state)
         log_probs = common.log_probs(logits).reshape(batch, beam, vocab)
         allowed = common.search_mask(
-            log_probs, bos_id=bos_id, eos_id=eos_id, block_eos=step < min_len
+            log_probs, pad_id=pad_id, bos_id=bos_id, eos_id=eos_id, block_eos=step < min_len
         )
         if no_repeat_ngram_size:
             prefixes = alive.tokens.reshape(rows, max_len)
@@ -253,7 +256,7 @@ def beam_search(
     finished = jax.lax.while_loop(cond, body, carry)[4]
     valid = finished.scores > -jnp.inf
     return BeamSearchResult(
-        sequences=jnp.where(valid[..., None], finished.tokens, common.PAD_ID),
+        sequences=jnp.where(valid[..., None], finished.tokens, pad_id),
         scores=finished.scores,
         log_probs=jnp.where(valid, finished.log_probs, -jnp.inf),
         lengths=jnp.where(valid, finished.lengths, 0),

@@ -98,21 +98,20 @@ def sentence_limits(max_lengths: Any, batch_size: int, max_len: int, min_len: in
     return jnp.clip(jnp.asarray(max_lengths, jnp.int32), min_len + 1, max_len)
 
 
-def check_token_ids(vocab_size: int, **ids: Any) -> None:
-    """Raises a one-line ValueError unless each id is an int in [1, vocab_size) and all differ.
-
-    Id 0 is padding, which the decoders never feed as BOS nor treat as EOS.
-    """
+def check_token_ids(vocab_size: int, *, pad_id: int, bos_id: int, eos_id: int) -> None:
+    """Raises a one-line ValueError unless each id is an int in [0, vocab_size) and EOS differs from
+    pad and BOS (BOS may be pad: Marian models start decoding from their pad token)."""
+    ids = {"pad_id": pad_id, "bos_id": bos_id, "eos_id": eos_id}
     for name, value in ids.items():
         if not is_int(value):
             raise ValueError(f"{name}={value!r} must be an int token id")
-        if not PAD_ID < value < vocab_size:
+        if not 0 <= value < vocab_size:
             raise ValueError(
-                f"{name}={value} is outside the vocabulary: use an id in [1, {vocab_size}) "
-                f"(the step function's logits have {vocab_size} entries; {PAD_ID} is padding)"
+                f"{name}={value} is outside the vocabulary: use an id in [0, {vocab_size}) "
+                f"(the step function's logits have {vocab_size} entries)"
             )
-    if len(set(ids.values())) < len(ids):
-        raise ValueError(f"{', '.join(ids)} must be different ids, got {ids}")
+    if eos_id in (pad_id, bos_id):
+        raise ValueError(f"eos_id must differ from pad_id and bos_id, got {ids}")
 
 
 def log_probs(logits: jax.Array) -> jax.Array:
@@ -121,7 +120,12 @@ def log_probs(logits: jax.Array) -> jax.Array:
 
 
 def search_mask(
-    log_probs: jax.Array, *, bos_id: int, eos_id: int, block_eos: jax.Array | bool = False
+    log_probs: jax.Array,
+    *,
+    pad_id: int,
+    bos_id: int,
+    eos_id: int,
+    block_eos: jax.Array | bool = False,
 ) -> jax.Array:
     """`log_probs [..., vocab]` with pad and BOS (and EOS where `block_eos`) set to -inf.
 
@@ -129,7 +133,7 @@ def search_mask(
     stays the model's own, so it equals what `decoding.score` computes for the same tokens.
     """
     ids = jnp.arange(log_probs.shape[-1])
-    banned = (ids == PAD_ID) | (ids == bos_id) | ((ids == eos_id) & block_eos)
+    banned = (ids == pad_id) | (ids == bos_id) | ((ids == eos_id) & block_eos)
     return jnp.where(banned, -jnp.inf, log_probs)
 
 
@@ -225,6 +229,7 @@ def check_prefix(
     batch_size: int,
     max_len: int,
     vocab: int,
+    pad_id: int,
     bos_id: int,
     eos_id: int,
 ) -> tuple[jax.Array, jax.Array] | None:
@@ -253,7 +258,7 @@ def check_prefix(
         return None
     prefix = jnp.asarray(prefix, jnp.int32)
     if prefix_lengths is None:  # the index of the first PAD (P when there is none)
-        ends = jnp.concatenate([prefix != PAD_ID, jnp.zeros((batch_size, 1), bool)], axis=1)
+        ends = jnp.concatenate([prefix != pad_id, jnp.zeros((batch_size, 1), bool)], axis=1)
         prefix_lengths = jnp.argmin(ends, axis=1)
     if jnp.shape(prefix_lengths) != (batch_size,):
         raise ValueError(
@@ -272,7 +277,7 @@ def check_prefix(
                 f"the prefix holds id {int(outside[0])}, outside the vocabulary [0, {vocab}): give "
                 "ids the step function's logits cover"
             )
-        for name, special in (("pad", PAD_ID), ("BOS", bos_id), ("EOS", eos_id)):
+        for name, special in (("pad", pad_id), ("BOS", bos_id), ("EOS", eos_id)):
             if (forced == special).any():
                 raise ValueError(
                     f"the prefix forces {name} (id {special}): a prefix holds content tokens only "

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from decoding import scoring
+from decoding import common, scoring
 
 
 def error_analysis(
@@ -24,6 +24,7 @@ def error_analysis(
     hypothesis_scores: Any,
     *,
     eos_id: int,
+    pad_id: int = common.PAD_ID,
     max_lengths: Any = None,
     num_examples: int = 3,
 ) -> dict:
@@ -35,7 +36,7 @@ def error_analysis(
       hypotheses: int `[n, max_len]`, the beam output ŷ (`beam_search(...).sequences[:, 0]`).
       hypothesis_scores: float `[n]`, its normalized score (`beam_search(...).scores[:, 0]`), under
         the same alpha and length penalty as `reference_scores`.
-      eos_id: the EOS id, which ends a sequence (see `decoding.scoring.sequence_lengths`).
+      eos_id, pad_id: the ids that end a sequence (see `decoding.scoring.sequence_lengths`).
       max_lengths: int `[n]`, the most tokens (EOS included) the decoder could generate for each
         sentence (its own limit, e.g. `ceil(a * source tokens) + b`); None: `max_len` for all.
       num_examples: how many examples of each kind to keep, those with the largest score gap first.
@@ -71,8 +72,8 @@ def error_analysis(
     limits = np.full(n, hypotheses.shape[1]) if max_lengths is None else np.asarray(max_lengths)
     if limits.shape != (n,):
         raise ValueError(f"error_analysis needs max_lengths [n={n}], got {limits.shape}")
-    reference_lengths = np.asarray(scoring.sequence_lengths(references, eos_id))
-    hypothesis_lengths = np.asarray(scoring.sequence_lengths(hypotheses, eos_id))
+    reference_lengths = np.asarray(scoring.sequence_lengths(references, eos_id, pad_id))
+    hypothesis_lengths = np.asarray(scoring.sequence_lengths(hypotheses, eos_id, pad_id))
     records, tokens = [], []
     for i in range(n):
         reference = references[i, : reference_lengths[i]].tolist()

@@ -38,6 +38,7 @@ def decode_path(
     *,
     bos_id: int,
     eos_id: int,
+    pad_id: int = common.PAD_ID,
     batch_size: int,
     max_len: int,
     max_lengths: jax.Array | None = None,
@@ -53,7 +54,7 @@ def decode_path(
       init_state: pytree, every leaf `[batch, ...]`.
       choose: picks the next tokens, see `Chooser`; it never sees pad or BOS as possible (nor, while
         a sentence follows its prefix, any token but the prefix's).
-      bos_id, eos_id, batch_size, max_len, max_lengths, no_repeat_ngram_size, prefix,
+      bos_id, eos_id, pad_id, batch_size, max_len, max_lengths, no_repeat_ngram_size, prefix,
         prefix_lengths, with_alignment: as in `decoding.beam_search`.
 
     Raises:
@@ -64,13 +65,14 @@ def decode_path(
     common.check_ngram_size(no_repeat_ngram_size)
     common.check_batch(init_state, batch_size)
     vocab = common.probe_step_fn(step_fn, init_state, batch_size, with_alignment)
-    common.check_token_ids(vocab, bos_id=bos_id, eos_id=eos_id)
+    common.check_token_ids(vocab, pad_id=pad_id, bos_id=bos_id, eos_id=eos_id)
     prefix = common.check_prefix(
         prefix,
         prefix_lengths,
         batch_size=batch_size,
         max_len=max_len,
         vocab=vocab,
+        pad_id=pad_id,
         bos_id=bos_id,
         eos_id=eos_id,
     )
@@ -87,13 +89,13 @@ def decode_path(
         step, tokens, state, out, ended = carry
         logits, state, *alignment = step_fn(tokens, state)
         log_probs = common.log_probs(logits)
-        allowed = common.search_mask(log_probs, bos_id=bos_id, eos_id=eos_id)
+        allowed = common.search_mask(log_probs, pad_id=pad_id, bos_id=bos_id, eos_id=eos_id)
         if no_repeat_ngram_size:
             blocked = common.repeated_ngrams(out.sequences, step, no_repeat_ngram_size, vocab)
             allowed = jnp.where(blocked, -jnp.inf, allowed)
         if prefix is not None:
             allowed = common.force_prefix(allowed, log_probs, step, prefix)
-        token = jnp.where(ended, common.PAD_ID, choose(step, allowed, out.log_probs))
+        token = jnp.where(ended, pad_id, choose(step, allowed, out.log_probs))
         token_log_prob = jnp.where(
             ended, 0.0, jnp.take_along_axis(log_probs, token[:, None], axis=1)[:, 0]
         )
@@ -140,6 +142,7 @@ def greedy(
     *,
     bos_id: int,
     eos_id: int,
+    pad_id: int = common.PAD_ID,
     batch_size: int,
     max_len: int,
     max_lengths: jax.Array | None = None,
@@ -159,6 +162,7 @@ def greedy(
         _argmax,
         bos_id=bos_id,
         eos_id=eos_id,
+        pad_id=pad_id,
         batch_size=batch_size,
         max_len=max_len,
         max_lengths=max_lengths,

@@ -46,6 +46,7 @@ def sample(
     *,
     bos_id: int,
     eos_id: int,
+    pad_id: int = common.PAD_ID,
     batch_size: int,
     max_len: int,
     rng: jax.Array,
@@ -62,7 +63,7 @@ def sample(
     """One sample per sentence, until EOS or its limit (`max_len`, `max_lengths`); never pad or BOS.
 
     Args:
-      step_fn, init_state, bos_id, eos_id, batch_size, max_len, max_lengths, no_repeat_ngram_size,
+      step_fn, init_state, bos_id, eos_id, pad_id, batch_size, max_len, max_lengths, no_repeat_ngram_size,
         prefix, prefix_lengths, with_alignment: as in `decoding.greedy` (a prefix is followed
         before sampling freely).
       rng: a JAX PRNG key (`jax.random.key(seed)` or `jax.random.PRNGKey(seed)`).
@@ -113,6 +114,7 @@ def sample(
         choose,
         bos_id=bos_id,
         eos_id=eos_id,
+        pad_id=pad_id,
         batch_size=batch_size,
         max_len=max_len,
         max_lengths=max_lengths,

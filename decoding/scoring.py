@@ -27,7 +27,7 @@ class ScoreResult(NamedTuple):
     lengths: jax.Array
 
 
-def sequence_lengths(tokens: jax.Array, eos_id: int) -> jax.Array:
+def sequence_lengths(tokens: jax.Array, eos_id: int, pad_id: int = common.PAD_ID) -> jax.Array:
     """int32 `[...]`: the length of each sequence `tokens [..., T]` as the decoders count it.
 
     A sequence ends at its first EOS (counted) or its first pad (not counted), whichever comes first;
@@ -36,7 +36,7 @@ def sequence_lengths(tokens: jax.Array, eos_id: int) -> jax.Array:
     """
     tokens = jnp.asarray(tokens)
     is_eos = tokens == eos_id
-    stops_before = jnp.cumsum(is_eos | (tokens == common.PAD_ID), axis=-1)  # stops up to t
+    stops_before = jnp.cumsum(is_eos | (tokens == pad_id), axis=-1)  # stops up to t
     first_stop_is_eos = jnp.any(is_eos & (stops_before == 1), axis=-1)
     return (jnp.sum(stops_before == 0, axis=-1) + first_stop_is_eos).astype(jnp.int32)
 
@@ -48,6 +48,7 @@ def score(
     *,
     bos_id: int,
     eos_id: int,
+    pad_id: int = common.PAD_ID,
     alpha: float | jax.Array = 0.6,
     length_penalty: str = "gnmt",
 ) -> ScoreResult:
@@ -58,7 +59,7 @@ def score(
       init_state: pytree, every leaf `[batch, ...]`, the decoder state before BOS.
       targets: int `[batch, T]`, y_1 .. y_T with EOS, 0-padded after (a decoder's `sequences`, or a
         batch's `tgt_out`); scored up to `sequence_lengths`.
-      bos_id, eos_id: token ids (Python ints).
+      bos_id, eos_id, pad_id: token ids (Python ints; as in `decoding.beam_search`).
       alpha, length_penalty: as in `decoding.beam_search` (alpha traced).
 
     Returns:
@@ -78,7 +79,7 @@ def score(
     batch, length = targets.shape
     common.check_batch(init_state, batch)
     vocab = common.probe_step_fn(step_fn, init_state, batch)
-    common.check_token_ids(vocab, bos_id=bos_id, eos_id=eos_id)
+    common.check_token_ids(vocab, pad_id=pad_id, bos_id=bos_id, eos_id=eos_id)
     if not isinstance(targets, jax.core.Tracer):
         values = np.asarray(targets)
         if values.min() < 0 or values.max() >= vocab:
@@ -96,7 +97,7 @@ def score(
         return state, jnp.take_along_axis(log_probs, token_out[:, None], axis=1)[:, 0]
 
     _, token_log_probs = jax.lax.scan(body, init_state, (inputs.T, targets.T))
-    lengths = sequence_lengths(targets, eos_id)
+    lengths = sequence_lengths(targets, eos_id, pad_id)
     token_log_probs = jnp.where(jnp.arange(length) < lengths[:, None], token_log_probs.T, 0.0)
     log_probs = jnp.sum(token_log_probs, axis=1)
     return ScoreResult(

@@ -6,7 +6,6 @@ import jax
 import numpy as np
 
 import plots
-from contracts import BOS_ID, EOS_ID, PAD_ID
 from decoding import scoring
 from evaluation.loading import Run, notice
 
@@ -18,11 +17,12 @@ def plot_attention(run: Run, eval_data, sequences, count: int, directory: Path) 
     batch = eval_data.batches[0]
     count = min(count, int(batch["mask"].sum()), len(sequences))
     hyps = np.asarray(sequences[:count])
-    lengths = np.asarray(scoring.sequence_lengths(hyps, EOS_ID))
+    ids = run.special_ids
+    lengths = np.asarray(scoring.sequence_lengths(hyps, ids.eos, ids.pad))
     tgt_in = np.zeros_like(hyps)
-    tgt_in[:, 0] = BOS_ID
+    tgt_in[:, 0] = ids.bos
     tgt_in[:, 1:] = hyps[:, :-1]
-    tgt_in = np.where(np.arange(hyps.shape[1]) < lengths[:, None], tgt_in, PAD_ID)
+    tgt_in = np.where(np.arange(hyps.shape[1]) < lengths[:, None], tgt_in, ids.pad)
     src = batch["src"][:count]
     _, state = run.model.apply(
         {"params": run.params}, src, tgt_in, train=False, mutable=["intermediates"]
@@ -47,7 +47,7 @@ def plot_attention(run: Run, eval_data, sequences, count: int, directory: Path) 
             paths.append(plots.image_attention(image, caption, words, panels, grid, path))
         return paths
     for i in range(count):
-        src_len = int((src[i] != PAD_ID).sum())
+        src_len = int((src[i] != ids.pad).sum())
         src_pieces = run.src_tokenizer.pieces(src[i, :src_len].tolist())
         tgt_pieces = run.tgt_tokenizer.pieces(hyps[i, : lengths[i]].tolist())
         panels = [(name, weights[i]) for name, weights in maps]

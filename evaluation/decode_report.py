@@ -8,7 +8,6 @@ import jax
 import numpy as np
 
 import sharding
-from contracts import PAD_ID
 from evaluation.loading import Run, Search
 from experiment import metrics, programs
 
@@ -67,7 +66,7 @@ def token_record(run: Run, result, row: int, src_row: np.ndarray) -> dict:
         "log_prob": float(result.log_probs[pick]),
     }
     if result.alignments is not None and src_row.ndim == 1:  # text sources
-        source = src_row[src_row != PAD_ID].tolist()
+        source = src_row[src_row != run.special_ids.pad].tolist()
         record["source_tokens"] = run.src_tokenizer.pieces(source)
         record["alignment"] = result.alignments[pick][:length].tolist()
     return record
@@ -234,7 +233,10 @@ def evaluate_split(
     }
     if eval_data.batches and eval_data.batches[0]["src"].ndim == 2:  # text sources
         lengths = np.concatenate(
-            [(b["src"] != PAD_ID).sum(axis=1)[b["mask"]] - 1 for b in eval_data.batches]
+            [
+                (b["src"] != run.special_ids.pad).sum(axis=1)[b["mask"]] - 1
+                for b in eval_data.batches
+            ]
         )[: len(hypotheses)]
         report["by_source_length"] = metrics.by_source_length(
             hypotheses, references, lengths, exact_match=exact_match

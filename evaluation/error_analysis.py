@@ -4,7 +4,6 @@ import numpy as np
 
 import decoding
 import sharding
-from contracts import EOS_ID, PAD_ID
 from evaluation.loading import Run, Search
 from experiment import programs
 
@@ -22,12 +21,13 @@ def run_error_analysis(run: Run, eval_data, sequences: np.ndarray, search: Searc
       sequences: int `[n, max_decode_len]`, the decoder's best hypothesis per example (split order).
     """
     score = programs.score_fn(run.model, search.length_penalty, run.mesh)
+    pad, eos = run.special_ids.pad, run.special_ids.eos
     reference_scores, hypothesis_scores, references, limits = [], [], [], []
     start = 0
     for batch in eval_data.batches:
         mask = batch["mask"]
         rows = int(mask.sum())
-        hyps = np.full((len(mask), sequences.shape[1]), PAD_ID, np.int32)
+        hyps = np.full((len(mask), sequences.shape[1]), pad, np.int32)
         hyps[mask] = sequences[start : start + rows]
         start += rows
         arrays = sharding.shard_batch(
@@ -41,15 +41,16 @@ def run_error_analysis(run: Run, eval_data, sequences: np.ndarray, search: Searc
                 np.asarray(score(run.params, arrays["src"], targets, search.alpha).scores)[mask]
             )
         references.extend(batch["tgt_out"][mask].tolist())
-        limits.append(search.length_limits(batch["src"])[mask])
+        limits.append(search.length_limits(batch["src"], pad)[mask])
     width = max(len(r) for r in references)
-    references = np.array([r + [PAD_ID] * (width - len(r)) for r in references], np.int32)
+    references = np.array([r + [pad] * (width - len(r)) for r in references], np.int32)
     report = decoding.error_analysis(
         references,
         np.concatenate(reference_scores),
         sequences,
         np.concatenate(hypothesis_scores),
-        eos_id=EOS_ID,
+        eos_id=eos,
+        pad_id=pad,
         max_lengths=np.concatenate(limits),
     )
     print(decoding.format_error_analysis(report, detokenize=run.tgt_tokenizer.decode))

@@ -35,6 +35,8 @@ class Run:
         self.model = programs.create_model(
             self.config, self.src_tokenizer.vocab_size, self.tgt_tokenizer.vocab_size
         )
+        programs.check_tokenizer_ids(self.model, self.src_tokenizer, self.tgt_tokenizer)
+        self.special_ids = programs.special_ids(self.model)
         shapes = jax.eval_shape(lambda: programs.init_params(self.model, self.config))
         replicated = jax.tree.map(lambda _: sharding.replicated(self.mesh), shapes)
         template = sharding.abstract(shapes, replicated)
@@ -94,10 +96,10 @@ class Search:
             self.alignment_layer,
         )
 
-    def length_limits(self, src) -> "object":
+    def length_limits(self, src, pad_id: int) -> "object":
         """int `[batch]`: each sentence's most generated tokens (EOS included) for `src`."""
         return programs.decode_length_limits(
-            src, self.max_decode_len, self.max_decode_len_a, self.max_decode_len_b
+            src, self.max_decode_len, self.max_decode_len_a, self.max_decode_len_b, pad_id
         )
 
     def report(self) -> dict:

@@ -4,7 +4,6 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from contracts import PAD_ID
 from data import input_pipeline
 from evaluation.decode_report import decode_batches
 from evaluation.loading import Run, Search, notice
@@ -62,14 +61,16 @@ def translate_lines(
         while pending and (force or len(pending) >= batch_size):
             chunk, pending = pending[:batch_size], pending[batch_size:]
             batches = input_pipeline.source_batches(
-                run.config, [ids for _, ids, _ in chunk], batch_size
+                run.config, [ids for _, ids, _ in chunk], batch_size, run.special_ids
             )
             (batch,) = batches  # one chunk of at most batch_size lines is one batch
             batch["example_ids"] = np.array(
                 [n for n, _, _ in chunk] + [0] * (batch_size - len(chunk))
             )
             if tsv:
-                batch["prefix"] = prefix_array([p for _, _, p in chunk], batch_size, search)
+                batch["prefix"] = prefix_array(
+                    [p for _, _, p in chunk], batch_size, search, run.special_ids.pad
+                )
             hyps: list[tuple[str, dict | None]] = []
             decode_batches(
                 run, batches, search, lambda *d, hyps=hyps: hyps.append(d), nbest, tokens
@@ -130,13 +131,15 @@ def split_prefix(run: Run, line: str, number: int, search: Search, name: str):
     return source, prefix
 
 
-def prefix_array(prefixes: list[list[int]], batch_size: int, search: Search) -> np.ndarray:
-    """int32 `[batch_size, P]`, the prefixes PAD-padded; P the least of
+def prefix_array(
+    prefixes: list[list[int]], batch_size: int, search: Search, pad_id: int
+) -> np.ndarray:
+    """int32 `[batch_size, P]`, the prefixes padded with `pad_id`; P the least of
     `input_pipeline.source_lengths` that fits them, below `max_decode_len`."""
     longest = max(map(len, prefixes), default=0)
     widths = [w for w in input_pipeline.source_lengths(search.max_decode_len) if w >= longest]
     width = min(min(widths, default=longest), search.max_decode_len - 1)
-    out = np.full((batch_size, max(width, 1)), PAD_ID, np.int32)
+    out = np.full((batch_size, max(width, 1)), pad_id, np.int32)
     for row, prefix in enumerate(prefixes):
         out[row, : len(prefix)] = prefix
     return out

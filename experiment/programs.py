@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 
 import decoding
 import sharding
-from contracts import BOS_ID, EOS_ID, PAD_ID
+from contracts import PAD_ID, SEQZOO_IDS, SpecialIds
 from experiment import RunError
 from models import registry
 
@@ -41,6 +41,32 @@ def create_model(config: ml_collections.ConfigDict, src_vocab_size: int, tgt_voc
         if "is not a dtype" in str(e):
             raise RunError(f"--config.{e}") from None
         raise
+
+
+def special_ids(model) -> SpecialIds:
+    """The ids `model` reads and generates with: its `pad_id` / `bos_id` / `eos_id` fields (an
+    imported Transformer's are its vocabulary's), else seqzoo's (`contracts.SEQZOO_IDS`)."""
+    ids = SEQZOO_IDS
+    return SpecialIds(
+        getattr(model, "pad_id", ids.pad),
+        getattr(model, "bos_id", ids.bos),
+        getattr(model, "eos_id", ids.eos),
+        ids.unk,
+    )
+
+
+def check_tokenizer_ids(model, src_tokenizer, tgt_tokenizer) -> None:
+    """A one-line `RunError` unless the tokenizers' pad/BOS/EOS are the model's (the source's pad
+    and EOS, which sources are padded and ended with)."""
+    ours = special_ids(model)
+    for side, tokenizer in (("source", src_tokenizer), ("target", tgt_tokenizer)):
+        theirs = tokenizer.special_ids
+        fields = ("pad", "eos") if side == "source" else ("pad", "bos", "eos")
+        if any(getattr(theirs, f) != getattr(ours, f) for f in fields):
+            raise RunError(
+                f"the {side} tokenizer's special ids {theirs.as_dict()} are not the model's "
+                f"{ours.as_dict()}: set model_hparams pad_id/bos_id/eos_id to the tokenizer's"
+            )
 
 
 def init_params(model, config: ml_collections.ConfigDict):
@@ -110,12 +136,14 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: float = 0.0):
-    """Token cross-entropy with label smoothing, padding (`PAD_ID`) masked out.
+def cross_entropy(
+    logits: jax.Array, targets: jax.Array, label_smoothing: float = 0.0, pad_id: int = PAD_ID
+):
+    """Token cross-entropy with label smoothing, padding (`pad_id`) masked out.
 
     Args:
       logits: float32 `[batch, length, vocab]`.
-      targets: int32 `[batch, length]`, `PAD_ID` = padding.
+      targets: int32 `[batch, length]`, `pad_id` = padding.
       label_smoothing: probability mass spread uniformly over the other tokens.
 
     Returns:
@@ -128,7 +156,7 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: float 
     soft_targets = jax.nn.one_hot(targets, vocab) * (confidence - low) + low
     floor = -(confidence * math.log(confidence) + (vocab - 1) * low * math.log(low + 1e-20))
     losses = optax.softmax_cross_entropy(logits, soft_targets) - floor
-    weights = (targets != PAD_ID).astype(jnp.float32)
+    weights = (targets != pad_id).astype(jnp.float32)
     return jnp.sum(losses * weights), jnp.sum(weights)
 
 
@@ -193,7 +221,7 @@ def has_attention(model, params) -> bool:
 
     def probe(params):
         step_fn, state = step_function(model, params, src, 4, alignment_layer=-1)
-        return step_fn(jnp.full((src.shape[0],), BOS_ID, jnp.int32), state)
+        return step_fn(jnp.full((src.shape[0],), special_ids(model).bos, jnp.int32), state)
 
     try:
         jax.eval_shape(probe, params)
@@ -246,12 +274,16 @@ def decode_fn(
             if prefix is not None:
                 prefix = jax.lax.with_sharding_constraint(prefix, sharding.batch_sharding(mesh))
         step_fn, state = step_function(model, params, src, max_decode_len, alignment_layer)
+        ids = special_ids(model)
         common = dict(
-            bos_id=BOS_ID,
-            eos_id=EOS_ID,
+            bos_id=ids.bos,
+            eos_id=ids.eos,
+            pad_id=ids.pad,
             batch_size=src.shape[0],
             max_len=max_decode_len,
-            max_lengths=source_length_limits(src, max_decode_len_a, max_decode_len_b),
+            max_lengths=source_length_limits(
+                src, max_decode_len_a, max_decode_len_b, pad_id=ids.pad
+            ),
             no_repeat_ngram_size=no_repeat_ngram_size,
             prefix=prefix,
             with_alignment=alignment_layer is not None,
@@ -279,7 +311,7 @@ def decode_fn(
 @functools.cache
 def score_fn(model, length_penalty: str, mesh: Mesh | None = None):
     """A jitted teacher-forced scoring `(params, src [batch, src_len], targets [batch, T], alpha) ->
-    decoding.ScoreResult` of `targets` (y_1 .. y_T with EOS, `PAD_ID`-padded) under the same length
+    decoding.ScoreResult` of `targets` (y_1 .. y_T with EOS, pad-padded) under the same length
     normalization as beam search; with a `mesh`, the batch split over it, the params replicated."""
 
     def run(params, src, targets, alpha):
@@ -290,8 +322,9 @@ def score_fn(model, length_penalty: str, mesh: Mesh | None = None):
             step_fn,
             state,
             targets,
-            bos_id=BOS_ID,
-            eos_id=EOS_ID,
+            bos_id=special_ids(model).bos,
+            eos_id=special_ids(model).eos,
+            pad_id=special_ids(model).pad,
             alpha=alpha,
             length_penalty=length_penalty,
         )
@@ -307,22 +340,26 @@ def _jit_on(mesh: Mesh | None, run):
 
 
 def source_length_limits(
-    src: jax.Array, max_decode_len_a: float, max_decode_len_b: int
+    src: jax.Array, max_decode_len_a: float, max_decode_len_b: int, pad_id: int = PAD_ID
 ) -> jax.Array | None:
     """int32 `[batch]` `ceil(max_decode_len_a * source tokens) + max_decode_len_b` for text `src [batch, src_len]`;
     None (no per-sentence limit) when `max_decode_len_a` is 0 or the sources are images."""
     if max_decode_len_a <= 0 or src.ndim != 2:
         return None
-    lengths = jnp.sum(src != PAD_ID, axis=-1)
+    lengths = jnp.sum(src != pad_id, axis=-1)
     return jnp.ceil(max_decode_len_a * lengths).astype(jnp.int32) + max_decode_len_b
 
 
 def decode_length_limits(
-    src: np.ndarray, max_decode_len: int, max_decode_len_a: float, max_decode_len_b: int
+    src: np.ndarray,
+    max_decode_len: int,
+    max_decode_len_a: float,
+    max_decode_len_b: int,
+    pad_id: int = PAD_ID,
 ):
     """int `[batch]`: the most tokens (EOS included) each sentence of `src` may generate, as
     `decode_fn` applies it: `max_decode_len`, or `min(max_decode_len, ceil(a * source tokens) + b)`."""
-    limits = source_length_limits(jnp.asarray(src), max_decode_len_a, max_decode_len_b)
+    limits = source_length_limits(jnp.asarray(src), max_decode_len_a, max_decode_len_b, pad_id)
     full = np.full(len(src), max_decode_len)
     return full if limits is None else np.minimum(full, np.asarray(limits))
 

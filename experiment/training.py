@@ -67,7 +67,9 @@ def train_step(state, batch, seed, *, model, optimizer, label_smoothing):
             train=True,
             rngs={"dropout": dropout_key},
         )
-        loss_sum, tokens = programs.cross_entropy(logits, batch["tgt_out"], label_smoothing)
+        loss_sum, tokens = programs.cross_entropy(
+            logits, batch["tgt_out"], label_smoothing, programs.special_ids(model).pad
+        )
         return loss_sum / jnp.maximum(tokens, 1.0), (loss_sum, tokens)
 
     grads, (loss_sum, tokens) = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -119,7 +121,9 @@ def jitted_programs(model, optimizer, label_smoothing: float, mesh: Mesh) -> Pro
 def eval_step(params, batch, model):
     """Summed token loss on a batch; the batch's sharding (and the params') carry over."""
     logits = model.apply({"params": params}, batch["src"], batch["tgt_in"], train=False)
-    loss_sum, tokens = programs.cross_entropy(logits, batch["tgt_out"])
+    loss_sum, tokens = programs.cross_entropy(
+        logits, batch["tgt_out"], pad_id=programs.special_ids(model).pad
+    )
     return {"loss_sum": loss_sum, "tokens": tokens}
 
 

@@ -203,7 +203,8 @@ class TransformerCaptioner(ImageEncoder, TransformerDecoder):
 
     Attributes: `ImageEncoder`'s (d_model: also a multiple of num_heads), and `num_heads`,
     `num_decoder_layers`, `ffn_dim`, `attention_dropout_rate`, `activation_dropout_rate`, `pre_ln`,
-    `tie_output`, `activation`, `max_positions` as in `Transformer` (max_positions: longest caption
+    `tie_output`, `activation`, `max_positions`, `scale_embeddings`, `position_layout`,
+    `final_logits_bias`, `layer_norm_epsilon` as in `Transformer` (max_positions: longest caption
     or decode).
     """
 
@@ -216,6 +217,10 @@ class TransformerCaptioner(ImageEncoder, TransformerDecoder):
     tie_output: bool = False
     activation: str = "relu"
     max_positions: int = 128
+    scale_embeddings: bool = True
+    position_layout: str = "interleaved"
+    final_logits_bias: bool = False
+    layer_norm_epsilon: float = 1e-6
 
     def __post_init__(self):
         self.check_encoder_fields()

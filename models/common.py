@@ -46,9 +46,9 @@ def fused_attention(dtype: Any, head_dim: int) -> str | None:
     return None
 
 
-def padding_mask(tokens: jax.Array) -> jax.Array:
-    """`[batch, length]` bool, True at real tokens (id != PAD_ID)."""
-    return tokens != PAD_ID
+def padding_mask(tokens: jax.Array, pad_id: int = PAD_ID) -> jax.Array:
+    """`[batch, length]` bool, True at real tokens (id != `pad_id`)."""
+    return tokens != pad_id
 
 
 def beams_per_sentence(batch_size: int, num_rows: int) -> int:

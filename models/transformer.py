@@ -28,6 +28,7 @@ The encoder-decoder attention reads the source keys/values head-major too: `cach
 transposes them once per decode (teacher forcing keeps them sequence-major, as `encode` returns them).
 """
 
+import functools
 import math
 from typing import Any
 
@@ -36,19 +37,30 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from contracts import BeamShared
+from contracts import BOS_ID, EOS_ID, PAD_ID, BeamShared
 from models import common
 
-ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu}
+ACTIVATIONS = {
+    "relu": nn.relu,
+    "gelu": nn.gelu,  # the tanh approximation (flax's default)
+    "gelu_exact": functools.partial(nn.gelu, approximate=False),  # torch's nn.GELU()
+    "silu": nn.silu,  # x * sigmoid(x), Marian's "swish"
+}
+POSITION_LAYOUTS = ("interleaved", "halves")
 
 
-def sinusoidal_positions(max_len: int, d_model: int) -> np.ndarray:
-    """float32 `[max_len, d_model]`: PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(same)."""
+def sinusoidal_positions(max_len: int, d_model: int, layout: str = "interleaved") -> np.ndarray:
+    """float32 `[max_len, d_model]` of sin(p / 10000^(2i/d)) and cos(same), i < d/2: "interleaved"
+    (Vaswani et al.: PE[p, 2i] = sin, PE[p, 2i+1] = cos) or "halves" (Marian/opus-mt: the sines in
+    the first half, PE[p, i], the cosines in the second, PE[p, d/2 + i])."""
     positions = np.arange(max_len, dtype=np.float64)[:, None]
     inv_freq = 10000.0 ** (-np.arange(0, d_model, 2, dtype=np.float64) / d_model)
     table = np.zeros((max_len, d_model), np.float64)
-    table[:, 0::2] = np.sin(positions * inv_freq)
-    table[:, 1::2] = np.cos(positions * inv_freq)
+    sines, cosines = (slice(0, None, 2), slice(1, None, 2))
+    if layout == "halves":
+        sines, cosines = slice(0, d_model // 2), slice(d_model // 2, None)
+    table[:, sines] = np.sin(positions * inv_freq)
+    table[:, cosines] = np.cos(positions * inv_freq)
     return table.astype(np.float32)
 
 
@@ -214,6 +226,7 @@ class Sublayers(nn.Module):
     attention_dropout_rate: float
     activation_dropout_rate: float
     pre_ln: bool
+    layer_norm_epsilon: float
     dtype: Any
     param_dtype: Any
 
@@ -236,7 +249,9 @@ class Sublayers(nn.Module):
         )
 
     def layer_norm(self) -> nn.LayerNorm:
-        return nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype)
+        return nn.LayerNorm(
+            epsilon=self.layer_norm_epsilon, dtype=self.dtype, param_dtype=self.param_dtype
+        )
 
     def residual(self, x: jax.Array, norm: nn.LayerNorm, sublayer, train: bool):
         """`x + drop(f(LN(x)))` (pre-LN) or `LN(x + drop(f(x)))` (post-LN); `sublayer` returns
@@ -438,11 +453,13 @@ class TransformerDecoder(nn.Module):
     `Transformer` and `models.captioner.TransformerCaptioner` (a field-less base: the model declares
     `tgt_vocab_size`, `d_model`, `num_heads`, `num_decoder_layers`, `ffn_dim`, `dropout_rate`,
     `attention_dropout_rate`, `activation_dropout_rate`, `pre_ln`, `tie_output`, `activation`,
-    `max_positions`, `dtype`, `param_dtype`, and calls `setup_decoder` in its `setup`).
+    `max_positions`, `scale_embeddings`, `position_layout`, `final_logits_bias`,
+    `layer_norm_epsilon`, `dtype`, `param_dtype`, and calls `setup_decoder` in its `setup`).
 
-    Target embeddings scaled by sqrt(d_model) plus sinusoidal positions, `DecoderLayer`s (causal
-    self-attention with the KV cache, encoder-decoder attention, FFN), a final LayerNorm when pre-LN,
-    and the output projection (tied to the target embedding or its own).
+    Target embeddings (scaled by sqrt(d_model) with `scale_embeddings`) plus sinusoidal positions,
+    `DecoderLayer`s (causal self-attention with the KV cache, encoder-decoder attention, FFN), a
+    final LayerNorm when pre-LN, and the output projection (tied to the target embedding or its
+    own), plus a learned bias over the vocabulary with `final_logits_bias`.
     """
 
     def setup_decoder(self):
@@ -456,13 +473,19 @@ class TransformerDecoder(nn.Module):
             DecoderLayer(**self._layer_fields()) for _ in range(self.num_decoder_layers)
         ]
         if self.pre_ln:
-            self.decoder_norm = nn.LayerNorm(**dtypes)
+            self.decoder_norm = nn.LayerNorm(epsilon=self.layer_norm_epsilon, **dtypes)
+        if self.final_logits_bias:
+            self.logits_bias = self.param(
+                "logits_bias", nn.initializers.zeros, (self.tgt_vocab_size,), jnp.float32
+            )
         if not self.tie_output:
             self.output = nn.Dense(
                 self.tgt_vocab_size, dot_general=common.float32_dot_general, **dtypes
             )
         self.dropout = nn.Dropout(self.dropout_rate)
-        self.positions = sinusoidal_positions(self.max_positions, self.d_model)
+        self.positions = sinusoidal_positions(
+            self.max_positions, self.d_model, self.position_layout
+        )
 
     def _layer_fields(self) -> dict:
         return dict(
@@ -474,6 +497,7 @@ class TransformerDecoder(nn.Module):
             attention_dropout_rate=self.attention_dropout_rate,
             activation_dropout_rate=self.activation_dropout,
             pre_ln=self.pre_ln,
+            layer_norm_epsilon=self.layer_norm_epsilon,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
@@ -500,6 +524,7 @@ class TransformerDecoder(nn.Module):
             activation_dropout_rate=self.activation_dropout,
         )
         common.check_choice("activation", self.activation, tuple(ACTIVATIONS))
+        common.check_choice("position_layout", self.position_layout, POSITION_LAYOUTS)
         if self.d_model % self.num_heads or self.d_model % 2:
             raise ValueError(
                 f"d_model={self.d_model} must be even and divisible by num_heads={self.num_heads}"
@@ -513,8 +538,12 @@ class TransformerDecoder(nn.Module):
             )
 
     def _embed(self, embed: nn.Embed, tokens: jax.Array, positions: jax.Array, train: bool):
-        """`[..., d_model]` = sqrt(d_model) * E[tokens] + PE[positions], then dropout."""
-        x = embed(tokens) * math.sqrt(self.d_model) + jnp.asarray(self.positions)[positions]
+        """`[..., d_model]` = sqrt(d_model) * E[tokens] + PE[positions] (E[tokens] unscaled without
+        `scale_embeddings`), then dropout."""
+        x = embed(tokens)
+        if self.scale_embeddings:
+            x = x * math.sqrt(self.d_model)
+        x = x + jnp.asarray(self.positions)[positions]
         return self.dropout(x.astype(self.dtype), deterministic=not train)
 
     def _logits(self, x: jax.Array, decoding: bool = False) -> jax.Array:
@@ -535,6 +564,8 @@ class TransformerDecoder(nn.Module):
         else:
             table = jnp.asarray(self.tgt_embed.embedding, self.dtype)
             logits = jnp.dot(x.astype(self.dtype), table.T, preferred_element_type=jnp.float32)
+        if self.final_logits_bias:
+            logits = logits + self.logits_bias
         return logits  # float32 accumulated: never rounded to the computation dtype
 
     def cross_kv(self, x: jax.Array) -> tuple:
@@ -598,10 +629,17 @@ class Transformer(TransformerDecoder):
       activation_dropout_rate: dropout on the FFN's inner activations; None: `dropout_rate`.
       pre_ln: LayerNorm before each sublayer (plus a final one per stack) if True, after the residual
         sum (the original post-LN) if False.
-      share_embeddings: one embedding table for source and target (needs equal vocabulary sizes).
+      share_embeddings: one embedding table for source and target (needs equal vocabulary sizes);
+        False: separate source and target vocabularies.
       tie_output: the output projection is the target embedding transposed.
-      activation: "relu" or "gelu".
+      activation: "relu", "gelu" (tanh approximation), "gelu_exact" or "silu" (swish).
       max_positions: longest source, target or decoded sequence (size of the positional table).
+      scale_embeddings: token embeddings multiplied by sqrt(d_model) before positions are added.
+      position_layout: "interleaved" (sin, cos, sin, ...) or "halves" (Marian's: sines, then cosines).
+      final_logits_bias: a float32 bias `[tgt_vocab_size]` added to the logits (Marian's).
+      layer_norm_epsilon: every LayerNorm's epsilon (flax's 1e-6; PyTorch's 1e-5).
+      pad_id, bos_id, eos_id: the vocabulary's special ids (`contracts.SpecialIds`): sources are
+        masked where they hold `pad_id`; decoding starts from `bos_id` and ends at `eos_id`.
       dtype: computation dtype (e.g. jnp.bfloat16 on accelerators); logits are always float32.
       param_dtype: parameter dtype.
     """
@@ -621,6 +659,13 @@ class Transformer(TransformerDecoder):
     tie_output: bool = True
     activation: str = "relu"
     max_positions: int = 256
+    scale_embeddings: bool = True
+    position_layout: str = "interleaved"
+    final_logits_bias: bool = False
+    layer_norm_epsilon: float = 1e-6
+    pad_id: int = PAD_ID
+    bos_id: int = BOS_ID
+    eos_id: int = EOS_ID
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -649,14 +694,14 @@ class Transformer(TransformerDecoder):
             EncoderLayer(**self._layer_fields()) for _ in range(self.num_encoder_layers)
         ]
         if self.pre_ln:
-            self.encoder_norm = nn.LayerNorm(**dtypes)
+            self.encoder_norm = nn.LayerNorm(epsilon=self.layer_norm_epsilon, **dtypes)
 
     def __call__(self, src: jax.Array, tgt_in: jax.Array, train: bool = False) -> jax.Array:
         """Teacher-forced logits; sows each decoder layer's cross-attention weights
         `[batch, heads, tgt_len, src_len]` as `intermediates/cross_attention_<layer>`.
 
         Args:
-          src: int32 `[batch, src_len]`, 0-padded.
+          src: int32 `[batch, src_len]`, padded with `pad_id`.
           tgt_in: int32 `[batch, tgt_len]` (BOS y1 .. y_{T-1}).
           train: enables dropout (needs the 'dropout' rng).
 
@@ -669,14 +714,14 @@ class Transformer(TransformerDecoder):
         """Runs the encoder and every decoder layer's cross-attention key/value projection, once.
 
         Args:
-          src: int32 `[batch, src_len]`, 0-padded.
+          src: int32 `[batch, src_len]`, padded with `pad_id`.
 
         Returns:
           dict of `cross_kv`: per decoder layer (keys, values) `[batch, src_len, heads, head_dim]`, and
           `mask`: bool `[batch, 1, 1, src_len]`, True at real tokens.
         """
         self._check_length("source", src.shape[1])
-        mask = common.padding_mask(src)[:, None, None, :]
+        mask = common.padding_mask(src, self.pad_id)[:, None, None, :]
         x = self._embed(self.src_embed, src, jnp.arange(src.shape[1]), train)
         for layer in self.encoder_layers:
             x = layer(x, mask, train)

@@ -154,8 +154,9 @@ def test_greedy_stops_when_every_sentence_has_ended():
     [
         (dict(max_len=0), "max_len=0 must be a positive integer"),
         (dict(batch_size=4), r"init_state has shape \(3,\): every leaf must have the batch \(4\)"),
-        (dict(eos_id=8), r"eos_id=8 is outside the vocabulary: use an id in \[1, 8\)"),
-        (dict(bos_id=0), "bos_id=0 is outside the vocabulary"),
+        (dict(eos_id=8), r"eos_id=8 is outside the vocabulary: use an id in \[0, 8\)"),
+        (dict(eos_id=0), "eos_id must differ from pad_id and bos_id"),
+        (dict(pad_id=-1), "pad_id=-1 is outside the vocabulary"),
         (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size=-1 must be an int >= 1"),
         (dict(prefix=jnp.ones((3, 4), jnp.int32) * 5), "a prefix of 4 tokens leaves no room under"),
         (
