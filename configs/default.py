@@ -81,6 +81,10 @@ def get_config() -> ml_collections.ConfigDict:
     # (`validation_averaged` in metrics.jsonl; `eval.py --average_checkpoints K` evaluates it).
     config.average_last_checkpoints = 0
     config.keep_checkpoints = 3  # Periodic checkpoints kept (the latest); best/ keeps one more.
+    # A run directory to start from (e.g. an imported opus-mt model, `convert.py import`): its model,
+    # model_hparams, tokenizers and params replace this config's; the data and training are this
+    # config's (fine-tuning). "": train from config.seed's initialization.
+    config.init_from = ""
 
     # Scale-out (see sharding.py): a (data, fsdp) device mesh over every device of every host.
     # Batches are split over all devices; params and optimizer state are sharded over `fsdp` and

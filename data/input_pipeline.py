@@ -47,7 +47,11 @@ class Datasets:
 def build_tokenizers(
     config, sources: Sequence[str], targets: Sequence[str]
 ) -> tuple[tokenizers.Tokenizer, tokenizers.Tokenizer]:
-    """(source, target) tokenizers trained on the training texts, one shared or one per side."""
+    """(source, target) tokenizers trained on the training texts, one shared or one per side; with
+    `config.init_from`, that run's tokenizers (fine-tuning keeps the vocabulary)."""
+    if config.get("init_from"):
+        directory = Path(config.init_from) / "tokenizer"
+        return tokenizers.load(directory / "src"), tokenizers.load(directory / "tgt")
     options = dict(
         cache_dir=config.tokenizer_dir or DEFAULT_TOKENIZER_DIR,
         vocab_size=config.vocab_size,

@@ -226,7 +226,9 @@ class MarianTokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         pieces = self.pieces(content_ids(ids, self.special_ids))
-        return self._sp.decode_pieces(pieces)
+        # A shared vocabulary holds the other side's pieces too, which this side's SentencePiece
+        # model leaves as they are: their word marks become spaces, as transformers does it.
+        return self._sp.decode_pieces(pieces).replace("\u2581", " ").strip()
 
     def pieces(self, ids: Iterable[int]) -> list[str]:
         return [self._pieces.get(i, MARIAN_SPECIAL_PIECES["unk"]) for i in map(int, ids)]

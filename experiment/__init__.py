@@ -6,6 +6,7 @@
   score programs that train.py, eval.py, the benchmarks and the tests all build the same way.
 - `experiment.metrics`: BLEU/chrF/exact match, quality by source length, `metrics.jsonl`.
 - `experiment.training`: the train state, the train step and the training loop.
+- `experiment.pretrained`: transformers Marian (opus-mt) directories imported as runs, runs exported.
 
 A run lives in a workdir:
   config.json          the config the run started with (written once; eval.py and resumes read it)
@@ -14,6 +15,8 @@ A run lives in a workdir:
   checkpoints/<step>/  periodic checkpoints (params, optimizer state, step, data-iterator state) and
                        their integrity record (`integrity.json`: a SHA-256 per file)
   best/<step>/         the params with the best validation metric (and their integrity record)
+  pretrained/0/        an imported model's params (experiment/pretrained.py: a converted opus-mt model
+                       is a run directory with config.json, tokenizer/ and this)
   metrics.jsonl        one JSON object per line: {"step", "split", metric: value, ...}
   learning_curves.png
 """

@@ -217,7 +217,8 @@ def _check_intact(step_dir: Path, fix: str) -> None:
 
 
 def restore_params(workdir: Path, params_template, average_last: int = 0):
-    """Params of the best checkpoint, else the latest periodic one; `(params, step, which)`.
+    """Params of the best checkpoint, else the latest periodic one, else the imported ones
+    (`pretrained/0`, experiment/pretrained.py); `(params, step, which)`.
 
     `best/` holds one checkpoint (the best so far), so its latest step is the best step.
     `params_template` is a tree of `jax.ShapeDtypeStruct`s with shardings (`sharding.abstract`): the
@@ -229,7 +230,7 @@ def restore_params(workdir: Path, params_template, average_last: int = 0):
     workdir = Path(workdir)
     if average_last > 0:
         return _average_params(workdir, params_template, average_last)
-    for which in ("best", "checkpoints"):
+    for which in ("best", "checkpoints", "pretrained"):
         directory = workdir.absolute() / which
         steps = _steps(directory)
         if not steps:
@@ -275,7 +276,7 @@ def _average_params(workdir: Path, params_template, count: int):
 
 
 def _restore_params(manager: ocp.CheckpointManager, step: int, which: str, params_template):
-    if which == "best":
+    if which in ("best", "pretrained"):  # params alone (pretrained: an imported model's)
         return manager.restore(step, args=ocp.args.StandardRestore(params_template))
     item = {"params": params_template}
     restore_args = ocp.checkpoint_utils.construct_restore_args(item)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 import plots
 import sharding
 from data import input_pipeline
-from experiment import RunError, checkpoints, metrics, programs
+from experiment import RunError, checkpoints, metrics, pretrained, programs
 from experiment import config as run_config
 
 
@@ -82,11 +82,13 @@ class Programs(NamedTuple):
     """The jitted programs of a (model, optimizer) on a mesh (see `jitted_programs`):
 
     init: `(seed) -> TrainState`, created directly in `state_shardings`;
+    start: `(params) -> TrainState`: step 0 from given params (fine-tuning), fresh optimizer state;
     train_step: `(state, global batch, seed) -> (state, {"loss_sum", "tokens"})`, donating `state`;
     state_shardings: a `NamedSharding` per leaf of the train state (the FSDP rule over the mesh).
     """
 
     init: Callable
+    start: Callable
     train_step: Callable
     state_shardings: TrainState
 
@@ -107,6 +109,11 @@ def jitted_programs(model, optimizer, label_smoothing: float, mesh: Mesh) -> Pro
     )
     return Programs(
         init=jax.jit(init, in_shardings=replicated, out_shardings=state_shardings),
+        start=jax.jit(
+            lambda params: TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params)),
+            in_shardings=(state_shardings.params,),
+            out_shardings=state_shardings,
+        ),
         train_step=jax.jit(
             step,
             in_shardings=(state_shardings, sharding.batch_sharding(mesh), replicated),
@@ -178,6 +185,7 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None):
     every global batch and only process 0 writes files other than checkpoints.
     """
     workdir = Path(workdir)
+    config = pretrained.adopt_model(config)
     sharding.initialize_distributed(config)
     mesh = sharding.mesh_from_config(config)
     is_main = jax.process_index() == 0
@@ -205,10 +213,11 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None):
     model = programs.create_model(
         config, data.src_tokenizer.vocab_size, data.tgt_tokenizer.vocab_size
     )
+    programs.check_tokenizer_ids(model, data.src_tokenizer, data.tgt_tokenizer)
     run = jitted_programs(model, programs.make_optimizer(config), config.label_smoothing, mesh)
     seed = np.int32(config.seed)
     train_iter = data.train.iterator(*sharding.host_shard(mesh))
-    state = restore_or_init(run, seed, train_iter, workdir)
+    state = restore_or_init(run, seed, train_iter, workdir, config.init_from)
     if is_main:
         if saved is None:
             run_config.save_config(config, workdir)
@@ -397,10 +406,19 @@ class Patience:
         )
 
 
-def restore_or_init(run: Programs, seed, train_iter, workdir: Path) -> TrainState:
+def restore_or_init(
+    run: Programs, seed, train_iter, workdir: Path, init_from: str = ""
+) -> TrainState:
     """The newest intact periodic checkpoint's train state (and `train_iter` at its position), damaged
-    newer ones set aside (`checkpoints.newest_intact_step`); a fresh state when there is none."""
+    newer ones set aside (`checkpoints.newest_intact_step`); when there is none, a fresh state: from
+    `seed`, or the params of the run `init_from` (fine-tuning)."""
     step = checkpoints.newest_intact_step(workdir)
+    if step is None and init_from:
+        shapes = jax.eval_shape(run.init, seed).params
+        template = sharding.abstract(shapes, run.state_shardings.params)
+        params, _, _ = checkpoints.restore_params(Path(init_from), template)
+        logging.info("Starting %s from the params of %s.", workdir, init_from)
+        return run.start(params)
     if step is None:
         return run.init(seed)
     with checkpoints.reader(workdir / "checkpoints") as manager:

@@ -16,6 +16,7 @@ fixtures that use it, so the model and decoding tests collect with jax, flax and
   steps)`: a model-free step function for the decoding tests, its numpy reference, a step counter.
 """
 
+import json
 import os
 from pathlib import Path
 
@@ -249,3 +250,107 @@ def counting_steps(step_fn, steps: list):
         return step_fn(tokens, state)
 
     return counted
+
+
+# ------------------------------------------------------------------ a tiny transformers Marian model
+
+MARIAN_WORDS = (
+    "a man woman dog cat sits runs on the street with red blue ball young girl boy plays in water "
+    "january march may june 1 2 3 4 5 6 7 8 9 0 , . monday thursday ein eine mann frau hund auf der "
+    "strasse mit rotem ball spielt im wasser junge mädchen"
+).split()
+
+
+def marian_corpus(seed: int, count: int = 300) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(MARIAN_WORDS, rng.integers(2, 9))) for _ in range(count)]
+
+
+def make_tiny_marian(directory: Path, *, shared: bool, seed: int = 0) -> Path:
+    """A transformers `MarianMTModel` (2+2 layers, d_model 16, swish, scaled embeddings, a random
+    final_logits_bias) trained by torch for a few seconds to copy sentences (random weights give
+    one repeated token whatever the source), saved with a tiny SentencePiece tokenizer pair as an
+    opus-mt directory. Shared: vocab.json with opus-mt's layout (EOS 0, UNK 1, ..., pad last,
+    decoding from pad); separate: vocab.json and target_vocab.json of different sizes, pad 2 in
+    both."""
+    import io
+
+    import sentencepiece as spm
+    import torch
+    import transformers
+
+    directory.mkdir(parents=True, exist_ok=True)
+    pieces = {}
+    for side, corpus_seed in (("source", seed), ("target", seed + 1)):
+        model = io.BytesIO()
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(marian_corpus(corpus_seed)),
+            model_writer=model,
+            vocab_size=60 if side == "source" else 52,
+            model_type="unigram",
+            character_coverage=1.0,
+            minloglevel=2,
+        )
+        (directory / f"{side}.spm").write_bytes(model.getvalue())
+        sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+        pieces[side] = [sp.id_to_piece(i) for i in range(sp.get_piece_size()) if i > 2]
+
+    def vocabulary(words, pad_last):
+        vocab = {"</s>": 0, "<unk>": 1} if pad_last else {"</s>": 0, "<unk>": 1, "<pad>": 2}
+        for word in words:
+            vocab.setdefault(word, len(vocab))
+        if pad_last:
+            vocab["<pad>"] = len(vocab)
+        return vocab
+
+    if shared:
+        vocab = vocabulary(pieces["source"] + pieces["target"], pad_last=True)
+        src_vocab = tgt_vocab = vocab
+    else:
+        src_vocab = vocabulary(pieces["source"], pad_last=False)
+        tgt_vocab = vocabulary(pieces["target"], pad_last=False)
+    (directory / "vocab.json").write_text(json.dumps(src_vocab))
+    if not shared:
+        (directory / "target_vocab.json").write_text(json.dumps(tgt_vocab))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"separate_vocabs": not shared}))
+    pad = src_vocab["<pad>"]
+    config = transformers.MarianConfig(
+        vocab_size=len(src_vocab),
+        decoder_vocab_size=len(tgt_vocab),
+        share_encoder_decoder_embeddings=shared,
+        d_model=16,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        activation_function="swish",
+        max_position_embeddings=64,
+        scale_embedding=True,
+        pad_token_id=pad,
+        eos_token_id=0,
+        decoder_start_token_id=pad,
+        forced_eos_token_id=0,
+    )
+    torch.manual_seed(seed)
+    model = transformers.MarianMTModel(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "embed_positions" not in name:
+                param.normal_(0.0, 0.4)
+        model.final_logits_bias.normal_(0.0, 0.5)
+        model.final_logits_bias[0, 0] += 1.0  # EOS: likelier, so some sentences end early
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_marian(tmp_path_factory) -> dict:
+    """{"shared": dir, "separate": dir} of `make_tiny_marian` models (skips without transformers)."""
+    pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("marian")
+    return {
+        kind: make_tiny_marian(root / kind, shared=kind == "shared", seed=i)
+        for i, kind in enumerate(("shared", "separate"))
+    }
