@@ -4,6 +4,7 @@ HuggingFace transformers `generate` and CTranslate2 `translate_batch`, on one mo
   python benchmarks/decode.py                      # the full benchmark (a few minutes on 2 cores)
   python benchmarks/decode.py --json decode.json   # also write every figure as JSON
   python benchmarks/decode.py --quick              # tiny sizes, seconds: a smoke test, not a result
+  python benchmarks/decode.py --shape opus-mt-en-de --systems seqzoo,transformers,ctranslate2
   python benchmarks/decode.py --device gpu --dtype bfloat16 --batch_sizes 1,32,256 \
       --systems seqzoo,transformers                # on a GPU (torch on CUDA)
 
@@ -20,6 +21,12 @@ very same weights: the Marian model for transformers is loaded with seqzoo's par
 positional table; the BOS embedding row is zero because CTranslate2's Marian starts decoding from a
 zero embedding), and CTranslate2 converts that Marian model with its own converter. Each output is
 compared token by token with seqzoo's, which shows that the systems computed the same thing.
+The weights cross between frameworks through `models/marian.py`, the mapping `convert.py` imports and
+exports opus-mt models with (seqzoo's interleaved positions exported by permuting the model dimension).
+
+`--shape opus-mt-en-de`: Helsinki-NLP/opus-mt-en-de's architecture instead (6+6 layers, d_model 512, 8
+heads, FFN 2048, vocabulary 58,101, swish, Marian's positions, final_logits_bias, pad 58100 / EOS 0,
+decoding from pad): random weights drawn as a Marian state dict and read through the importer.
 
 Cells: greedy and beam 4, at batch 1 and 32. For each: steady-state generated tokens/s and ms per
 batch (median, min and max of `runs` timed runs after `warmup` untimed ones), compile time, the
@@ -56,7 +63,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script (python benchmarks/decode.py)
     sys.path.insert(0, str(REPO))
-from contracts import BOS_ID, EOS_ID, PAD_ID  # noqa: E402 (the project's special ids)
+from contracts import SpecialIds  # noqa: E402
 
 FIRST_WORD_ID = 4  # sources are drawn from the ordinary tokens [4, vocab)
 
@@ -80,6 +87,7 @@ class Config:
     threads: int = 2
     seed: int = 0
     device: str = "cpu"  # "gpu": XLA and torch on the GPU (CTranslate2 on CUDA)
+    shape: str = "seqzoo"  # or "opus-mt-en-de" (SHAPES)
     dtype: str = (
         "float32"  # "bfloat16": every system computes in bfloat16 (float32 weights in seqzoo)
     )
@@ -107,6 +115,14 @@ QUICK = Config(
     warmup=1,
 )
 
+# The Transformer sizes of each --shape (the rest of the config as CONFIG).
+SHAPES = {
+    "seqzoo": {},
+    "opus-mt-en-de": dict(
+        vocab_size=58101, d_model=512, num_heads=8, num_layers=6, ffn_dim=2048, max_positions=512
+    ),
+}
+
 # system -> (model family, what the subprocess needs to import, how it is described in the table)
 SYSTEMS = {
     "seqzoo": ("transformer", (), "seqzoo (jit while_loop)"),
@@ -133,7 +149,60 @@ def sources(config: Config) -> np.ndarray:
     """int32 `[max batch, src_len]` source ids, the same for every system."""
     rng = np.random.default_rng(config.seed)
     shape = (max(config.batch_sizes), config.src_len)
-    return rng.integers(FIRST_WORD_ID, config.vocab_size, size=shape).astype(np.int32)
+    last = config.vocab_size - 1  # the Marian models' pad
+    return rng.integers(FIRST_WORD_ID, last, size=shape).astype(np.int32)
+
+
+def marian_config(config: Config) -> dict:
+    """The `config.json` of opus-mt-en-de's architecture at `config`'s sizes (`--shape`)."""
+    return {
+        "model_type": "marian",
+        "vocab_size": config.vocab_size,
+        "d_model": config.d_model,
+        "encoder_layers": config.num_layers,
+        "decoder_layers": config.num_layers,
+        "encoder_attention_heads": config.num_heads,
+        "decoder_attention_heads": config.num_heads,
+        "encoder_ffn_dim": config.ffn_dim,
+        "decoder_ffn_dim": config.ffn_dim,
+        "activation_function": "swish",
+        "max_position_embeddings": config.max_positions,
+        "scale_embedding": True,
+        "dropout": 0.0,
+        "pad_token_id": config.vocab_size - 1,
+        "eos_token_id": 0,
+        "decoder_start_token_id": config.vocab_size - 1,
+        "share_encoder_decoder_embeddings": True,
+    }
+
+
+def transformer_hparams(config: Config) -> dict:
+    """The benchmark Transformer's hyperparameters, vocabulary sizes and special ids included."""
+    if config.shape == "opus-mt-en-de":
+        from models import marian
+
+        return marian.hparams_from_config(marian_config(config))
+    return dict(
+        src_vocab_size=config.vocab_size,
+        tgt_vocab_size=config.vocab_size,
+        d_model=config.d_model,
+        num_heads=config.num_heads,
+        num_encoder_layers=config.num_layers,
+        num_decoder_layers=config.num_layers,
+        ffn_dim=config.ffn_dim,
+        pre_ln=False,
+        share_embeddings=True,
+        tie_output=True,
+        activation="relu",
+        max_positions=config.max_positions,
+    )
+
+
+def special_ids(config: Config) -> SpecialIds:
+    hparams = transformer_hparams(config)
+    return SpecialIds(
+        hparams.get("pad_id", 0), hparams.get("bos_id", 1), hparams.get("eos_id", 2), 3
+    )
 
 
 def time_runs(run, config: Config) -> tuple[list[float], object]:
@@ -183,18 +252,8 @@ def jax_model(config: Config, family: str):
     from models import registry
 
     if family == "transformer":
-        hparams = dict(
-            d_model=config.d_model,
-            num_heads=config.num_heads,
-            num_encoder_layers=config.num_layers,
-            num_decoder_layers=config.num_layers,
-            ffn_dim=config.ffn_dim,
-            pre_ln=False,
-            share_embeddings=True,
-            tie_output=True,
-            activation="relu",
-            max_positions=config.max_positions,
-        )
+        hparams = transformer_hparams(config)
+        hparams.update(activation_dropout_rate=0.0)
     else:
         hparams = dict(
             cell="gru",
@@ -204,28 +263,33 @@ def jax_model(config: Config, family: str):
             attention="bahdanau",
             attention_dim=config.rnn_hidden_dim,
         )
-    model = registry.create_model(
-        family,
-        src_vocab_size=config.vocab_size,
-        tgt_vocab_size=config.vocab_size,
-        dropout_rate=0.0,
-        dtype=config.dtype,
-        **({"attention_dropout_rate": 0.0} if family == "transformer" else {}),
-        **hparams,
-    )
+    hparams.update(dropout_rate=0.0, dtype=config.dtype)
+    if family == "transformer":
+        hparams.update(attention_dropout_rate=0.0)
+    else:
+        hparams.update(src_vocab_size=config.vocab_size, tgt_vocab_size=config.vocab_size)
+    model = registry.create_model(family, **hparams)
     dummy = jnp.ones((1, 4), jnp.int32)
     params = jax.jit(model.init)(jax.random.key(config.seed), dummy, dummy)["params"]
     if family == "transformer":  # CTranslate2's Marian starts from a zero embedding: so do we all
-        params["tgt_embed"]["embedding"] = params["tgt_embed"]["embedding"].at[BOS_ID].set(0.0)
+        bos = special_ids(config).bos
+        params["tgt_embed"]["embedding"] = params["tgt_embed"]["embedding"].at[bos].set(0.0)
+    if config.shape == "opus-mt-en-de":  # the weights as a Marian checkpoint, read by the importer
+        from models import marian
+
+        hparams = transformer_hparams(config)
+        state = marian.state_dict_from_params(jax.device_get(params), hparams)
+        shapes = jax.tree.map(lambda x: x.shape, params)
+        params = marian.params_from_state_dict(state, hparams, shapes, "random opus-mt-en-de")
     return model, params
 
 
-def no_eos(logits):
+def no_eos(logits, eos_id: int):
     """Logits `[N, vocab]` with EOS at -inf: every hypothesis runs to gen_len (min length = max)."""
-    return logits.at[:, EOS_ID].set(-np.inf)
+    return logits.at[:, eos_id].set(-np.inf)
 
 
-def seqzoo_decoder(model, beam: int, gen_len: int):
+def seqzoo_decoder(model, beam: int, gen_len: int, ids: SpecialIds):
     """A jitted `(params, src) -> best tokens [batch, gen_len]`: `programs.step_function`, the one
     train.py and eval.py decode with, with EOS disabled (`no_eos`)."""
     import jax
@@ -239,12 +303,14 @@ def seqzoo_decoder(model, beam: int, gen_len: int):
 
         def step_fn(tokens, state):
             logits, state = model_step(tokens, state)
-            return no_eos(logits), state
+            return no_eos(logits, ids.eos), state
 
-        ids = dict(bos_id=BOS_ID, eos_id=EOS_ID, batch_size=src.shape[0], max_len=gen_len)
+        args = dict(
+            bos_id=ids.bos, eos_id=ids.eos, pad_id=ids.pad, batch_size=src.shape[0], max_len=gen_len
+        )
         if beam == 1:
-            return decoding.greedy(step_fn, state, **ids).sequences
-        return decoding.beam_search(step_fn, state, beam_size=beam, alpha=0.6, **ids).sequences[
+            return decoding.greedy(step_fn, state, **args).sequences
+        return decoding.beam_search(step_fn, state, beam_size=beam, alpha=0.6, **args).sequences[
             :, 0
         ]
 
@@ -284,7 +350,7 @@ def run_seqzoo(config: Config, family: str, workdir: Path) -> dict:
     counter = CompileCounter()
     cells = []
     for beam, batch in config.cells():
-        decode = seqzoo_decoder(model, beam, config.gen_len)
+        decode = seqzoo_decoder(model, beam, config.gen_len, special_ids(config))
         src = jax.device_put(src_all[:batch])
         before = counter.seconds
         jax.block_until_ready(decode(params, src))  # trace + compile + one run
@@ -310,8 +376,8 @@ def run_seqzoo(config: Config, family: str, workdir: Path) -> dict:
 
 
 def bucketing_check(config: Config, decode, params, counter: CompileCounter) -> dict:
-    """Batches of sources of varying length, padded with 0 to one bucket length as `data.pipeline`
-    pads them, through the (already compiled) `decode` of the last cell: none may compile again."""
+    """Batches of sources of varying length, padded to one bucket length as `data.pipeline` pads
+    them, through the (already compiled) `decode` of the last cell: none may compile again."""
     import jax
 
     batch = config.cells()[-1][1]
@@ -320,7 +386,7 @@ def bucketing_check(config: Config, decode, params, counter: CompileCounter) -> 
     compiles = counter.compiles
     for row_lengths in lengths:
         src = sources(config)[:batch].copy()
-        src[np.arange(config.src_len) >= row_lengths[:, None]] = PAD_ID
+        src[np.arange(config.src_len) >= row_lengths[:, None]] = special_ids(config).pad
         jax.block_until_ready(decode(params, src))
     return {
         "batches": len(lengths),
@@ -347,7 +413,8 @@ def run_python_loop(config: Config, family: str, workdir: Path) -> dict:
     def beam_search(sentence: np.ndarray, beam: int) -> list[int]:
         memory = encode(variables, sentence[None])
         state = init(variables, memory, config.gen_len)
-        hypotheses = [(0.0, [], BOS_ID, state)]  # (log P, tokens, last token, decoder state)
+        ids = special_ids(config)
+        hypotheses = [(0.0, [], ids.bos, state)]  # (log P, tokens, last token, decoder state)
         for _ in range(config.gen_len):
             candidates = []
             for log_prob, tokens, last, state in hypotheses:
@@ -355,7 +422,9 @@ def run_python_loop(config: Config, family: str, workdir: Path) -> dict:
                 logits = np.asarray(logits, np.float64)[0]
                 shifted = logits - logits.max()
                 log_probs = shifted - np.log(np.exp(shifted).sum())
-                log_probs[[PAD_ID, BOS_ID, EOS_ID]] = -np.inf  # EOS disabled, as for every system
+                log_probs[
+                    [ids.pad, ids.bos, ids.eos]
+                ] = -np.inf  # EOS disabled, as for every system
                 for token in np.argpartition(-log_probs, beam)[:beam]:
                     candidates.append(
                         (log_prob + log_probs[token], tokens + [int(token)], int(token), new_state)
@@ -392,58 +461,11 @@ def jax_versions() -> dict:
 
 
 def marian_state_dict(config: Config, params) -> dict:
-    """seqzoo Transformer params as numpy arrays under transformers' MarianMTModel names."""
-    from models.transformer import sinusoidal_positions
+    """seqzoo Transformer params as numpy arrays under transformers' MarianMTModel names
+    (`models.marian`, the mapping of `convert.py export`)."""
+    from models import marian
 
-    d = config.d_model
-
-    def linear(p):
-        # flax kernels are [inputs..., outputs...] (DenseGeneral); torch weights are [out, in].
-        bias = np.asarray(p["bias"])
-        return {
-            "weight": np.asarray(p["kernel"]).reshape(-1, bias.size).T,
-            "bias": bias.reshape(-1),
-        }
-
-    def attention(prefix, p):
-        out = {}
-        for ours, theirs in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
-            for name, value in linear(p[ours]).items():
-                out[f"{prefix}.{theirs}.{name}"] = value
-        for name, value in linear(p["out"]).items():
-            out[f"{prefix}.out_proj.{name}"] = value
-        return out
-
-    def norm(prefix, p):
-        return {f"{prefix}.weight": np.asarray(p["scale"]), f"{prefix}.bias": np.asarray(p["bias"])}
-
-    def ffn(prefix, p):
-        out = {}
-        for ours, theirs in (("inner", "fc1"), ("outer", "fc2")):
-            out[f"{prefix}.{theirs}.weight"] = np.asarray(p[ours]["kernel"]).T
-            out[f"{prefix}.{theirs}.bias"] = np.asarray(p[ours]["bias"])
-        return out
-
-    embedding = np.asarray(params["tgt_embed"]["embedding"])
-    positions = sinusoidal_positions(config.max_positions, d)
-    state = {
-        "model.shared.weight": embedding,
-        "model.encoder.embed_positions.weight": positions,
-        "model.decoder.embed_positions.weight": positions,
-        "final_logits_bias": np.zeros((1, config.vocab_size), np.float32),
-    }
-    for i in range(config.num_layers):
-        p, prefix = params[f"encoder_layers_{i}"], f"model.encoder.layers.{i}"
-        state |= attention(f"{prefix}.self_attn", p["self_attention"])
-        state |= norm(f"{prefix}.self_attn_layer_norm", p["norm1"])
-        state |= ffn(prefix, p["ffn"]) | norm(f"{prefix}.final_layer_norm", p["norm2"])
-        p, prefix = params[f"decoder_layers_{i}"], f"model.decoder.layers.{i}"
-        state |= attention(f"{prefix}.self_attn", p["self_attention"])
-        state |= norm(f"{prefix}.self_attn_layer_norm", p["norm1"])
-        state |= attention(f"{prefix}.encoder_attn", p["cross_attention"])
-        state |= norm(f"{prefix}.encoder_attn_layer_norm", p["norm2"])
-        state |= ffn(prefix, p["ffn"]) | norm(f"{prefix}.final_layer_norm", p["norm3"])
-    return {name: np.ascontiguousarray(value, np.float32) for name, value in state.items()}
+    return marian.state_dict_from_params(params, transformer_hparams(config))
 
 
 # ------------------------------------------------------------------------------------ the baselines
@@ -453,7 +475,10 @@ MARIAN_PAD = "<pad>"  # CTranslate2's Marian loader drops a last vocabulary entr
 
 def vocabulary(config: Config) -> list[str]:
     """Token strings by id; the last id is Marian's pad (transformers and CTranslate2 need one)."""
-    special = {PAD_ID: "<blank>", BOS_ID: "<s>", EOS_ID: "</s>", 3: "<unk>"}
+    ids = special_ids(config)
+    special = {ids.pad: "<blank>", ids.bos: "<s>", ids.eos: "</s>", ids.unk: "<unk>"}
+    if config.shape == "opus-mt-en-de":
+        special = {0: "</s>", 1: "<unk>"}
     words = [special.get(i, f"w{i}") for i in range(config.vocab_size)]
     words[-1] = MARIAN_PAD
     return words
@@ -466,37 +491,23 @@ def marian_model(config: Config, workdir: Path):
     import transformers
     from tokenizers import Tokenizer, models
 
-    marian = transformers.MarianConfig(
-        vocab_size=config.vocab_size,
-        d_model=config.d_model,
-        encoder_layers=config.num_layers,
-        decoder_layers=config.num_layers,
-        encoder_attention_heads=config.num_heads,
-        decoder_attention_heads=config.num_heads,
-        encoder_ffn_dim=config.ffn_dim,
-        decoder_ffn_dim=config.ffn_dim,
-        activation_function="relu",
-        max_position_embeddings=config.max_positions,
-        scale_embedding=True,
-        dropout=0.0,
-        attention_dropout=0.0,
-        activation_dropout=0.0,
-        pad_token_id=config.vocab_size - 1,
-        eos_token_id=EOS_ID,
-        bos_token_id=BOS_ID,
-        decoder_start_token_id=BOS_ID,
-        forced_eos_token_id=None,
-        share_encoder_decoder_embeddings=True,
-        tie_word_embeddings=True,
-    )
+    from models import marian as mapping
+
+    fields = mapping.config_from_hparams(transformer_hparams(config))
+    fields.update(dropout=0.0, forced_eos_token_id=None, pad_token_id=config.vocab_size - 1)
+    fields.pop("model_type")
+    fields.pop("architectures")
+    marian = transformers.MarianConfig(**fields)
     torch.manual_seed(config.seed)
     model = transformers.MarianMTModel(marian).eval()
     weights = {k: torch.from_numpy(v) for k, v in np.load(workdir / "weights.npz").items()}
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    tied = {
+    tied = {  # and the positional tables, which transformers computes itself
         "lm_head.weight",
         "model.encoder.embed_tokens.weight",
         "model.decoder.embed_tokens.weight",
+        "model.encoder.embed_positions.weight",
+        "model.decoder.embed_positions.weight",
     }
     if unexpected or set(missing) - tied:
         raise RuntimeError(
@@ -547,7 +558,7 @@ def run_transformers(config: Config, family: str, workdir: Path) -> dict:
                     do_sample=False,
                     min_new_tokens=config.gen_len,
                     max_new_tokens=config.gen_len,
-                    suppress_tokens=[PAD_ID, BOS_ID],
+                    suppress_tokens=sorted({special_ids(config).pad, special_ids(config).bos}),
                     num_return_sequences=1,
                 )
                 return out.cpu()  # waits for the GPU
@@ -570,26 +581,9 @@ def run_ctranslate2(config: Config, family: str, workdir: Path) -> dict:
     marian = workdir / "marian"
     if not (marian / "config.json").is_file():
         raise RuntimeError("the converted Marian model needs the transformers system to run first")
-    import torch
-
-    positions = torch.from_numpy(
-        np.load(workdir / "weights.npz")["model.encoder.embed_positions.weight"]
-    )
-
-    class Converter(ctranslate2.converters.TransformersConverter):
-        """transformers does not save Marian's positional table (it recomputes its own, laid out
-        sin | cos, not interleaved as seqzoo's): put seqzoo's back before converting."""
-
-        def load_model(self, *args, **kwargs):
-            model = super().load_model(*args, **kwargs)
-            with torch.no_grad():
-                model.model.encoder.embed_positions.weight.copy_(positions)
-                model.model.decoder.embed_positions.weight.copy_(positions)
-            return model
-
     converted = workdir / "ct2"
     start = time.perf_counter()
-    Converter(str(marian)).convert(str(converted), force=True)
+    ctranslate2.converters.TransformersConverter(str(marian)).convert(str(converted), force=True)
     convert_s = time.perf_counter() - start
     translator = ctranslate2.Translator(
         str(converted),
@@ -600,6 +594,9 @@ def run_ctranslate2(config: Config, family: str, workdir: Path) -> dict:
     )
     words = vocabulary(config)
     ids = {w: i for i, w in enumerate(words)}
+    # Pad and BOS, unless the converter dropped them (Marian's last entry, <pad>: never generated).
+    pad_bos = {special_ids(config).pad, special_ids(config).bos}
+    suppressed = [[words[i]] for i in sorted(pad_bos) if words[i] != MARIAN_PAD]
     src_all = [[words[i] for i in row] for row in sources(config)]
     cells = []
     for beam, batch in config.cells():
@@ -610,7 +607,7 @@ def run_ctranslate2(config: Config, family: str, workdir: Path) -> dict:
                 beam_size=beam,
                 min_decoding_length=config.gen_len,
                 max_decoding_length=config.gen_len,
-                suppress_sequences=[[words[PAD_ID]], [words[BOS_ID]]],
+                suppress_sequences=suppressed,
                 num_hypotheses=1,
                 max_batch_size=0,
             )
@@ -799,6 +796,9 @@ def main(argv=None) -> int:
         "--dtype", choices=["float32", "bfloat16"], default="float32", help="computation dtype"
     )
     parser.add_argument("--batch_sizes", help="comma-separated batch sizes (default 1,32)")
+    parser.add_argument(
+        "--shape", choices=list(SHAPES), default="seqzoo", help="the Transformer's architecture"
+    )
     parser.add_argument("--child", choices=list(SYSTEMS), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -818,8 +818,14 @@ def main(argv=None) -> int:
     if "seqzoo" not in systems and {"transformers", "ctranslate2"} & set(systems):
         parser.error("the baselines load seqzoo's weights: add seqzoo to --systems")
     config = dataclasses.replace(
-        QUICK if args.quick else CONFIG, device=args.device, dtype=args.dtype
+        QUICK if args.quick else CONFIG, device=args.device, dtype=args.dtype, shape=args.shape
     )
+    if args.shape != "seqzoo":
+        if args.quick:
+            parser.error(f"--shape {args.shape} is a real size: drop --quick")
+        config = dataclasses.replace(config, **SHAPES[args.shape])
+        # No RNN of that size: the Transformer systems only.
+        systems = [s for s in systems if SYSTEMS[s][0] == "transformer"]
     if args.batch_sizes:
         try:
             sizes = tuple(int(n) for n in args.batch_sizes.split(","))

@@ -432,21 +432,30 @@ def test_nbest_writes_each_sentences_k_best_with_their_scores(tiny_run, tmp_path
         ),
         12,
     )
-    score = programs.score_fn(run.model, "gnmt")
+    sources, targets, hyps = [], [], []
     for record, text, source in zip(records, best, data.sources, strict=False):
-        hyps = record["hypotheses"]
-        assert len(hyps) == 3 and hyps[0]["text"] == text  # the plain file holds the best
-        assert [h["score"] for h in hyps] == sorted((h["score"] for h in hyps), reverse=True)
-        assert len({h["text"] for h in hyps}) == 3
-        # Each score is the normalized teacher-forced log-probability of its own text.
-        src = np.array([run.src_tokenizer.encode(source) + [2]], np.int32)
-        for h in hyps:
+        assert len(record["hypotheses"]) == 3 and record["hypotheses"][0]["text"] == text
+        scores = [h["score"] for h in record["hypotheses"]]
+        assert scores == sorted(scores, reverse=True)  # the plain file holds the best
+        assert len({h["text"] for h in record["hypotheses"]}) == 3
+        for h in record["hypotheses"]:
             ids = run.tgt_tokenizer.encode(h["text"])
-            targets = np.array([ids + [2]] if len(ids) < h["length"] else [ids], np.int32)
-            scored = score(run.params, src, targets, 0.6)
-            assert h["length"] == int(scored.lengths[0])
-            assert h["log_prob"] == pytest.approx(float(scored.log_probs[0]), abs=1e-4)
-            assert h["score"] == pytest.approx(float(scored.scores[0]), abs=1e-4)
+            sources.append(run.src_tokenizer.encode(source) + [2])
+            targets.append(ids + [2] if len(ids) < h["length"] else ids)
+            hyps.append(h)
+
+    def padded(rows):  # one batch, one shape: one compilation
+        out = np.zeros((len(rows), max(map(len, rows))), np.int32)
+        for i, row in enumerate(rows):
+            out[i, : len(row)] = row
+        return out
+
+    # Each score is the normalized teacher-forced log-probability of its own text.
+    scored = programs.score_fn(run.model, "gnmt")(run.params, padded(sources), padded(targets), 0.6)
+    for i, h in enumerate(hyps):
+        assert h["length"] == int(scored.lengths[i])
+        assert h["log_prob"] == pytest.approx(float(scored.log_probs[i]), abs=1e-4)
+        assert h["score"] == pytest.approx(float(scored.scores[i]), abs=1e-4)
 
 
 def test_nbest_with_input_and_its_bad_values(tiny_run, tmp_path):

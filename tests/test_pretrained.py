@@ -182,13 +182,13 @@ def test_a_plain_tensor_pickle_imports_like_safetensors(tiny_marian, converted, 
 # ------------------------------------------------------------------ eval, fine-tuning, export
 
 
-def test_eval_translates_evaluates_sweeps_and_analyses_a_converted_model(
-    tiny_marian, converted, tfds_data_dir, tmp_path
-):
-    import eval as eval_script
+EVAL_OPTIONS = dict(split="validation", decode="greedy", no_repeat_ngram_size=NGRAM)
 
-    hf, tokenizer, _ = converted["shared"]
-    workdir = tmp_path / "run"
+
+@pytest.fixture(scope="module")
+def evaluable(tiny_marian, tfds_data_dir, tmp_path_factory) -> Path:
+    """The shared tiny model imported with a dataset to evaluate (dates/tiny)."""
+    workdir = tmp_path_factory.mktemp("evaluable") / "run"
     pretrained.import_marian(
         tiny_marian["shared"],
         workdir,
@@ -197,15 +197,17 @@ def test_eval_translates_evaluates_sweeps_and_analyses_a_converted_model(
         max_len=32,
         max_decode_len=MAX_NEW,
     )
+    return workdir
+
+
+def test_eval_translates_input_as_transformers_does(converted, evaluable, tmp_path):
+    import eval as eval_script
+
+    hf, tokenizer, _ = converted["shared"]
     source, output = tmp_path / "in.txt", tmp_path / "out.txt"
     source.write_text("\n".join(SENTENCES) + "\n")
-    options = dict(split="validation", decode="greedy", no_repeat_ngram_size=NGRAM)
-    assert (
-        eval_script.evaluate(
-            workdir, eval_script.Options(**options, input=str(source), output=str(output))
-        )
-        is None
-    )
+    options = eval_script.Options(**EVAL_OPTIONS, input=str(source), output=str(output))
+    assert eval_script.evaluate(evaluable, options) is None
     with torch.no_grad():
         out = hf.generate(
             **hf_batch(tokenizer),
@@ -215,9 +217,13 @@ def test_eval_translates_evaluates_sweeps_and_analyses_a_converted_model(
             no_repeat_ngram_size=NGRAM,
         )
     assert output.read_text().splitlines() == tokenizer.batch_decode(out, skip_special_tokens=True)
-    report = eval_script.evaluate(
-        workdir, eval_script.Options(**options, num_examples=8, error_analysis=True, sweep=True)
-    )
+
+
+def test_eval_evaluates_sweeps_and_analyses_a_converted_model(evaluable):
+    import eval as eval_script
+
+    options = eval_script.Options(**EVAL_OPTIONS, num_examples=8, error_analysis=True, sweep=True)
+    report = eval_script.evaluate(evaluable, options)
     assert report["num_examples"] == 8 and "bleu" in report and report["sentences_per_sec"] > 0
     analysis = report["error_analysis"]
     assert analysis["num_sentences"] == 8
@@ -242,6 +248,7 @@ def test_fine_tuning_starts_from_the_converted_model_and_resumes_exactly(
         num_train_steps=4,
         eval_every=4,
         checkpoint_every=2,
+        num_eval_examples=8,
         max_decode_len=MAX_NEW,
     )
     whole, _ = training.train_and_evaluate(config, tmp_path / "whole")
@@ -304,3 +311,18 @@ def seqzoo_transformer_run(workdir: Path) -> Path:
     tokenizer.save(workdir / run_config.TGT_TOKENIZER)
     pretrained.save_params(workdir, params)
     return workdir
+
+
+def test_ctranslate2_converts_an_export_and_translates_the_same(converted, tmp_path):
+    ctranslate2 = pytest.importorskip("ctranslate2")  # benchmarks/requirements.txt
+    hf, tokenizer, run = converted["shared"]
+    out = pretrained.export_marian(run.workdir, tmp_path / "exported")
+    ctranslate2.converters.TransformersConverter(str(out)).convert(str(tmp_path / "ct2"))
+    translator = ctranslate2.Translator(str(tmp_path / "ct2"), device="cpu")
+    sources = [tokenizer.convert_ids_to_tokens(tokenizer(s)["input_ids"]) for s in SENTENCES]
+    results = translator.translate_batch(
+        sources, beam_size=1, max_decoding_length=MAX_NEW, no_repeat_ngram_size=NGRAM
+    )
+    theirs = [r.hypotheses[0] for r in results]
+    mine = decoded(run, tokenizer, "greedy")
+    assert [[p for p in row if p != "</s>"] for row in mine] == theirs
