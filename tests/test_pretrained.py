@@ -219,10 +219,11 @@ def test_eval_translates_input_as_transformers_does(converted, evaluable, tmp_pa
     assert output.read_text().splitlines() == tokenizer.batch_decode(out, skip_special_tokens=True)
 
 
-def test_eval_evaluates_sweeps_and_analyses_a_converted_model(evaluable):
+def test_eval_evaluates_and_analyses_a_converted_model(evaluable):
     import eval as eval_script
 
-    options = eval_script.Options(**EVAL_OPTIONS, num_examples=8, error_analysis=True, sweep=True)
+    # (--sweep reads the run as this does: tests/test_eval.py runs it on a trained run.)
+    options = eval_script.Options(**EVAL_OPTIONS, num_examples=8, error_analysis=True)
     report = eval_script.evaluate(evaluable, options)
     assert report["num_examples"] == 8 and "bleu" in report and report["sentences_per_sec"] > 0
     analysis = report["error_analysis"]
@@ -230,7 +231,6 @@ def test_eval_evaluates_sweeps_and_analyses_a_converted_model(evaluable):
     assert (
         analysis["num_correct"] + analysis["num_search_errors"] + analysis["num_model_errors"] == 8
     )
-    assert {row["decode"] for row in report["sweep"]} >= {"greedy", "beam"}
 
 
 def test_fine_tuning_starts_from_the_converted_model_and_resumes_exactly(

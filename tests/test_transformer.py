@@ -257,9 +257,12 @@ def test_fused_attention_kernel_computes_the_einsum_path(monkeypatch, pre_ln=Fal
         logits = model.apply({"params": params}, SRC, TGT_IN, train=True, rngs={"dropout": rng})
         return jnp.sum(logits * jnp.sin(jnp.arange(13.0)))
 
-    def run():  # traced anew each time: the kernel is chosen at trace time
-        logits = model.apply(variables, SRC, TGT_IN, train=False)
-        return logits, jax.grad(loss)(variables["params"], jax.random.key(1))
+    def run():  # a new function, so traced anew: the kernel is chosen at trace time
+        def both(params):
+            logits = model.apply({"params": params}, SRC, TGT_IN, train=False)
+            return logits, jax.grad(loss)(params, jax.random.key(1))
+
+        return jax.jit(both)(variables["params"])
 
     calls = []
     fused_kernel = jax.nn.dot_product_attention
