@@ -108,17 +108,19 @@ def image_attention(
     return save_figure(fig, path)
 
 
-def word_spans(ids: list[int], pieces: list[str]) -> list[tuple[str, list[int]]]:
+def word_spans(
+    ids: list[int], pieces: list[str], special_ids: tokenizers.SpecialIds = tokenizers.SEQZOO_IDS
+) -> list[tuple[str, list[int]]]:
     """Generated tokens grouped into whitespace-separated words: (word, token positions).
 
-    Special tokens (pad, BOS, EOS) are left out; a whitespace piece (a character tokenizer's " ")
+    Special tokens (`special_ids`' pad, BOS, EOS) are left out; a whitespace piece (a character tokenizer's " ")
     ends a word, a piece starting with whitespace or SentencePiece's "▁" starts one.
     """
     words: list[tuple[str, list[int]]] = []
     new_word = True
     for position, (token, piece) in enumerate(zip(ids, pieces, strict=True)):
         text = piece.replace("\u2581", " ")
-        if token in (tokenizers.PAD_ID, tokenizers.BOS_ID, tokenizers.EOS_ID) or not text.strip():
+        if token in special_ids[:3] or not text.strip():
             new_word = True
             continue
         if new_word or text[0].isspace():

@@ -40,7 +40,7 @@ def plot_attention(run: Run, eval_data, sequences, count: int, directory: Path) 
         rows = [(name, np.mean(stack, axis=0)) for name, stack in layers.items()]
         for i, image in enumerate(np.asarray(src)):
             ids = hyps[i, : lengths[i]].tolist()
-            words = plots.word_spans(ids, run.tgt_tokenizer.pieces(ids))
+            words = plots.word_spans(ids, run.tgt_tokenizer.pieces(ids), run.special_ids)
             panels = [(name, weights[i]) for name, weights in rows]
             caption = run.tgt_tokenizer.decode(ids)
             path = directory / f"attention_{i}.png"
