@@ -1,0 +1,61 @@
+r"""Convert models between transformers' Marian format (the opus-mt models) and seqzoo run directories.
+
+  python convert.py import ~/models/opus-mt-en-de runs/opus-mt-en-de \
+      --dataset multi30k/en-de --manual_dir ../shared/data/multi30k
+  python eval.py --workdir runs/opus-mt-en-de --decode beam --beam_size 4 --alpha 1.0
+  python convert.py export runs/m30k_tiny exported/m30k-tiny     # a post-LN Transformer run
+
+An imported directory is a run directory (config.json, tokenizer/, pretrained/0): eval.py, its
+sweep and error analysis, and `train.py --config.init_from=DIR` read it like a trained run.
+Nothing is downloaded: point at a local directory (experiment/pretrained.py).
+"""
+
+import argparse
+import sys
+
+from experiment import RunError, pretrained
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    imports = commands.add_parser("import", help="a Marian directory -> a seqzoo run directory")
+    imports.add_argument("marian_dir")
+    imports.add_argument("workdir")
+    imports.add_argument("--dataset", help="what eval.py evaluates, e.g. multi30k/en-de")
+    imports.add_argument("--manual_dir", help="local copy of the dataset (Multi30k)")
+    imports.add_argument("--data_dir", help="TFDS data_dir")
+    imports.add_argument("--max_len", type=int, default=128, help="longest source, in tokens")
+    imports.add_argument("--max_decode_len", type=int, default=128, help="most generated tokens")
+    exports = commands.add_parser("export", help="a seqzoo Transformer run -> a Marian directory")
+    exports.add_argument("workdir")
+    exports.add_argument("marian_dir")
+    exports.add_argument(
+        "--average_checkpoints", type=int, default=0, help="export the mean of the last K"
+    )
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "import":
+            config = pretrained.import_marian(
+                args.marian_dir,
+                args.workdir,
+                dataset=args.dataset,
+                manual_dir=args.manual_dir,
+                data_dir=args.data_dir,
+                max_len=args.max_len,
+                max_decode_len=args.max_decode_len,
+            )
+            print(
+                f"imported {args.marian_dir} ({config.model_hparams.d_model} wide) to {args.workdir}"
+            )
+            print(f"next: python eval.py --workdir {args.workdir}")
+        else:
+            out = pretrained.export_marian(args.workdir, args.marian_dir, args.average_checkpoints)
+            print(f"exported {args.workdir} to {out}")
+    except (RunError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
