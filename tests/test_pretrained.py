@@ -281,6 +281,21 @@ def test_export_loads_in_transformers_and_decodes_the_same(converted, tmp_path, 
     mine = run.model.apply({"params": run.params}, batch["input_ids"].numpy(), targets)
     # LayerNorm eps: transformers' 1e-5 against the seqzoo model's own 1e-6.
     assert np.abs(np.asarray(mine) - theirs).max() <= (1e-4 if source == "converted" else 2e-3)
+    if source == "converted":  # and generate on the export gives our tokens
+        with torch.no_grad():
+            out = hf.generate(  # greedy: the export's generation_config says beam 4, as opus-mt's
+                **hf_batch(tokenizer),
+                num_beams=1,
+                do_sample=False,
+                max_new_tokens=MAX_NEW,
+                bad_words_ids=[[run.special_ids.pad]],
+                forced_eos_token_id=None,
+                no_repeat_ngram_size=NGRAM,
+            )
+        theirs = [
+            run.tgt_tokenizer.pieces(until_eos(r, run.special_ids)) for r in out[:, 1:].tolist()
+        ]
+        assert decoded(run, tokenizer, "greedy") == theirs
 
 
 def seqzoo_transformer_run(workdir: Path) -> Path:

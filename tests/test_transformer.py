@@ -69,6 +69,34 @@ def test_embeddings_are_scaled_by_sqrt_d_model_plus_positions():
     np.testing.assert_allclose(embedded[0], expected, atol=1e-5)
 
 
+def test_marian_options_positions_in_halves_unscaled_embeddings_and_a_logits_bias():
+    # The options an imported opus-mt model needs (tests/test_pretrained.py checks them against
+    # transformers itself): here each one's own definition.
+    halves = sinusoidal_positions(16, 32, "halves")
+    interleaved = sinusoidal_positions(16, 32)
+    np.testing.assert_array_equal(halves[:, :16], interleaved[:, 0::2])  # sines first
+    np.testing.assert_array_equal(halves[:, 16:], interleaved[:, 1::2])  # then cosines
+    options = dict(scale_embeddings=False, position_layout="halves", final_logits_bias=True)
+    model = Transformer(11, 13, **{**TINY, **options, "activation": "silu"})
+    variables = jax.jit(model.init)(jax.random.key(0), SRC, TGT_IN)
+    tokens, positions = jnp.array([[4, 7, 2]]), jnp.array([0, 5, 9])
+    embedded = model.apply(
+        variables,
+        tokens,
+        positions,
+        method=lambda m, t, p: m._embed(m.tgt_embed, t, p, train=False),
+    )
+    table = np.asarray(variables["params"]["tgt_embed"]["embedding"])
+    np.testing.assert_allclose(embedded[0], table[[4, 7, 2]] + halves[[0, 5, 9]], atol=1e-6)
+    bias = jnp.arange(13.0)  # the logits move by exactly the bias
+    params = variables["params"]
+    shifted = {**params, "logits_bias": params["logits_bias"] + bias}
+    delta = model.apply({"params": shifted}, SRC, TGT_IN) - model.apply(variables, SRC, TGT_IN)
+    np.testing.assert_allclose(delta, np.broadcast_to(bias, delta.shape), atol=1e-4)
+    with pytest.raises(ValueError, match="position_layout"):
+        Transformer(11, 13, **{**TINY, "position_layout": "rotary"})
+
+
 def test_cross_attention_weights_per_layer_are_distributions_over_real_source_positions():
     model, _, forward = tiny()
     _, sown = forward(SRC, TGT_IN)
