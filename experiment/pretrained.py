@@ -20,6 +20,7 @@ at the end: a failure leaves nothing half-written.
 """
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -95,8 +96,8 @@ def read_weights(directory: Path) -> tuple[dict, str]:
 
 def read_tokenizers(directory: Path, hparams: dict):
     """(source, target) `MarianTokenizer`s of a Marian directory."""
-    settings = {}
-    with contextlib.suppress(FileNotFoundError):
+    settings = {}  # tokenizer_config.json is optional (older opus-mt uploads lack it)
+    if (directory / "tokenizer_config.json").is_file():
         settings = _read_json(directory / "tokenizer_config.json")
     separate = bool(settings.get("separate_vocabs", not hparams["share_embeddings"]))
     files = ["source.spm", "target.spm", "vocab.json"]
@@ -277,26 +278,8 @@ def export_marian(workdir, out_dir, average_checkpoints: int = 0) -> Path:
         raise RunError(
             f"the run's model is {run.config.model}: only Transformer runs have a Marian form"
         )
-    hparams = dict(run.config.model_hparams)
-    for field in ("pad_id", "bos_id", "eos_id"):
-        hparams[field] = getattr(run.model, field)
-    hparams.update(
-        src_vocab_size=run.model.src_vocab_size,
-        tgt_vocab_size=run.model.tgt_vocab_size,
-        d_model=run.model.d_model,
-        num_heads=run.model.num_heads,
-        num_encoder_layers=run.model.num_encoder_layers,
-        num_decoder_layers=run.model.num_decoder_layers,
-        ffn_dim=run.model.ffn_dim,
-        pre_ln=run.model.pre_ln,
-        share_embeddings=run.model.share_embeddings,
-        tie_output=run.model.tie_output,
-        activation=run.model.activation,
-        max_positions=run.model.max_positions,
-        scale_embeddings=run.model.scale_embeddings,
-        position_layout=run.model.position_layout,
-        final_logits_bias=run.model.final_logits_bias,
-    )
+    # Every field of the built model, defaults included (the run's config lists only what it set).
+    hparams = {f.name: getattr(run.model, f.name) for f in dataclasses.fields(run.model)}
     try:
         config = marian.config_from_hparams(hparams)
     except marian.MarianError as e:

@@ -53,15 +53,20 @@ def test_positional_encoding_is_the_sin_cos_formula():
             assert table[pos, 2 * i + 1] == pytest.approx(math.cos(angle), abs=1e-6)
 
 
-def test_embeddings_are_scaled_by_sqrt_d_model_plus_positions():
-    model, variables, _ = tiny()
-    tokens, positions = jnp.array([[4, 7, 2]]), jnp.array([0, 5, 9])
-    embedded = model.apply(
+def target_embedding(model, variables, tokens, positions):
+    """The decoder's input embedding `[batch, len, d_model]` of `tokens` at `positions`."""
+    return model.apply(
         variables,
         tokens,
         positions,
         method=lambda m, t, p: m._embed(m.tgt_embed, t, p, train=False),
     )
+
+
+def test_embeddings_are_scaled_by_sqrt_d_model_plus_positions():
+    model, variables, _ = tiny()
+    tokens, positions = jnp.array([[4, 7, 2]]), jnp.array([0, 5, 9])
+    embedded = target_embedding(model, variables, tokens, positions)
     table = np.asarray(variables["params"]["tgt_embed"]["embedding"])
     expected = (
         table[[4, 7, 2]] * math.sqrt(TINY["d_model"]) + sinusoidal_positions(16, 32)[[0, 5, 9]]
@@ -80,12 +85,7 @@ def test_marian_options_positions_in_halves_unscaled_embeddings_and_a_logits_bia
     model = Transformer(11, 13, **{**TINY, **options, "activation": "silu"})
     variables = jax.jit(model.init)(jax.random.key(0), SRC, TGT_IN)
     tokens, positions = jnp.array([[4, 7, 2]]), jnp.array([0, 5, 9])
-    embedded = model.apply(
-        variables,
-        tokens,
-        positions,
-        method=lambda m, t, p: m._embed(m.tgt_embed, t, p, train=False),
-    )
+    embedded = target_embedding(model, variables, tokens, positions)
     table = np.asarray(variables["params"]["tgt_embed"]["embedding"])
     np.testing.assert_allclose(embedded[0], table[[4, 7, 2]] + halves[[0, 5, 9]], atol=1e-6)
     bias = jnp.arange(13.0)  # the logits move by exactly the bias
