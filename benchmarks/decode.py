@@ -545,6 +545,8 @@ def run_transformers(config: Config, family: str, workdir: Path) -> dict:
     device = torch_device(config)
     model = marian_model(config, workdir).to(device, getattr(torch, config.dtype))
     src_all = torch.from_numpy(sources(config).astype(np.int64)).to(device)
+    ids = special_ids(config)
+    suppressed = sorted({ids.pad, ids.bos})  # never generated, as in seqzoo
     cells = []
     for beam, batch in config.cells():
         src = src_all[:batch]
@@ -558,7 +560,7 @@ def run_transformers(config: Config, family: str, workdir: Path) -> dict:
                     do_sample=False,
                     min_new_tokens=config.gen_len,
                     max_new_tokens=config.gen_len,
-                    suppress_tokens=sorted({special_ids(config).pad, special_ids(config).bos}),
+                    suppress_tokens=suppressed,
                     num_return_sequences=1,
                 )
                 return out.cpu()  # waits for the GPU
