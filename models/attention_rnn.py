@@ -50,7 +50,7 @@ class AttentionDecoderStep(nn.Module):
             common.rnn_cell(self.cell, self.hidden_dim, **dtypes) for _ in range(self.num_layers)
         ]
         self.readout = nn.Dense(self.hidden_dim, **dtypes)
-        self.dropout = nn.Dropout(self.dropout_rate)
+        self.dropout = common.Dropout(self.dropout_rate)
 
     def attend(self, query: jax.Array, memory: dict) -> tuple[jax.Array, jax.Array]:
         """Attention of each row over its own sentence's annotations, broadcast over the beams.
@@ -121,7 +121,7 @@ class AttentionRNNDecoder(nn.Module):
             self.dropout_rate,
             **dtypes,
         )
-        self.dropout = nn.Dropout(self.dropout_rate)
+        self.dropout = common.Dropout(self.dropout_rate)
         self.output = nn.Dense(
             self.tgt_vocab_size, dot_general=common.float32_dot_general, **dtypes
         )

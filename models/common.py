@@ -1,5 +1,6 @@
-"""Pieces shared by the model families: masks, RNN cells, masked softmax, validation."""
+"""Pieces shared by the model families: masks, RNN cells, masked softmax, dropout, validation."""
 
+import math
 from typing import Any
 
 import jax
@@ -22,6 +23,42 @@ def check_rate(**fields: float) -> None:
     for field, value in fields.items():
         if not 0.0 <= value < 1.0:
             raise ValueError(f"{field}={value!r} must be in [0, 1)")
+
+
+# Random words drawn in one piece at most. XLA:CPU's threefry slows down past about a million words
+# (jax 0.10.2, 2-core Xeon: 7.5 ms for 2^20 words, 75 ms for 2^22), so larger masks draw blocks.
+DROPOUT_BLOCK_WORDS = 1 << 20
+
+
+def keep_mask(key: jax.Array, shape: tuple, threshold: int, block_words: int = DROPOUT_BLOCK_WORDS):
+    """bool `shape`, True where a uniform 16-bit draw is >= `threshold` (probability
+    `1 - threshold / 65536`): two elements per random 32-bit word, drawn in blocks of `block_words`
+    words, block i from `fold_in(key, i)`."""
+    size = math.prod(shape)
+    words = -(-size // 2)
+    blocks = [
+        jax.random.bits(jax.random.fold_in(key, i), (min(block_words, words - start),), jnp.uint32)
+        for i, start in enumerate(range(0, words, block_words))
+    ]
+    bits = jax.lax.bitcast_convert_type(jnp.concatenate(blocks), jnp.uint16).reshape(-1)
+    return bits[:size].reshape(shape) >= threshold
+
+
+class Dropout(nn.Module):
+    """Inverted dropout of `rate` (rounded to 1/65536) with the `dropout` rng, as `nn.Dropout`, from a
+    quarter of its random bits: 16 per element instead of a float32 uniform (32), drawn in blocks
+    (`keep_mask`). On XLA:CPU this makes a [4096, 1024] mask ~3x cheaper; the masks differ from
+    `nn.Dropout`'s, the statistics do not."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        threshold = round(self.rate * 65536)
+        if deterministic or threshold == 0:
+            return x
+        keep = keep_mask(self.make_rng("dropout"), x.shape, threshold)
+        return jnp.where(keep, x / ((65536 - threshold) / 65536), 0).astype(x.dtype)
 
 
 def float32_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):

@@ -33,7 +33,7 @@ class StackedCell(nn.Module):
             common.rnn_cell(self.cell, self.hidden_dim, self.dtype, self.param_dtype)
             for _ in range(self.num_layers)
         ]
-        self.dropout = nn.Dropout(self.dropout_rate)
+        self.dropout = common.Dropout(self.dropout_rate)
 
     def __call__(self, carries: tuple, x: jax.Array, train: bool) -> tuple[tuple, jax.Array]:
         """Args: carries (one per layer, leaves `[N, hidden]`), x `[N, in]`.
@@ -95,7 +95,7 @@ class Seq2SeqRNN(nn.Module):
         self.decoder = StackedCell(
             self.cell, self.hidden_dim, self.num_layers, self.dropout_rate, **dtypes
         )
-        self.dropout = nn.Dropout(self.dropout_rate)
+        self.dropout = common.Dropout(self.dropout_rate)
         self.output = nn.Dense(
             self.tgt_vocab_size, dot_general=common.float32_dot_general, **dtypes
         )

@@ -123,7 +123,7 @@ class MultiHeadAttention(nn.Module):
         self.key = nn.DenseGeneral((self.num_heads, head_dim), **dense)
         self.value = nn.DenseGeneral((self.num_heads, head_dim), **dense)
         self.out = nn.DenseGeneral(self.d_model, axis=(-2, -1), **dense)
-        self.dropout = nn.Dropout(self.dropout_rate)
+        self.dropout = common.Dropout(self.dropout_rate)
 
     def fused_kernel(self, train: bool) -> str | None:
         """The fused kernel this (teacher-forced) call uses (`common.fused_attention`), or None for
@@ -210,7 +210,7 @@ class FeedForward(nn.Module):
             param_dtype=self.param_dtype,
         )
         x = ACTIVATIONS[self.activation](nn.Dense(self.ffn_dim, name="inner", **dense)(x))
-        x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+        x = common.Dropout(self.dropout_rate)(x, deterministic=not train)
         return nn.Dense(self.d_model, name="outer", **dense)(x)
 
 
@@ -231,7 +231,7 @@ class Sublayers(nn.Module):
     param_dtype: Any
 
     def setup(self):
-        self.residual_dropout = nn.Dropout(self.dropout_rate)
+        self.residual_dropout = common.Dropout(self.dropout_rate)
 
     def attention(self) -> MultiHeadAttention:
         return MultiHeadAttention(
@@ -482,7 +482,7 @@ class TransformerDecoder(nn.Module):
             self.output = nn.Dense(
                 self.tgt_vocab_size, dot_general=common.float32_dot_general, **dtypes
             )
-        self.dropout = nn.Dropout(self.dropout_rate)
+        self.dropout = common.Dropout(self.dropout_rate)
         self.positions = sinusoidal_positions(
             self.max_positions, self.d_model, self.position_layout
         )
