@@ -136,9 +136,9 @@ def test_nothing_found_and_download_fails(no_default_dirs, tmp_path):
     [
         (b"", "is empty"),
         (b"not gzip at all", "is corrupt"),
-        (gzip.compress(b"a sentence\n" * 100)[:-12], "is corrupt"),  # truncated
-        (gzip.compress(b"\xff\xfe not utf-8\n"), "is corrupt"),
-        (gzip.compress(b""), "holds no sentences"),
+        (gzip.compress(b"a sentence\n" * 100, mtime=0)[:-12], "is corrupt"),  # truncated
+        (gzip.compress(b"\xff\xfe not utf-8\n", mtime=0), "is corrupt"),
+        (gzip.compress(b"", mtime=0), "holds no sentences"),
     ],
 )
 def test_bad_raw_file(no_default_dirs, tmp_path, content, problem):
