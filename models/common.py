@@ -26,16 +26,19 @@ def check_rate(**fields: float) -> None:
 
 
 # Random words drawn in one piece at most. XLA:CPU's threefry slows down past about a million words
-# (jax 0.10.2, 2-core Xeon: 7.5 ms for 2^20 words, 75 ms for 2^22), so larger masks draw blocks.
+# (jax 0.10.2, 2-core Xeon: 7.5 ms for 2^20 words, 75 ms for 2^22), so larger masks draw blocks; at
+# most DROPOUT_MAX_BLOCKS of them (larger blocks beyond), so a huge activation stays a few ops.
 DROPOUT_BLOCK_WORDS = 1 << 20
+DROPOUT_MAX_BLOCKS = 16
 
 
 def keep_mask(key: jax.Array, shape: tuple, threshold: int, block_words: int = DROPOUT_BLOCK_WORDS):
     """bool `shape`, True where a uniform 16-bit draw is >= `threshold` (probability
     `1 - threshold / 65536`): two elements per random 32-bit word, drawn in blocks of `block_words`
-    words, block i from `fold_in(key, i)`."""
+    words (more when that would make over `DROPOUT_MAX_BLOCKS`), block i from `fold_in(key, i)`."""
     size = math.prod(shape)
     words = -(-size // 2)
+    block_words = max(block_words, -(-words // DROPOUT_MAX_BLOCKS))
     blocks = [
         jax.random.bits(jax.random.fold_in(key, i), (min(block_words, words - start),), jnp.uint32)
         for i, start in enumerate(range(0, words, block_words))

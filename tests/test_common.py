@@ -25,6 +25,10 @@ def test_keep_mask_keeps_the_promised_fraction_and_blocks_agree_in_shape():
     # No two consecutive blocks repeat each other (each has its own fold_in key).
     flat = np.asarray(mask).reshape(-1)
     assert not np.array_equal(flat[:8192], flat[8192:16384])
+    # A mask of many blocks is drawn in at most DROPOUT_MAX_BLOCKS of them (larger ones).
+    many = jax.make_jaxpr(lambda k: common.keep_mask(k, (64, 1001), threshold, block_words=64))(key)
+    draws = sum(str(e.primitive) == "random_bits" for e in many.eqns)
+    assert draws == common.DROPOUT_MAX_BLOCKS, draws
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
