@@ -9,6 +9,7 @@ r"""Evaluate a trained run: decode a split, score it, analyse beam-search errors
   python eval.py --workdir runs/default --decode sample --num_samples 5 --top_p 0.9 --output s.txt
   python eval.py --workdir runs/default --input lines.tsv --input_format tsv   # source<TAB>prefix
   python eval.py --workdir runs/default --output_format jsonl    # token log-probs and alignments
+  python eval.py --workdir runs/m30k_tf --quantize int8          # int8 weights (transformer runs)
 
 Loads the best checkpoint (else the latest), writes hypotheses line by line as they are decoded, and a
 JSON report (default `<workdir>/eval_<split>.json`). Each job is a module of `evaluation/`.
@@ -61,6 +62,7 @@ class Options:
     plot_attention: int = 0
     input: str | None = None
     average_checkpoints: int = 0  # > 0: the mean of the last N periodic checkpoints
+    quantize: str = "none"  # "int8": int8 weights (models/int8.py; transformer runs)
 
 
 def define_flags() -> None:
@@ -147,6 +149,13 @@ def define_flags() -> None:
         "Evaluate the mean of the last N periodic checkpoints (checkpoint averaging) instead of the "
         "best one.",
     )
+    flags.DEFINE_enum(
+        "quantize",
+        "none",
+        ["none", "int8"],
+        "int8: decode with int8 weights and int8 products (per-channel weight scales, activations "
+        "quantized per row; transformer runs).",
+    )
 
 
 def main(argv):
@@ -173,7 +182,7 @@ def evaluate(workdir: Path, options: Options) -> dict | None:
     check_nbest(options)
     check_sampling(options)
     check_formats(options)
-    run = Run(workdir, options.average_checkpoints)
+    run = Run(workdir, options.average_checkpoints, options.quantize)
     config = run.config
     alignment_layer = None
     if options.output_format == "jsonl":
@@ -213,7 +222,12 @@ def evaluate(workdir: Path, options: Options) -> dict | None:
         run, eval_data, search, output, options.nbest, jsonl=options.output_format == "jsonl"
     )
     checkpoint = run.checkpoint if options.average_checkpoints else f"{run.checkpoint}/{run.step}"
-    report = {"split": options.split, "checkpoint": checkpoint, **report}
+    report = {
+        "split": options.split,
+        "checkpoint": checkpoint,
+        "quantize": options.quantize,
+        **report,
+    }
     print(
         f"{options.split}: "
         + ", ".join(f"{k} {v:.4g}" for k, v in report.items() if isinstance(v, float))

@@ -43,6 +43,31 @@ def learning_curves(records: list[dict], metric: str, path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def quality_curves(runs: dict[str, list[dict]], metric: str, path: Path) -> Path:
+    """The validation `metric` of each run against wall time and against target tokens seen.
+
+    Args:
+      runs: label -> metrics.jsonl rows; validation rows need `elapsed_s`, train rows `tokens` (the
+        window's real target tokens: the tokens seen at a validation are those of the train rows
+        up to its step).
+    """
+    fig, (ax_time, ax_tokens) = _pyplot().subplots(1, 2, figsize=(10, 4))
+    for label, records in runs.items():
+        train = [(r["step"], r["tokens"]) for r in records if r.get("split") == "train"]
+        valid = [r for r in records if r.get("split") == "validation" and metric in r]
+        minutes = [r["elapsed_s"] / 60 for r in valid]
+        seen = [sum(t for s, t in train if s <= r["step"]) / 1e6 for r in valid]
+        scores = [r[metric] for r in valid]
+        ax_time.plot(minutes, scores, "o-", label=label)
+        ax_tokens.plot(seen, scores, "o-", label=label)
+    ax_time.set(xlabel="wall time (min)", ylabel=metric, title=f"Validation {metric}")
+    ax_tokens.set(
+        xlabel="target tokens seen (millions)", ylabel=metric, title=f"Validation {metric}"
+    )
+    ax_time.legend()
+    return save_figure(fig, path)
+
+
 def text_attention(
     src_pieces: list[str], tgt_pieces: list[str], panels: list[tuple[str, np.ndarray]], path: Path
 ) -> Path:

@@ -5,6 +5,7 @@ HuggingFace transformers `generate` and CTranslate2 `translate_batch`, on one mo
   python benchmarks/decode.py --json decode.json   # also write every figure as JSON
   python benchmarks/decode.py --quick              # tiny sizes, seconds: a smoke test, not a result
   python benchmarks/decode.py --shape opus-mt-en-de --systems seqzoo,transformers,ctranslate2
+  python benchmarks/decode.py --quantize int8 --systems seqzoo,transformers,ctranslate2
   python benchmarks/decode.py --device gpu --dtype bfloat16 --batch_sizes 1,32,256 \
       --systems seqzoo,transformers                # on a GPU (torch on CUDA)
 
@@ -44,6 +45,10 @@ Systems:
 - transformers: `MarianMTModel.generate` (PyTorch, CPU, `torch.inference_mode`).
 - ctranslate2: `Translator.translate_batch` on the converted Marian model.
 The attention RNN (Bahdanau, GRU) of about the same parameter count runs as seqzoo and python_loop.
+
+Layout: this file is seqzoo's side (the JAX systems) and the harness (one subprocess per system,
+rounds, the table); the sizes, sources and cell timing all systems share are
+`benchmarks/decode_workload.py`; the transformers and CTranslate2 runners `benchmarks/baselines.py`.
 """
 
 import argparse
@@ -51,11 +56,9 @@ import dataclasses
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -63,65 +66,22 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script (python benchmarks/decode.py)
     sys.path.insert(0, str(REPO))
-from contracts import SpecialIds  # noqa: E402
-
-FIRST_WORD_ID = 4  # sources are drawn from the ordinary tokens [4, vocab)
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    vocab_size: int = 8000
-    d_model: int = 256
-    num_heads: int = 4
-    num_layers: int = 3  # encoder and decoder each
-    ffn_dim: int = 1024
-    max_positions: int = 256  # positional table (model max_len), both frameworks
-    rnn_embed_dim: int = 256
-    rnn_hidden_dim: int = 256
-    src_len: int = 20
-    gen_len: int = 32
-    batch_sizes: tuple[int, ...] = (1, 32)
-    beam_sizes: tuple[int, ...] = (1, 4)  # 1 is greedy decoding
-    runs: int = 5
-    warmup: int = 2
-    threads: int = 2
-    seed: int = 0
-    device: str = "cpu"  # "gpu": XLA and torch on the GPU (CTranslate2 on CUDA)
-    shape: str = "seqzoo"  # or "opus-mt-en-de" (SHAPES)
-    dtype: str = (
-        "float32"  # "bfloat16": every system computes in bfloat16 (float32 weights in seqzoo)
-    )
-
-    def cells(self) -> list[tuple[int, int]]:
-        """(beam, batch) pairs, greedy first."""
-        return [(beam, batch) for beam in self.beam_sizes for batch in self.batch_sizes]
-
-
-CONFIG = Config()
-QUICK = Config(
-    vocab_size=64,
-    d_model=32,
-    num_heads=2,
-    num_layers=1,
-    ffn_dim=64,
-    max_positions=16,
-    rnn_embed_dim=16,
-    rnn_hidden_dim=32,
-    src_len=5,
-    gen_len=4,
-    batch_sizes=(1, 2),
-    beam_sizes=(1, 2),
-    runs=2,
-    warmup=1,
+from benchmarks.baselines import run_ctranslate2, run_transformers  # noqa: E402
+from benchmarks.decode_workload import (  # noqa: E402
+    CONFIG,
+    QUICK,
+    SHAPES,
+    Config,
+    SpecialIds,
+    cell_name,
+    cell_result,
+    log,
+    peak_rss_mb,
+    sources,
+    special_ids,
+    time_runs,
+    transformer_hparams,
 )
-
-# The Transformer sizes of each --shape (the rest of the config as CONFIG).
-SHAPES = {
-    "seqzoo": {},
-    "opus-mt-en-de": dict(
-        vocab_size=58101, d_model=512, num_heads=8, num_layers=6, ffn_dim=2048, max_positions=512
-    ),
-}
 
 # system -> (model family, what the subprocess needs to import, how it is described in the table)
 SYSTEMS = {
@@ -134,111 +94,6 @@ SYSTEMS = {
 }
 # Ratios in the table: ours / each baseline, per model family.
 OURS = {"transformer": "seqzoo", "attention_rnn": "seqzoo_rnn"}
-
-
-def cell_name(beam: int, batch: int) -> str:
-    return f"{'greedy' if beam == 1 else f'beam{beam}'} b{batch}"
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def sources(config: Config) -> np.ndarray:
-    """int32 `[max batch, src_len]` source ids, the same for every system."""
-    rng = np.random.default_rng(config.seed)
-    shape = (max(config.batch_sizes), config.src_len)
-    last = config.vocab_size - 1  # the Marian models' pad
-    return rng.integers(FIRST_WORD_ID, last, size=shape).astype(np.int32)
-
-
-def marian_config(config: Config) -> dict:
-    """The `config.json` of opus-mt-en-de's architecture at `config`'s sizes (`--shape`)."""
-    return {
-        "model_type": "marian",
-        "vocab_size": config.vocab_size,
-        "d_model": config.d_model,
-        "encoder_layers": config.num_layers,
-        "decoder_layers": config.num_layers,
-        "encoder_attention_heads": config.num_heads,
-        "decoder_attention_heads": config.num_heads,
-        "encoder_ffn_dim": config.ffn_dim,
-        "decoder_ffn_dim": config.ffn_dim,
-        "activation_function": "swish",
-        "max_position_embeddings": config.max_positions,
-        "scale_embedding": True,
-        "dropout": 0.0,
-        "pad_token_id": config.vocab_size - 1,
-        "eos_token_id": 0,
-        "decoder_start_token_id": config.vocab_size - 1,
-        "share_encoder_decoder_embeddings": True,
-    }
-
-
-def transformer_hparams(config: Config) -> dict:
-    """The benchmark Transformer's hyperparameters, vocabulary sizes and special ids included."""
-    if config.shape == "opus-mt-en-de":
-        from models import marian
-
-        return marian.hparams_from_config(marian_config(config))
-    return dict(
-        src_vocab_size=config.vocab_size,
-        tgt_vocab_size=config.vocab_size,
-        d_model=config.d_model,
-        num_heads=config.num_heads,
-        num_encoder_layers=config.num_layers,
-        num_decoder_layers=config.num_layers,
-        ffn_dim=config.ffn_dim,
-        pre_ln=False,
-        share_embeddings=True,
-        tie_output=True,
-        activation="relu",
-        max_positions=config.max_positions,
-    )
-
-
-def special_ids(config: Config) -> SpecialIds:
-    hparams = transformer_hparams(config)
-    return SpecialIds(
-        hparams.get("pad_id", 0), hparams.get("bos_id", 1), hparams.get("eos_id", 2), 3
-    )
-
-
-def time_runs(run, config: Config) -> tuple[list[float], object]:
-    """`warmup` untimed then `runs` timed calls of `run()` (which must block until done)."""
-    for _ in range(config.warmup):
-        run()
-    seconds, out = [], None
-    for _ in range(config.runs):
-        start = time.perf_counter()
-        out = run()
-        seconds.append(time.perf_counter() - start)
-    return seconds, out
-
-
-def cell_result(config, beam, batch, seconds, tokens, **extra) -> dict:
-    """One cell's figures; `tokens` int `[batch, gen_len]` is the best hypothesis of each sentence."""
-    ms = 1e3 * np.asarray(seconds)
-    tokens = np.asarray(tokens)
-    if tokens.shape != (batch, config.gen_len):
-        raise RuntimeError(
-            f"{cell_name(beam, batch)}: got tokens {tokens.shape}, not {batch} x "
-            f"{config.gen_len}: the system did not generate exactly gen_len tokens"
-        )
-    return {
-        "cell": cell_name(beam, batch),
-        "beam": beam,
-        "batch": batch,
-        "runs": len(seconds),
-        "ms_median": float(np.median(ms)),
-        "ms_min": float(ms.min()),
-        "ms_max": float(ms.max()),
-        "tokens_per_s": batch * config.gen_len / float(np.median(seconds)),
-        "peak_rss_mb": peak_rss_mb(),
-        "tokens": tokens.tolist(),
-        **extra,
-    }
 
 
 # ---------------------------------------------------------------------------------------- JAX side
@@ -282,6 +137,15 @@ def jax_model(config: Config, family: str):
         shapes = jax.tree.map(lambda x: x.shape, params)
         params = marian.params_from_state_dict(state, hparams, shapes, "random opus-mt-en-de")
     return model, params
+
+
+def quantized(config: Config, model, params):
+    """`params` as `config.quantize` says: unchanged, or int8 kernels (`models.int8`)."""
+    if config.quantize != "int8":
+        return params
+    from models import int8
+
+    return int8.quantize_params(params, tied_output=model.tie_output)
 
 
 def no_eos(logits, eos_id: int):
@@ -346,6 +210,7 @@ def run_seqzoo(config: Config, family: str, workdir: Path) -> dict:
     model, params = jax_model(config, family)
     if family == "transformer":
         np.savez(workdir / "weights.npz", **marian_state_dict(config, params))
+    params = quantized(config, model, params)
     src_all = sources(config)
     counter = CompileCounter()
     cells = []
@@ -404,7 +269,7 @@ def run_python_loop(config: Config, family: str, workdir: Path) -> dict:
 
     del workdir
     model, params = jax_model(config, family)
-    variables = {"params": params}
+    variables = {"params": quantized(config, model, params)}
     encode = jax.jit(functools.partial(model.apply, method=model.encode))
     init = jax.jit(functools.partial(model.apply, method=model.init_decode_state), static_argnums=2)
     step = jax.jit(functools.partial(model.apply, method=model.decode_step))
@@ -468,163 +333,6 @@ def marian_state_dict(config: Config, params) -> dict:
     return marian.state_dict_from_params(params, transformer_hparams(config))
 
 
-# ------------------------------------------------------------------------------------ the baselines
-
-MARIAN_PAD = "<pad>"  # CTranslate2's Marian loader drops a last vocabulary entry named so
-
-
-def vocabulary(config: Config) -> list[str]:
-    """Token strings by id; the last id is Marian's pad (transformers and CTranslate2 need one)."""
-    ids = special_ids(config)
-    special = {ids.pad: "<blank>", ids.bos: "<s>", ids.eos: "</s>", ids.unk: "<unk>"}
-    if config.shape == "opus-mt-en-de":
-        special = {0: "</s>", 1: "<unk>"}
-    words = [special.get(i, f"w{i}") for i in range(config.vocab_size)]
-    words[-1] = MARIAN_PAD
-    return words
-
-
-def marian_model(config: Config, workdir: Path):
-    """transformers' MarianMTModel of the benchmark size holding seqzoo's weights, saved (with a
-    word-level tokenizer for CTranslate2's converter) to `workdir/marian`."""
-    import torch
-    import transformers
-    from tokenizers import Tokenizer, models
-
-    from models import marian as mapping
-
-    fields = mapping.config_from_hparams(transformer_hparams(config))
-    fields.update(dropout=0.0, forced_eos_token_id=None, pad_token_id=config.vocab_size - 1)
-    fields.pop("model_type")
-    fields.pop("architectures")
-    marian = transformers.MarianConfig(**fields)
-    torch.manual_seed(config.seed)
-    model = transformers.MarianMTModel(marian).eval()
-    weights = {k: torch.from_numpy(v) for k, v in np.load(workdir / "weights.npz").items()}
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    tied = {  # and the positional tables, which transformers computes itself
-        "lm_head.weight",
-        "model.encoder.embed_tokens.weight",
-        "model.decoder.embed_tokens.weight",
-        "model.encoder.embed_positions.weight",
-        "model.decoder.embed_positions.weight",
-    }
-    if unexpected or set(missing) - tied:
-        raise RuntimeError(
-            f"weights do not fit MarianMTModel: missing {sorted(set(missing) - tied)}, "
-            f"unexpected {sorted(unexpected)}"
-        )
-    out = workdir / "marian"
-    model.save_pretrained(out)
-    words = vocabulary(config)
-    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, eos_token="</s>", unk_token="<unk>", pad_token=MARIAN_PAD
-    ).save_pretrained(out)
-    return model
-
-
-def torch_device(config: Config):
-    """torch's device for `config.device`; on the GPU float32 matmuls stay float32 (no TF32), as
-    seqzoo's run at "highest" precision there, so that both compute the same tokens."""
-    import torch
-
-    if config.device != "gpu":
-        return torch.device("cpu")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    return torch.device("cuda")
-
-
-def run_transformers(config: Config, family: str, workdir: Path) -> dict:
-    import torch
-    import transformers
-
-    del family
-    torch.set_num_threads(config.threads)
-    device = torch_device(config)
-    model = marian_model(config, workdir).to(device, getattr(torch, config.dtype))
-    src_all = torch.from_numpy(sources(config).astype(np.int64)).to(device)
-    ids = special_ids(config)
-    suppressed = sorted({ids.pad, ids.bos})  # never generated, as in seqzoo
-    cells = []
-    for beam, batch in config.cells():
-        src = src_all[:batch]
-
-        def run(beam=beam, src=src):
-            with torch.inference_mode():
-                out = model.generate(
-                    input_ids=src,
-                    attention_mask=torch.ones_like(src),
-                    num_beams=beam,
-                    do_sample=False,
-                    min_new_tokens=config.gen_len,
-                    max_new_tokens=config.gen_len,
-                    suppress_tokens=suppressed,
-                    num_return_sequences=1,
-                )
-                return out.cpu()  # waits for the GPU
-
-        start = time.perf_counter()
-        run()
-        first_s = time.perf_counter() - start
-        seconds, out = time_runs(run, config)
-        tokens = out[:, 1:].numpy()  # drop the decoder start token
-        cells.append(cell_result(config, beam, batch, seconds, tokens, first_call_s=first_s))
-        log(f"transformers {cell_name(beam, batch)}: {cells[-1]['tokens_per_s']:.0f} tokens/s")
-    versions = {"torch": torch.__version__, "transformers": transformers.__version__}
-    return {"cells": cells, "versions": versions, "threads": torch.get_num_threads()}
-
-
-def run_ctranslate2(config: Config, family: str, workdir: Path) -> dict:
-    import ctranslate2
-
-    del family
-    marian = workdir / "marian"
-    if not (marian / "config.json").is_file():
-        raise RuntimeError("the converted Marian model needs the transformers system to run first")
-    converted = workdir / "ct2"
-    start = time.perf_counter()
-    ctranslate2.converters.TransformersConverter(str(marian)).convert(str(converted), force=True)
-    convert_s = time.perf_counter() - start
-    translator = ctranslate2.Translator(
-        str(converted),
-        device="cuda" if config.device == "gpu" else "cpu",
-        compute_type=config.dtype,
-        inter_threads=1,
-        intra_threads=config.threads,
-    )
-    words = vocabulary(config)
-    ids = {w: i for i, w in enumerate(words)}
-    # Pad and BOS, unless the converter dropped them (Marian's last entry, <pad>: never generated).
-    pad_bos = {special_ids(config).pad, special_ids(config).bos}
-    suppressed = [[words[i]] for i in sorted(pad_bos) if words[i] != MARIAN_PAD]
-    src_all = [[words[i] for i in row] for row in sources(config)]
-    cells = []
-    for beam, batch in config.cells():
-
-        def run(beam=beam, batch=batch):
-            return translator.translate_batch(
-                src_all[:batch],
-                beam_size=beam,
-                min_decoding_length=config.gen_len,
-                max_decoding_length=config.gen_len,
-                suppress_sequences=suppressed,
-                num_hypotheses=1,
-                max_batch_size=0,
-            )
-
-        start = time.perf_counter()
-        run()
-        first_s = time.perf_counter() - start
-        seconds, out = time_runs(run, config)
-        tokens = [[ids[w] for w in result.hypotheses[0]] for result in out]
-        cells.append(cell_result(config, beam, batch, seconds, tokens, first_call_s=first_s))
-        log(f"ctranslate2 {cell_name(beam, batch)}: {cells[-1]['tokens_per_s']:.0f} tokens/s")
-    versions = {"ctranslate2": ctranslate2.__version__}
-    return {"cells": cells, "versions": versions, "convert_s": convert_s}
-
-
 RUNNERS = {
     "seqzoo": run_seqzoo,
     "python_loop": run_python_loop,
@@ -656,10 +364,6 @@ def child_main(system: str, workdir: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ parent
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def missing_packages(system: str) -> list[str]:
@@ -797,6 +501,12 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--dtype", choices=["float32", "bfloat16"], default="float32", help="computation dtype"
     )
+    parser.add_argument(
+        "--quantize",
+        choices=["none", "int8"],
+        default="none",
+        help="int8: every system decodes with int8 weights (the Transformer systems only)",
+    )
     parser.add_argument("--batch_sizes", help="comma-separated batch sizes (default 1,32)")
     parser.add_argument(
         "--shape", choices=list(SHAPES), default="seqzoo", help="the Transformer's architecture"
@@ -819,9 +529,17 @@ def main(argv=None) -> int:
         parser.error("ctranslate2 computes in bfloat16 on GPUs only: use --device gpu or float32")
     if "seqzoo" not in systems and {"transformers", "ctranslate2"} & set(systems):
         parser.error("the baselines load seqzoo's weights: add seqzoo to --systems")
+    if args.quantize != "none" and (args.dtype != "float32" or args.device != "cpu"):
+        parser.error("--quantize int8 runs on the CPU in float32 otherwise: drop --dtype/--device")
     config = dataclasses.replace(
-        QUICK if args.quick else CONFIG, device=args.device, dtype=args.dtype, shape=args.shape
+        QUICK if args.quick else CONFIG,
+        device=args.device,
+        dtype=args.dtype,
+        shape=args.shape,
+        quantize=args.quantize,
     )
+    if args.quantize != "none":  # no int8 path for the RNN
+        systems = [s for s in systems if SYSTEMS[s][0] == "transformer"]
     if args.shape != "seqzoo":
         if args.quick:
             parser.error(f"--shape {args.shape} is a real size: drop --quick")

@@ -1,6 +1,7 @@
 """A trained run loaded for evaluation, and the search settings to decode it with."""
 
 import dataclasses
+import functools
 import sys
 from pathlib import Path
 
@@ -10,8 +11,10 @@ import numpy as np
 
 import sharding
 from data import tokenizers
-from experiment import checkpoints, programs
+from experiment import RunError, checkpoints, programs
 from experiment import config as run_config
+from models import int8
+from models.transformer import Transformer
 
 
 def notice(message: str) -> None:
@@ -26,7 +29,7 @@ class Run:
     that layout, are replicated on each.
     """
 
-    def __init__(self, workdir: Path, average_checkpoints: int = 0):
+    def __init__(self, workdir: Path, average_checkpoints: int = 0, quantize: str = "none"):
         self.workdir = Path(workdir)
         self.mesh = sharding.make_mesh()
         self.config = run_config.load_config(self.workdir)
@@ -43,6 +46,19 @@ class Run:
         self.params, self.step, self.checkpoint = checkpoints.restore_params(
             self.workdir, template, average_checkpoints
         )
+        if quantize == "int8":
+            self.params = int8_params(self.model, self.params, self.config.model)
+
+
+def int8_params(model, params, name: str):
+    """`params` with int8 kernels (`models.int8.quantize_params`); the text Transformer only,
+    whose dense layers all take `models.int8`'s product."""
+    if not isinstance(model, Transformer):
+        raise RunError(
+            f"--quantize int8: {name} has no int8 path; use a transformer run or leave --quantize out"
+        )
+    quantize = functools.partial(int8.quantize_params, tied_output=model.tie_output)
+    return jax.jit(quantize)(params)
 
 
 @dataclasses.dataclass(frozen=True)

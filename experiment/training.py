@@ -243,6 +243,9 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None):
         best.close()
         return state, last_metrics
     window = TrainWindow()
+    started = (
+        time.perf_counter()
+    )  # records carry elapsed_s: wall seconds since this process's first step
     finished = False
     progress = tqdm(
         total=config.num_train_steps,
@@ -262,6 +265,7 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None):
         is_last = step == config.num_train_steps
         if step % config.log_every == 0 or is_last:
             record = window.close(step, ckpt, workdir)
+            record["elapsed_s"] = time.perf_counter() - started
             if is_main:
                 metrics.append_metrics(workdir, record)
             progress.set_postfix(
@@ -279,8 +283,9 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None):
             )
             checkpoints.save(best, step, ocp.args.StandardSave(state.params), metrics=last_metrics)
             if is_main:
+                elapsed = {"elapsed_s": time.perf_counter() - started}
                 metrics.append_metrics(
-                    workdir, {"step": step, "split": "validation", **last_metrics}
+                    workdir, {"step": step, "split": "validation", **last_metrics, **elapsed}
                 )
                 report_validation(
                     progress, step, last_metrics, samples[: config.num_samples_to_log]
@@ -454,6 +459,7 @@ class TrainWindow:
             "step": step,
             "split": "train",
             "loss": loss,
+            "tokens": int(float(self.tokens)),  # real target tokens of the window's batches
             "tokens_per_sec": float(self.tokens) / (time.perf_counter() - self.start),
         }
         self.__init__()

@@ -31,7 +31,7 @@ import numpy as np
 from flax import linen as nn
 
 from contracts import BOS_ID, EOS_ID, PAD_ID
-from models import common
+from models import common, int8
 from models.kv_cache import (
     beam_cache_mix,
     beam_cache_scores,
@@ -63,6 +63,17 @@ def sinusoidal_positions(max_len: int, d_model: int, layout: str = "interleaved"
     return table.astype(np.float32)
 
 
+def dense_fields(module: nn.Module) -> dict:
+    """The fields of every dense layer of the Transformer: the module's dtypes, and `models.int8`'s
+    product, which is flax's own for float kernels and the int8 one for `int8.quantize_params`'."""
+    return dict(
+        dtype=module.dtype,
+        param_dtype=module.param_dtype,
+        dot_general=int8.dot_general,
+        promote_dtype=int8.promote_dtype,
+    )
+
+
 class MultiHeadAttention(nn.Module):
     """Scaled dot-product attention with `num_heads` heads; keys/values projected separately (`kv`) so
     they can be computed once and cached.
@@ -79,11 +90,7 @@ class MultiHeadAttention(nn.Module):
 
     def setup(self):
         head_dim = self.d_model // self.num_heads
-        dense = dict(
-            kernel_init=nn.initializers.xavier_uniform(),
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
+        dense = dict(kernel_init=nn.initializers.xavier_uniform(), **dense_fields(self))
         self.query = nn.DenseGeneral((self.num_heads, head_dim), **dense)
         self.key = nn.DenseGeneral((self.num_heads, head_dim), **dense)
         self.value = nn.DenseGeneral((self.num_heads, head_dim), **dense)
@@ -169,11 +176,7 @@ class FeedForward(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        dense = dict(
-            kernel_init=nn.initializers.xavier_uniform(),
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
+        dense = dict(kernel_init=nn.initializers.xavier_uniform(), **dense_fields(self))
         x = ACTIVATIONS[self.activation](nn.Dense(self.ffn_dim, name="inner", **dense)(x))
         x = common.Dropout(self.dropout_rate)(x, deterministic=not train)
         return nn.Dense(self.d_model, name="outer", **dense)(x)
@@ -366,7 +369,15 @@ class TransformerDecoder(nn.Module):
             )
         if not self.tie_output:
             self.output = nn.Dense(
-                self.tgt_vocab_size, dot_general=common.float32_dot_general, **dtypes
+                self.tgt_vocab_size,
+                **{
+                    **dense_fields(
+                        self
+                    ),  # float32 logits whatever the dtype (common.float32_dot_general)
+                    "dot_general": functools.partial(
+                        int8.dot_general, preferred_element_type=jnp.float32
+                    ),
+                },
             )
         self.dropout = common.Dropout(self.dropout_rate)
         self.positions = sinusoidal_positions(
@@ -437,6 +448,8 @@ class TransformerDecoder(nn.Module):
             x = self.decoder_norm(x)
         if not self.tie_output:
             logits = self.output(x)
+        elif decoding and self.has_variable("params", int8.TIED_OUTPUT):
+            logits = int8.int8_logits(x, self.get_variable("params", int8.TIED_OUTPUT))
         elif decoding:
             # The tied projection at a decoding step: x [..., d_model] times the table [vocab,
             # d_model] transposed. Written as x . table^T, XLA either re-packs the table at every

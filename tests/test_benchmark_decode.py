@@ -67,6 +67,19 @@ def test_the_plain_python_loop_finds_the_same_hypotheses(quick):
         assert mine["tokens"] == theirs["tokens"], mine["cell"]
 
 
+def test_int8_weights_run_in_the_jit_search_and_the_plain_loop_alike(tmp_path):
+    out = tmp_path / "decode.json"
+    completed = run(
+        "--quick", "--quantize", "int8", "--systems", "seqzoo,python_loop", "--json", str(out)
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["config"]["quantize"] == "int8"
+    ours, plain = (report["results"][s]["cells"] for s in ("seqzoo", "python_loop"))
+    for mine, theirs in zip(ours, plain, strict=True):
+        assert mine["tokens"] == theirs["tokens"], mine["cell"]
+
+
 def table_rows(stdout: str) -> dict[str, list[str]]:
     """The Markdown tables of the report, `{first column: the other columns}`."""
     rows = {}
@@ -110,6 +123,7 @@ def test_the_table_shows_each_systems_figures_and_their_ratio(quick):
         (["--systems", "seqzoo,nope"], "unknown system(s) nope: use some of seqzoo"),
         (["--systems", "seqzoo,ctranslate2"], "add transformers to --systems"),
         (["--systems", "transformers"], "add seqzoo to --systems"),
+        (["--quantize", "int8", "--dtype", "bfloat16"], "drop --dtype/--device"),
     ],
 )
 def test_bad_arguments_exit_with_one_line_errors(args, message):

@@ -24,6 +24,7 @@ CONFIGDICT_METHODS = {"get", "keys", "items", "update", "to_dict", "to_json_best
 CONFIGS = [
     *(f"configs/{p.name}" for p in sorted((REPO / "configs").glob("*.py")) if p.stem != "__init__"),
     "configs/dates_lists.py:attention_rnn",
+    "configs/multi30k_hour.py:en-fr",
 ]
 
 
@@ -68,3 +69,14 @@ def test_every_config_takes_command_line_overrides_of_its_fields(config_file, mo
     values(argv)
     assert values.config.num_buckets == 8 and values.config.max_decode_len_b == 3
     assert set(default.get_config().keys()) <= set(values.config.keys())
+
+
+def test_the_hour_recipe_changes_only_the_pair_between_pairs():
+    from configs import multi30k_hour
+
+    de, fr = multi30k_hour.get_config("en-de"), multi30k_hour.get_config("en-fr")
+    assert (de.dataset, fr.dataset) == ("multi30k/en-de", "multi30k/en-fr")
+    fr.dataset = de.dataset
+    assert fr.to_dict() == de.to_dict()
+    with pytest.raises(ValueError, match="en-de, en-fr"):
+        multi30k_hour.get_config("de-fr")

@@ -214,6 +214,12 @@ def test_failure_mid_file_keeps_what_was_written(tiny_run, tmp_path, monkeypatch
     assert len(output.read_text().splitlines()) == 2
 
 
+def test_int8_weights_are_refused_for_a_model_without_an_int8_path(tiny_run):
+    workdir, _, _ = tiny_run
+    with pytest.raises(RunError, match="attention_rnn has no int8 path; use a transformer run"):
+        eval_script.evaluate(workdir, options(quantize="int8"))
+
+
 def test_missing_run_and_checkpoint_errors(tmp_path):
     with pytest.raises(RunError, match="no run at"):
         eval_script.evaluate(tmp_path / "nope", options())

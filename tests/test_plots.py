@@ -55,6 +55,21 @@ def test_learning_curves_plot_each_split_against_steps(tmp_path, drawn):
     assert metric.get_ylabel() == "bleu"
 
 
+def test_quality_curves_plot_validation_against_wall_time_and_tokens_seen(tmp_path, drawn):
+    records = [
+        {"step": 10, "split": "train", "loss": 2.0, "tokens": 300, "elapsed_s": 30.0},
+        {"step": 20, "split": "train", "loss": 1.8, "tokens": 200, "elapsed_s": 50.0},
+        {"step": 20, "split": "validation", "loss": 1.5, "bleu": 12.0, "elapsed_s": 60.0},
+        {"step": 30, "split": "train", "loss": 1.6, "tokens": 500, "elapsed_s": 90.0},
+        {"step": 30, "split": "validation", "loss": 1.4, "bleu": 15.0, "elapsed_s": 120.0},
+    ]
+    plots.quality_curves({"en-de": records}, "bleu", tmp_path / "q.png")
+    [fig] = drawn
+    by_time, by_tokens = fig.axes
+    assert by_time.lines[0].get_xydata().tolist() == [[1.0, 12.0], [2.0, 15.0]]
+    assert by_tokens.lines[0].get_xydata().tolist() == [[500e-6, 12.0], [1000e-6, 15.0]]
+
+
 def test_text_attention_shows_each_panel_over_its_pieces(tmp_path, drawn):
     rng = np.random.default_rng(0)
     weights = [rng.uniform(size=(3, 5)) for _ in range(2)]  # padded past 2 x 4

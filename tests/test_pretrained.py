@@ -234,6 +234,22 @@ def test_eval_evaluates_and_analyses_a_converted_model(evaluable):
     )
 
 
+def test_eval_decodes_a_transformer_run_with_int8_weights(evaluable, tmp_path):
+    import eval as eval_script
+    from models import int8
+
+    run = loading.Run(evaluable, quantize="int8")
+    leaves = jax.tree.leaves(run.params, is_leaf=lambda x: isinstance(x, int8.Int8Array))
+    assert any(isinstance(x, int8.Int8Array) for x in leaves) and int8.TIED_OUTPUT in run.params
+    output = tmp_path / "int8.txt"
+    options = eval_script.Options(
+        **EVAL_OPTIONS, num_examples=8, quantize="int8", output=str(output)
+    )
+    report = eval_script.evaluate(evaluable, options)
+    assert report["quantize"] == "int8" and report["num_examples"] == 8
+    assert len(output.read_text().splitlines()) == 8
+
+
 def test_fine_tuning_starts_from_the_converted_model_and_resumes_exactly(
     converted, tfds_data_dir, tokenizer_dir, tmp_path
 ):

@@ -35,7 +35,11 @@ def test_run_writes_checkpoints_metrics_and_plot(tiny_run):
         assert (step_dir / "integrity.json").is_file() and checkpoints.verify(step_dir) is None
     assert len(list((workdir / "best").iterdir())) == 1  # only the best is kept
     records = metrics.read_metrics(workdir)
-    assert [r["step"] for r in records if r["split"] == "train"] == [5, 10, 15, 20]
+    train = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in train] == [5, 10, 15, 20]
+    assert all(r["tokens"] > 0 for r in train)  # real target tokens per window: tokens seen
+    elapsed = [r["elapsed_s"] for r in records if r["split"] in ("train", "validation")]
+    assert elapsed == sorted(elapsed) and elapsed[0] > 0
     validation = [r for r in records if r["split"] == "validation"]
     assert [r["step"] for r in validation] == [10, 20]
     assert {"loss", "bleu", "chrf", "exact_match"} <= set(validation[-1])
