@@ -523,14 +523,14 @@ def main(argv=None) -> int:
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
         parser.error(f"unknown system(s) {', '.join(unknown)}: use some of {', '.join(SYSTEMS)}")
+    if args.quantize != "none" and (args.dtype != "float32" or args.device != "cpu"):
+        parser.error("--quantize int8 runs on the CPU in float32 otherwise: drop --dtype/--device")
     if "ctranslate2" in systems and "transformers" not in systems:
         parser.error("ctranslate2 converts the transformers model: add transformers to --systems")
     if "ctranslate2" in systems and args.dtype == "bfloat16" and args.device == "cpu":
         parser.error("ctranslate2 computes in bfloat16 on GPUs only: use --device gpu or float32")
     if "seqzoo" not in systems and {"transformers", "ctranslate2"} & set(systems):
         parser.error("the baselines load seqzoo's weights: add seqzoo to --systems")
-    if args.quantize != "none" and (args.dtype != "float32" or args.device != "cpu"):
-        parser.error("--quantize int8 runs on the CPU in float32 otherwise: drop --dtype/--device")
     config = dataclasses.replace(
         QUICK if args.quick else CONFIG,
         device=args.device,
