@@ -151,7 +151,9 @@ def cross_entropy(
       so a perfect prediction scores 0 whatever the smoothing.
     """
     weights = (targets != pad_id).astype(jnp.float32)
-    return jnp.sum(smoothed_token_losses(logits, targets, label_smoothing) * weights), jnp.sum(weights)
+    return jnp.sum(smoothed_token_losses(logits, targets, label_smoothing) * weights), jnp.sum(
+        weights
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
