@@ -23,8 +23,10 @@ def get_config(pair: str = "en-de"):
     config = multi30k_transformer.get_config()
     config.dataset = f"multi30k/{pair}"
     config.lowercase = True
-    config.num_train_steps = 1200
-    config.warmup_steps = 300
-    config.eval_every = 400
-    config.checkpoint_every = 100
+    config.vocab_size = 4000
+    config.model_hparams.activation_dropout_rate = 0.0
+    config.num_train_steps = 1950
+    config.warmup_steps = 400
+    config.eval_every = 650
+    config.checkpoint_every = 150
     return config
