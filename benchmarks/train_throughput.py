@@ -5,6 +5,8 @@ r"""Train-step throughput on 1, 2 and 4 devices: data parallel and FSDP, one glo
   python benchmarks/train_throughput.py --devices 1,8 --meshes dp  # on a machine with 8 devices
   python benchmarks/train_throughput.py --config multi30k_transformer --synthetic 128x32 \
       --devices 1 --no_host_devices --dtype bfloat16   # one GPU, no dataset needed
+  python benchmarks/train_throughput.py --config multi30k_transformer --synthetic 73x56 \
+      --devices 1 --steps 6 --set vocab_size=4000 --set model_hparams.ffn_dim=512  # a variant
 
 Each (device count, mesh) runs in its own subprocess. On a CPU-only machine the devices are host
 devices (`XLA_FLAGS=--xla_force_host_platform_device_count=N`): the N devices share the machine's
@@ -52,6 +54,8 @@ def child(args) -> dict:
     from experiment import programs, training
 
     config = importlib.import_module(f"configs.{args.config}").get_config()
+    for override in args.set:
+        set_field(config, override)
     config.dtype = args.dtype
     if args.batch_size:
         config.batch_size = args.batch_size
@@ -128,6 +132,31 @@ def child(args) -> dict:
     }
 
 
+def set_field(config, override: str) -> None:
+    """Applies `--set a.b=value` to `config`: the value read as a Python literal (else a string);
+    `model_hparams` takes any hyperparameter the model has, other fields must exist."""
+    import ast
+
+    path, sep, text = override.partition("=")
+    if not sep:
+        sys.exit(f"error: --set {override!r}: write it as field=value, e.g. vocab_size=4000")
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    *parents, name = path.split(".")
+    node = config
+    for parent in parents:
+        node = node[parent]
+    if parents == ["model_hparams"]:
+        with node.unlocked():
+            node[name] = value
+    elif name not in node:
+        sys.exit(f"error: --set {override!r}: the config has no field {path!r}")
+    else:
+        node[name] = value
+
+
 # bfloat16 dense peak FLOP/s per device, by device kind (vendor figures, without sparsity).
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12}
 
@@ -175,6 +204,7 @@ def spawn(args, devices: int, mesh: str) -> dict:
         *(("--batch_size", str(args.batch_size)) if args.batch_size else ()),
         *("--dtype", args.dtype),
         *(("--synthetic", args.synthetic) if args.synthetic else ()),
+        *(f"--set={override}" for override in args.set),
         *(("--peak_tflops", str(args.peak_tflops)) if args.peak_tflops else ()),
     ]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
@@ -202,6 +232,13 @@ def main() -> None:
         "--dtype", default="float32", choices=["float32", "bfloat16"], help="computation dtype"
     )
     parser.add_argument("--synthetic", help="BxL: random token batches of this shape, no dataset")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="config override, repeatable: --set vocab_size=4000 --set model_hparams.ffn_dim=512",
+    )
     parser.add_argument("--peak_tflops", type=float, help="the device's peak, for the MFU")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

@@ -94,24 +94,25 @@ def quantize_rows(x: jax.Array, axes: tuple) -> tuple[jax.Array, jax.Array]:
     return jnp.round(x / scale).astype(jnp.int8), scale
 
 
+def two_rows_at_least(rows: jax.Array) -> jax.Array:
+    """`rows [n, ...]`, a zero row added when n is 1: XLA:CPU's int8 dot of one row is a naive
+    loop, two rows run on VNNI kernels (callers keep the first n rows of the product)."""
+    return jnp.concatenate([rows, jnp.zeros_like(rows)]) if rows.shape[0] == 1 else rows
+
+
 def int8_matmul(x: jax.Array, weights: Int8Array) -> jax.Array:
     """float32 `x [..., K...] . W`, W `[K..., F...]` int8 contracted on its leading axes against
     `x`'s trailing ones: `x` quantized per row, int32 accumulation, both scales applied after."""
     k = weights.contracting
     lead, contracted = x.shape[:-k], x.shape[-k:]
     rows = x.reshape(-1, *contracted)
-    single = rows.shape[0] == 1
-    if single:  # XLA:CPU's int8 dot of one row is a naive loop; two rows run on VNNI kernels
-        rows = jnp.concatenate([rows, jnp.zeros_like(rows)])
     axes = tuple(range(1, k + 1))
-    q, row_scale = quantize_rows(rows, axes)
+    q, row_scale = quantize_rows(two_rows_at_least(rows), axes)
     acc = jax.lax.dot_general(
         q, weights.values, ((axes, tuple(range(k))), ((), ())), preferred_element_type=jnp.int32
     )
     out = acc.astype(jnp.float32) * row_scale.reshape(-1, *(1,) * weights.scale.ndim)
-    out = out * weights.scale
-    if single:
-        out = out[:1]
+    out = (out * weights.scale)[: rows.shape[0]]
     return out.reshape(*lead, *weights.scale.shape)
 
 
@@ -120,17 +121,12 @@ def int8_logits(x: jax.Array, table: dict) -> jax.Array:
     int8 `[vocab, d_model]`, `scale` float32 `[vocab]`), the table as the left operand as it lies in
     memory (see the Transformer's `_logits`)."""
     rows = x.reshape(-1, x.shape[-1])
-    single = rows.shape[0] == 1
-    if single:
-        rows = jnp.concatenate([rows, jnp.zeros_like(rows)])
-    q, row_scale = quantize_rows(rows, (1,))
+    q, row_scale = quantize_rows(two_rows_at_least(rows), (1,))
     acc = jax.lax.dot_general(
         table["values"], q, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32
     )
     logits = (acc.astype(jnp.float32) * table["scale"][:, None] * row_scale[:, 0]).T
-    if single:
-        logits = logits[:1]
-    return logits.reshape(*x.shape[:-1], table["values"].shape[0])
+    return logits[: rows.shape[0]].reshape(*x.shape[:-1], table["values"].shape[0])
 
 
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):

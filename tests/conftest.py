@@ -10,7 +10,8 @@ fixtures that use it, so the model and decoding tests collect with jax, flax and
 - `dates_config()` / `multi30k_config()`: fresh ConfigDicts for `input_pipeline.get_datasets`.
 - `dates_data` / `multi30k_data`: `get_datasets` of those configs, built once per session.
 - `damage_checkpoint(step_dir)`: flips bytes in a checkpoint's array data.
-- `SRC`, `TGT_IN`, `TGT_OUT`, `SRC_MASK`: four toy sentence pairs for the model tests, and
+- `SRC`, `TGT_IN`, `TGT_OUT`, `SRC_MASK`: four toy sentence pairs for the model tests,
+  `TINY_TRANSFORMER`: the hyperparameters of a Transformer that compiles in seconds, and
   `overfit(model, params, batch)`: Adam on one batch until the model knows it.
 - `prefix_hash_step_fn(table)`, `prefix_log_probs(table, h, tokens)`, `counting_steps(step_fn,
   steps)`: a model-free step function for the decoding tests, its numpy reference, a step counter.
@@ -41,6 +42,18 @@ TGT_OUT = np.array(
     [[4, 5, 6, 7, 2, 0], [8, 9, 2, 0, 0, 0], [10, 11, 12, 2, 0, 0], [6, 5, 4, 3, 12, 2]], np.int32
 )
 SRC_MASK = SRC != 0
+
+# A Transformer small enough to compile in seconds (the model, int8 and decoding tests).
+TINY_TRANSFORMER = dict(
+    d_model=32,
+    num_heads=4,
+    num_encoder_layers=2,
+    num_decoder_layers=2,
+    ffn_dim=64,
+    dropout_rate=0.0,
+    attention_dropout_rate=0.0,
+    max_positions=16,
+)
 
 
 def overfit(model, params, batch=None, *, steps: int = 200, learning_rate: float = 1e-2):

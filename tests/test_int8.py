@@ -6,23 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SRC, TGT_IN, TGT_OUT, overfit
+from conftest import SRC, TGT_IN, TGT_OUT, TINY_TRANSFORMER, overfit
 
 import decoding
 from experiment import programs
 from models import int8
 from models.transformer import Transformer
 
-TINY = dict(
-    d_model=32,
-    num_heads=4,
-    num_encoder_layers=1,
-    num_decoder_layers=2,
-    ffn_dim=64,
-    dropout_rate=0.0,
-    attention_dropout_rate=0.0,
-    max_positions=16,
-)
+TINY = {**TINY_TRANSFORMER, "num_encoder_layers": 1}
 
 
 def test_quantize_is_within_half_a_step_per_output_channel():

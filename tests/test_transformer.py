@@ -9,22 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SRC, SRC_MASK, TGT_IN, overfit
+from conftest import SRC, SRC_MASK, TGT_IN, TINY_TRANSFORMER, overfit
 
 import decoding
 from experiment import programs
 from models.transformer import Transformer, sinusoidal_positions
 
-TINY = dict(
-    d_model=32,
-    num_heads=4,
-    num_encoder_layers=2,
-    num_decoder_layers=2,
-    ffn_dim=64,
-    dropout_rate=0.0,
-    attention_dropout_rate=0.0,
-    max_positions=16,
-)
+TINY = TINY_TRANSFORMER
 BEAM = 2
 
 
