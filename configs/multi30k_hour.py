@@ -1,6 +1,14 @@
-"""Multi30k in one hour on 2 CPU cores: `configs/multi30k_transformer.py` (d_model 256, 3+3 pre-LN
-layers, shared SentencePiece 8k) cut to 1,200 updates of ~4,096 padded target tokens (~9 epochs),
-trained and decoded on lowercased text (the Multi30k papers score lowercased, tokenized BLEU).
+"""Multi30k in one hour on 2 CPU cores: fairseq's Transformer-tiny (`configs/multi30k_transformer_
+tiny.py`: 4+4 layers, d_model 128, FFN 256, 4 heads, shared 8k SentencePiece vocabulary and tied
+embeddings, ~2.6M parameters) on a schedule that ends within the hour, trained and decoded on
+lowercased text (the Multi30k papers score lowercased, tokenized BLEU).
+
+What differs from the anchor's recipe, and why: the hour allows ~3,300 updates, not its 8,000, so
+the schedule is pre-LN with a short warmup (300 updates) and a cosine decay to zero at a 3e-3 peak
+(post-LN needs the anchor's 2,000-update warmup to be stable at its 5e-3), 4,096 target tokens per
+update (twice the updates for the same tokens), dropout 0.2 (0.3 is for its ~100 epochs; here
+~30), gradient clipping at 1.0. A d256 model of 7.6M parameters sees half the tokens in the same
+time and ends ~2 BLEU lower (README, "Multi30k in one hour").
 
 The argument after the colon is the language pair; nothing else changes between pairs:
 
@@ -9,10 +17,10 @@ The argument after the colon is the language pair; nothing else changes between 
   python train.py --config configs/multi30k_hour.py:en-fr --workdir runs/hour_en_fr \
       --config.manual_dir=../shared/data/multi30k
 
-Checkpoints every 100 updates, the last 5 kept (`eval.py --average_checkpoints K`).
+Checkpoints every 330 updates, the last 5 kept (`eval.py --average_checkpoints K`).
 """
 
-from configs import multi30k_transformer
+from configs import multi30k_transformer_tiny
 
 PAIRS = ("en-de", "en-fr")
 
@@ -20,13 +28,18 @@ PAIRS = ("en-de", "en-fr")
 def get_config(pair: str = "en-de"):
     if pair not in PAIRS:
         raise ValueError(f"configs/multi30k_hour.py:{pair}: use one of {', '.join(PAIRS)}")
-    config = multi30k_transformer.get_config()
+    config = multi30k_transformer_tiny.get_config()
     config.dataset = f"multi30k/{pair}"
     config.lowercase = True
-    config.vocab_size = 4000
-    config.model_hparams.activation_dropout_rate = 0.0
-    config.num_train_steps = 1950
-    config.warmup_steps = 400
-    config.eval_every = 650
-    config.checkpoint_every = 150
+    config.tokens_per_batch = 4096
+    config.model_hparams.pre_ln = True
+    config.model_hparams.dropout_rate = 0.2
+    config.learning_rate = 3e-3
+    config.warmup_steps = 300
+    config.schedule = "cosine"
+    config.grad_clip_norm = 1.0
+    config.num_train_steps = 3300
+    config.eval_every = 825
+    config.checkpoint_every = 330
+    config.keep_checkpoints = 5
     return config
