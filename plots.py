@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from data import tokenizers
+from experiment import metrics
 
 
 def _pyplot():
@@ -49,10 +50,11 @@ def quality_curves(runs: dict[str, list[dict]], metric: str, path: Path) -> Path
     Args:
       runs: label -> metrics.jsonl rows; validation rows need `elapsed_s`, train rows `tokens` (the
         window's real target tokens: the tokens seen at a validation are those of the train rows
-        up to its step).
+        up to its step); a resumed run's rows count as one run's (`metrics.one_history`).
     """
     fig, (ax_time, ax_tokens) = _pyplot().subplots(1, 2, figsize=(10, 4))
     for label, records in runs.items():
+        records = metrics.one_history(records)
         train = [(r["step"], r["tokens"]) for r in records if r.get("split") == "train"]
         valid = [r for r in records if r.get("split") == "validation" and metric in r]
         minutes = [r["elapsed_s"] / 60 for r in valid]

@@ -79,3 +79,22 @@ def read_metrics(workdir: Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().split("\n") if line.strip()]
+
+
+def one_history(records: list[dict]) -> list[dict]:
+    """metrics.jsonl rows as one uninterrupted run's. A resumed run appends a new process's rows,
+    whose `elapsed_s` restarts: they replace the earlier processes' rows from their first step on
+    (work redone after the checkpoint), and their `elapsed_s` continue from the last row kept.
+    The first resumed train row's `tokens` cover only the updates after the checkpoint."""
+    kept: list[dict] = []
+    offset, previous = 0.0, None
+    for record in records:
+        elapsed = record.get("elapsed_s")
+        if elapsed is not None and previous is not None and elapsed < previous:
+            kept = [r for r in kept if r["step"] < record["step"]]
+            offset = max((r["elapsed_s"] for r in kept if "elapsed_s" in r), default=0.0)
+        if elapsed is not None:
+            previous = elapsed
+            record = {**record, "elapsed_s": offset + elapsed}
+        kept.append(record)
+    return kept
