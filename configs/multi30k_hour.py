@@ -17,7 +17,7 @@ The argument after the colon is the language pair; nothing else changes between 
   python train.py --config configs/multi30k_hour.py:en-fr --workdir runs/hour_en_fr \
       --config.manual_dir=../shared/data/multi30k
 
-Checkpoints every 480 updates, the last 5 kept (`eval.py --average_checkpoints K`).
+Checkpoints every 330 updates, the last 5 kept (`eval.py --average_checkpoints K`).
 """
 
 from configs import multi30k_transformer_tiny
@@ -31,7 +31,6 @@ def get_config(pair: str = "en-de"):
     config = multi30k_transformer_tiny.get_config()
     config.dataset = f"multi30k/{pair}"
     config.lowercase = True
-    config.vocab_size = 4000
     config.tokens_per_batch = 4096
     config.model_hparams.pre_ln = True
     config.model_hparams.dropout_rate = 0.2
@@ -39,8 +38,8 @@ def get_config(pair: str = "en-de"):
     config.warmup_steps = 300
     config.schedule = "cosine"
     config.grad_clip_norm = 1.0
-    config.num_train_steps = 4800
-    config.eval_every = 1200
-    config.checkpoint_every = 480
+    config.num_train_steps = 3300
+    config.eval_every = 825
+    config.checkpoint_every = 330
     config.keep_checkpoints = 5
     return config
