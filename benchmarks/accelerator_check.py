@@ -271,12 +271,12 @@ def decode_loop(smoke: bool) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from benchmarks import decode
+    from benchmarks import decode_workload, jax_systems
     from experiment import programs
 
-    config = decode.QUICK if smoke else decode.CONFIG
-    model, params = decode.jax_model(config, "transformer")
-    counter = decode.CompileCounter()
+    config = decode_workload.QUICK if smoke else decode_workload.CONFIG
+    model, params = jax_systems.jax_model(config, "transformer")
+    counter = jax_systems.CompileCounter()
     out = {"status": "ok"}
     rng = np.random.default_rng(0)
     for name, beam in (("greedy", 1), ("beam4", 4)):

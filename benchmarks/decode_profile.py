@@ -40,7 +40,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script (python benchmarks/decode_profile.py)
     sys.path.insert(0, str(REPO))
-from benchmarks import decode  # noqa: E402
+from benchmarks import decode_workload, jax_systems  # noqa: E402
 
 # Thunks that contain other thunks (their time is their body's) or mark an op's end.
 CONTAINERS = ("while", "conditional", "call")
@@ -88,8 +88,10 @@ def profile_cell(config, model, params, beam: int, batch: int, runs: int, top: i
     """Times `runs` decodes of one cell, profiles one more and splits its ops by model part."""
     import jax
 
-    src = decode.sources(dataclasses.replace(config, batch_sizes=(batch,)))
-    run = decode.seqzoo_decoder(model, beam, config.gen_len, decode.special_ids(config))
+    src = decode_workload.sources(dataclasses.replace(config, batch_sizes=(batch,)))
+    run = jax_systems.seqzoo_decoder(
+        model, beam, config.gen_len, decode_workload.special_ids(config)
+    )
     compiled = run.lower(params, src).compile()
     ops = instructions(compiled.as_text())
     for _ in range(2):
@@ -123,7 +125,7 @@ def profile_cell(config, model, params, beam: int, batch: int, runs: int, top: i
     loop_ops = [op for op in single if op[-1]]
     chosen = loop_ops[:top] + [op for op in single if not op[-1]][: max(3, top // 3)]
     return {
-        "cell": decode.cell_name(beam, batch),
+        "cell": decode_workload.cell_name(beam, batch),
         "ms_per_decode_median": 1e3 * statistics.median(seconds),
         "ms_per_step_median": 1e3 * statistics.median(seconds) / steps,
         "ms_per_decode_profiled": 1e3 * profiled,
@@ -165,7 +167,7 @@ def print_cell(result: dict) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shape", default="seqzoo", choices=sorted(decode.SHAPES))
+    parser.add_argument("--shape", default="seqzoo", choices=sorted(decode_workload.SHAPES))
     parser.add_argument("--beam", type=int, action="append", help="beam sizes (default 1 and 4)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--runs", type=int, default=7, help="timed decodes before the profiled one")
@@ -175,9 +177,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     import jax
 
-    base = decode.QUICK if args.quick else decode.CONFIG
-    config = dataclasses.replace(base, shape=args.shape, **decode.SHAPES[args.shape])
-    model, params = decode.jax_model(config, "transformer")
+    base = decode_workload.QUICK if args.quick else decode_workload.CONFIG
+    config = dataclasses.replace(base, shape=args.shape, **decode_workload.SHAPES[args.shape])
+    model, params = jax_systems.jax_model(config, "transformer")
     results = [
         profile_cell(config, model, params, beam, args.batch, args.runs, args.top)
         for beam in (args.beam or [1, 4])
