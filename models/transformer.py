@@ -446,26 +446,32 @@ class TransformerDecoder(nn.Module):
     def _logits(self, x: jax.Array, decoding: bool = False) -> jax.Array:
         if self.pre_ln:
             x = self.decoder_norm(x)
+        # Over 2-D rows: written on [batch, length, d_model], the teacher-forced gradient for the
+        # weights copies the [batch, length, vocab] logits' gradient transposed on XLA:CPU (128 MB,
+        # ~13% of Transformer-tiny's train step).
+        rows = x.reshape(-1, x.shape[-1])
         if not self.tie_output:
-            logits = self.output(x)
+            logits = self.output(rows)
         elif decoding and self.has_variable("params", int8.TIED_OUTPUT):
-            logits = int8.int8_logits(x, self.get_variable("params", int8.TIED_OUTPUT))
+            logits = int8.int8_logits(rows, self.get_variable("params", int8.TIED_OUTPUT))
         elif decoding:
-            # The tied projection at a decoding step: x [..., d_model] times the table [vocab,
-            # d_model] transposed. Written as x . table^T, XLA either re-packs the table at every
+            # The tied projection at a decoding step: rows [N, d_model] times the table [vocab,
+            # d_model] transposed. Written as rows . table^T, XLA either re-packs the table at every
             # step or (behind a barrier) copies it transposed once per decode: 119 MB for opus-mt's
             # 58k x 512, ~25% of a batch-1 decode there. With the table as the left operand,
             # contracted on its minor dimension as it lies in memory, neither copy is made; only the
             # small [vocab, rows] result is transposed (benchmarks/decode_profile.py shows both).
             table = jnp.asarray(self.tgt_embed.embedding, self.dtype)
-            rows = x.reshape(-1, x.shape[-1]).astype(self.dtype)
             logits = jax.lax.dot_general(
-                table, rows, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-            )
-            logits = logits.T.reshape(*x.shape[:-1], table.shape[0])
+                table,
+                rows.astype(self.dtype),
+                (((1,), (1,)), ((), ())),
+                preferred_element_type=jnp.float32,
+            ).T
         else:
             table = jnp.asarray(self.tgt_embed.embedding, self.dtype)
-            logits = jnp.dot(x.astype(self.dtype), table.T, preferred_element_type=jnp.float32)
+            logits = jnp.dot(rows.astype(self.dtype), table.T, preferred_element_type=jnp.float32)
+        logits = logits.reshape(*x.shape[:-1], logits.shape[-1])
         if self.final_logits_bias:
             logits = logits + self.logits_bias
         return logits  # float32 accumulated: never rounded to the computation dtype
