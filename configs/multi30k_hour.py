@@ -7,7 +7,7 @@ What differs from the anchor's recipe, and why: the hour allows ~4,000 updates, 
 the schedule is pre-LN with a short warmup (300 updates) and a cosine decay to zero at a 3e-3 peak
 (post-LN needs the anchor's 2,000-update warmup to be stable at its 5e-3), 4,096 target tokens per
 update (twice the updates for the same tokens), dropout 0.2 (0.3 is for its ~100 epochs; here
-~25, where 0.3 and 0.1 end 1.9 and 1.6 BLEU lower on validation), gradient clipping at 1.0. A
+~25-30, where 0.3 and 0.1 end 1.9 and 1.6 BLEU lower on validation at ~25), gradient clipping at 1.0. A
 d256 model of 6.6M parameters sees 0.6x the tokens in the same time and ends ~2 BLEU lower; a 4k
 vocabulary, with 1.44x faster updates and a third more epochs, 0.8 lower (README, "Multi30k in
 one hour").
