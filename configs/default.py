@@ -23,6 +23,11 @@ def get_config() -> ml_collections.ConfigDict:
     # Lowercase what the model reads and writes (the Multi30k papers' convention); references keep
     # their case, so cased sacreBLEU says what it costs and bleu_lc_tok compares with the papers.
     config.lowercase = False
+    # Subword sampling (Kudo 2018): each epoch reads every training pair in one of its
+    # `sp_sampling_nbest` best segmentations, drawn with probability ~ exp(alpha x log-probability);
+    # evaluation reads the best. Unigram SentencePiece only; 0: off.
+    config.sp_sampling_nbest = 0
+    config.sp_sampling_alpha = 0.2
     # Where trained tokenizers are cached, by a hash of their training text and options (each run
     # also keeps a copy in <workdir>/tokenizer); None: ~/.cache/seqzoo/tokenizers.
     config.tokenizer_dir = config_dict.placeholder(str)

@@ -10,7 +10,8 @@
 Config fields: `dataset`, `data_dir`, `manual_dir`, `tokenizer` ("char" | "sentencepiece"),
 `vocab_size`, `sp_model_type` ("unigram" | "bpe"), `shared_vocab`, `tokenizer_dir`, `max_len`,
 `batch_size`, `tokens_per_batch`, `num_buckets`, `seed`; optional `eval_batch_size` (default:
-batch_size). `max_len` bounds every array length: a training example is dropped when
+batch_size), `sp_sampling_nbest` and `sp_sampling_alpha` (subword sampling of the training text:
+`nbest_segmentations`; default 0, off). `max_len` bounds every array length: a training example is dropped when
 its source + EOS or BOS + target is longer; evaluation examples are truncated instead (the
 reference strings stay whole).
 
@@ -83,6 +84,31 @@ def tokenize(
     )
 
 
+def nbest_segmentations(
+    config, src_tokenizer, tgt_tokenizer, sources: Sequence[str], targets: Sequence[str]
+) -> pipeline.Segmentations:
+    """Subword sampling (Kudo 2018): the `config.sp_sampling_nbest` best segmentations of every
+    training pair, which training batches draw from with `config.sp_sampling_alpha` (0: uniformly,
+    larger: nearer the best one); evaluation reads the best. Needs unigram SentencePiece tokenizers.
+    """
+    n = config.sp_sampling_nbest
+    if n < 2:
+        raise ValueError(f"sp_sampling_nbest must be 0 (off) or >= 2, got {n}")
+    if not all(
+        isinstance(t, tokenizers.SentencePieceTokenizer) for t in (src_tokenizer, tgt_tokenizer)
+    ):
+        raise DataError(
+            "subword sampling needs seqzoo's SentencePiece tokenizers (tokenizer='sentencepiece'): "
+            "set sp_sampling_nbest=0"
+        )
+    return pipeline.Segmentations.from_nbest(
+        [src_tokenizer.nbest(s, n) for s in sources],
+        [tgt_tokenizer.nbest(t, n) for t in targets],
+        special_ids(src_tokenizer, tgt_tokenizer),
+        alpha=config.get("sp_sampling_alpha", 0.2),
+    )
+
+
 def special_ids(src_tokenizer, tgt_tokenizer) -> tokenizers.SpecialIds:
     """The special ids batches are built with: the target's, which the source must share (pad and
     EOS end and fill both sides of a batch)."""
@@ -132,7 +158,12 @@ def get_datasets(config, *, batch_multiple: int = 1) -> Datasets:
         raise ValueError(f"max_len must be >= 2 (a token and EOS), got {config.max_len}")
     where = dict(data_dir=config.data_dir, manual_dir=config.manual_dir)
     train_pairs = datasets.load(config.dataset, "train", **where)
+    segmentations = None
     if isinstance(train_pairs, datasets.ImageCaptionPairs):
+        if config.get("sp_sampling_nbest", 0):
+            raise DataError(
+                f"subword sampling is for text pairs, not {config.dataset}: set sp_sampling_nbest=0"
+            )
         images, captions, sources = train_pairs.columns()
         captions = cased(config, captions)
         src_tokenizer = tgt_tokenizer = tokenizers.build(
@@ -148,6 +179,10 @@ def get_datasets(config, *, batch_multiple: int = 1) -> Datasets:
         sources, targets = (cased(config, texts) for texts in train_pairs.columns())
         src_tokenizer, tgt_tokenizer = build_tokenizers(config, sources, targets)
         train_data = tokenize(src_tokenizer, tgt_tokenizer, sources, targets)
+        if config.get("sp_sampling_nbest", 0):
+            segmentations = nbest_segmentations(
+                config, src_tokenizer, tgt_tokenizer, sources, targets
+            )
     train = pipeline.TrainPipeline(
         train_data,
         max_len=config.max_len,
@@ -156,6 +191,7 @@ def get_datasets(config, *, batch_multiple: int = 1) -> Datasets:
         batch_multiple=batch_multiple,
         num_buckets=config.num_buckets,
         seed=config.seed,
+        segmentations=segmentations,
     )
     stats = {
         "train_examples": len(sources),

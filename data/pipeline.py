@@ -19,7 +19,8 @@ group them by bucket (each bucket's leftover examples move up into the next buck
 and the last leftovers fill one batch with filler rows), then shuffle the batches. Batch `step` of
 the infinite stream is batch `step % batches_per_epoch` of epoch `step // batches_per_epoch`, so the
 grain iterator's state is a single position and a restored iterator yields exactly the batches an
-uninterrupted one would. Host `k` of `n` takes rows `[k*B/n, (k+1)*B/n)` of each global batch: the
+uninterrupted one would. With subword sampling (`Segmentations`), which segmentation each example
+is read in is drawn per epoch too, from (seed, epoch). Host `k` of `n` takes rows `[k*B/n, (k+1)*B/n)` of each global batch: the
 hosts see disjoint examples and agree on every step's shape.
 """
 
@@ -93,6 +94,86 @@ class Tokenized:
 
     def target(self, i: int) -> np.ndarray:
         return self.tgt[self.tgt_offsets[i] : self.tgt_offsets[i + 1]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Segmentations:
+    """Each training pair's n-best segmentations, for subword sampling (Kudo 2018, "Subword
+    Regularization"): every epoch, each side of each example is read in one of them, drawn with
+    probability proportional to exp(alpha x log-probability) among those that fit its bucket.
+
+    `alternatives[k]` holds every example's k-th best segmentation (its best where it has fewer);
+    `src_scores`, `tgt_scores`: float64 [num_examples, n], their log-probabilities, -inf where an
+    example has no k-th best.
+    """
+
+    alternatives: tuple[Tokenized, ...]
+    src_scores: np.ndarray
+    tgt_scores: np.ndarray
+    alpha: float
+
+    @classmethod
+    def from_nbest(
+        cls,
+        src_nbest: Sequence[Sequence[tuple[Sequence[int], float]]],
+        tgt_nbest: Sequence[Sequence[tuple[Sequence[int], float]]],
+        special_ids: SpecialIds,
+        alpha: float,
+    ):
+        """`src_nbest[i]`, `tgt_nbest[i]`: example i's [(ids, log-probability), ...], best first."""
+        n = max(map(len, [*src_nbest, *tgt_nbest]))
+
+        def side(nbest):
+            ids = [[c[min(k, len(c) - 1)][0] for c in nbest] for k in range(n)]
+            scores = np.full((len(nbest), n), -np.inf)
+            for i, candidates in enumerate(nbest):
+                scores[i, : len(candidates)] = [score for _, score in candidates]
+            return ids, scores
+
+        (src_ids, src_scores), (tgt_ids, tgt_scores) = side(src_nbest), side(tgt_nbest)
+        alternatives = tuple(
+            Tokenized.from_lists(s, t, special_ids) for s, t in zip(src_ids, tgt_ids, strict=True)
+        )
+        return cls(alternatives, src_scores, tgt_scores, alpha)
+
+    def sample(
+        self, rng: np.random.Generator, src_limits: np.ndarray, tgt_limits: np.ndarray
+    ) -> "SampledTokenized":
+        """One segmentation per example and side, none longer than its limit (padded lengths, int
+        [num_examples]; the best segmentation always counts as fitting)."""
+
+        def choose(scores, lengths, limits):
+            fits = (lengths <= limits[:, None]) & np.isfinite(scores)
+            fits[:, 0] = True
+            logits = np.where(fits, self.alpha * np.where(fits, scores, 0.0), -np.inf)
+            return np.argmax(logits + rng.gumbel(size=scores.shape), axis=1)  # Gumbel-max
+
+        src_lengths, tgt_lengths = (
+            np.stack(side, axis=1) for side in zip(*map(padded_lengths, self.alternatives))
+        )
+        return SampledTokenized(
+            self.alternatives,
+            choose(self.src_scores, src_lengths, src_limits),
+            choose(self.tgt_scores, tgt_lengths, tgt_limits),
+            self.alternatives[0].special_ids,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class SampledTokenized:
+    """`Tokenized`'s reading of one draw of `Segmentations`: example i's source is its
+    `src_choice[i]`-th best segmentation, its target the `tgt_choice[i]`-th (int [num_examples])."""
+
+    alternatives: tuple[Tokenized, ...]
+    src_choice: np.ndarray
+    tgt_choice: np.ndarray
+    special_ids: SpecialIds
+
+    def source(self, i: int) -> np.ndarray:
+        return self.alternatives[self.src_choice[i]].source(i)
+
+    def target(self, i: int) -> np.ndarray:
+        return self.alternatives[self.tgt_choice[i]].target(i)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,7 +319,7 @@ def bucket_batch_sizes(
 
 
 def make_batch(
-    data: Tokenized | ImageCaptions, ids: np.ndarray, src_len: int, tgt_len: int
+    data: Tokenized | ImageCaptions | SampledTokenized, ids: np.ndarray, src_len: int, tgt_len: int
 ) -> Batch:
     """The padded batch of examples `ids` (int [batch]; -1 gives a filler row).
 
@@ -284,6 +365,7 @@ class TrainPipeline:
         batch_multiple: int = 1,
         num_buckets: int = DEFAULT_NUM_BUCKETS,
         seed: int = 0,
+        segmentations: Segmentations | None = None,
     ):
         """Keeps the examples whose padded lengths (`padded_lengths`) are at most `max_len`.
 
@@ -294,10 +376,18 @@ class TrainPipeline:
           tokens_per_batch: if > 0, padded tokens per global batch instead (one size per bucket).
           batch_multiple: every global batch size is a multiple of this (e.g. the device count).
           num_buckets: at most this many (src_len, tgt_len) buckets.
-          seed: shuffling seed.
+          seed: shuffling (and segmentation sampling) seed.
+          segmentations: `data`'s n-best segmentations: each epoch reads every example in one drawn
+            from them (`Segmentations`); buckets and batches are planned on `data`, which is their
+            best. None: always `data`.
         """
+        if segmentations is not None and (
+            isinstance(data, ImageCaptions) or len(segmentations.src_scores) != len(data)
+        ):
+            raise ValueError("segmentations must hold the n-best of every example of text data")
         self.data = data
         self.seed = seed
+        self.segmentations = segmentations
         src_lengths, tgt_lengths = padded_lengths(data)
         self.example_ids = np.flatnonzero((src_lengths <= max_len) & (tgt_lengths <= max_len))
         self.num_dropped = len(data) - len(self.example_ids)
@@ -317,6 +407,7 @@ class TrainPipeline:
         self._bucket_of = np.full(len(data), -1)
         self._bucket_of[self.example_ids] = assign_buckets(kept_src, kept_tgt, self.buckets)
         self.epoch_plan = functools.lru_cache(maxsize=2)(self._epoch_plan)  # per instance
+        self.epoch_data = functools.lru_cache(maxsize=2)(self._epoch_data)
         self.batches_per_epoch = len(self.epoch_plan(0))
 
     @property
@@ -340,6 +431,15 @@ class TrainPipeline:
             batches.append((len(self.buckets) - 1, np.concatenate([carry, fill])))
         return [batches[i] for i in rng.permutation(len(batches))]
 
+    def _epoch_data(self, epoch: int) -> Tokenized | ImageCaptions | SampledTokenized:
+        """The examples as the epoch reads them: `data`, or one draw of `segmentations` (a pure
+        function of (seed, epoch), each segmentation within the example's bucket)."""
+        if self.segmentations is None:
+            return self.data
+        limits = np.asarray(self.buckets + [(sys.maxsize, sys.maxsize)])[self._bucket_of]
+        rng = np.random.default_rng([self.seed, epoch, 1])  # not the plan's stream
+        return self.segmentations.sample(rng, limits[:, 0], limits[:, 1])
+
     def batch_shapes(self) -> list[BatchShape]:
         """Every global batch shape the iterator can yield (the same set in every epoch)."""
         buckets = sorted({bucket for bucket, _ in self.epoch_plan(0)})
@@ -354,7 +454,7 @@ class TrainPipeline:
         bucket, ids = self.epoch_plan(epoch)[position]
         rows = len(ids) // shard_count
         ids = ids[shard_index * rows : (shard_index + 1) * rows]
-        return make_batch(self.data, ids, *self.buckets[bucket])
+        return make_batch(self.epoch_data(epoch), ids, *self.buckets[bucket])
 
     def dataset(self, shard_index: int = 0, shard_count: int = 1) -> grain.MapDataset:
         """The infinite stream of this host's batches as a grain MapDataset (index = step)."""

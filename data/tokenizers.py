@@ -2,7 +2,8 @@
 
 Every tokenizer has `vocab_size`, `special_ids` (`contracts.SpecialIds`), `encode(text) -> list[int]`
 (no BOS/EOS added), `decode(ids) -> str` (stops at the first EOS, drops PAD and BOS), `pieces(ids)`,
-`save(directory)`; `load(directory)` reads any kind back. seqzoo's own kinds have ids 0-3 = PAD, BOS,
+`save(directory)`; `load(directory)` reads any kind back; a unigram SentencePiece model also gives
+its n-best segmentations (`nbest`, for subword sampling). seqzoo's own kinds have ids 0-3 = PAD, BOS,
 EOS, UNK (`contracts.SEQZOO_IDS`); a `MarianTokenizer` keeps the ids of the model it came with.
 
 SentencePiece is trained with byte fallback, identity normalization and whitespace kept as is, so
@@ -172,6 +173,18 @@ class SentencePieceTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
+
+    def nbest(self, text: str, n: int) -> list[tuple[list[int], float]]:
+        """Up to `n` segmentations of `text`, best first (the first is `encode`'s), each with its
+        log-probability under the unigram model. Raises DataError for a BPE model (it has none)."""
+        try:
+            result = self._sp.nbest_encode(text, nbest_size=n, return_type="proto")
+        except RuntimeError:
+            raise DataError(
+                "a BPE SentencePiece model has no n-best segmentations: use sp_model_type='unigram' "
+                "for subword sampling (or set sp_sampling_nbest=0)"
+            ) from None
+        return [([piece.id for piece in s.pieces], s.score) for s in result.nbests]
 
     def decode(self, ids: Iterable[int]) -> str:
         ids = [i if 0 <= i < self.vocab_size else UNK_ID for i in content_ids(ids)]

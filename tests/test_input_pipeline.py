@@ -129,3 +129,27 @@ def test_lowercase_changes_what_the_model_reads_not_the_references(dates_config,
     assert any(s != s.lower() for s in sources)
     read = [data.src_tokenizer.decode(row) for row in validation.batches[0]["src"]]
     assert read[:5] == [s.lower() for s in sources[:5]]
+
+
+def test_subword_sampling_reads_the_same_text_in_other_pieces(dates_config):
+    fields = dict(tokenizer="sentencepiece", sp_model_type="unigram", vocab_size=400)
+    plain = input_pipeline.get_datasets(dates_config(**fields))
+    sampled = input_pipeline.get_datasets(
+        dates_config(**fields, sp_sampling_nbest=4, sp_sampling_alpha=0.0)
+    )
+    for step in (0, 1, plain.train.batches_per_epoch):
+        a, b = plain.train.global_batch(step), sampled.train.global_batch(step)
+        assert decoded_pairs(plain, a) == decoded_pairs(sampled, b)
+        assert not np.array_equal(a["src"], b["src"]) and not np.array_equal(
+            a["tgt_in"], b["tgt_in"]
+        )
+    for a, b in zip(plain.eval["validation"].batches, sampled.eval["validation"].batches):
+        assert all(np.array_equal(a[k], b[k]) for k in a)  # evaluation reads the best
+    with pytest.raises(DataError, match="SentencePiece tokenizers.*sp_sampling_nbest=0"):
+        input_pipeline.get_datasets(dates_config(sp_sampling_nbest=4))
+    with pytest.raises(DataError, match="BPE SentencePiece model has no n-best"):
+        input_pipeline.get_datasets(
+            dates_config(**fields | {"sp_model_type": "bpe"}, sp_sampling_nbest=4)
+        )
+    with pytest.raises(ValueError, match="sp_sampling_nbest must be 0 \\(off\\) or >= 2, got 1"):
+        input_pipeline.get_datasets(dates_config(**fields, sp_sampling_nbest=1))

@@ -1,5 +1,6 @@
 """The batching machinery on synthetic token ids (no TFDS): fast and exact."""
 
+import dataclasses
 import itertools
 
 import grain
@@ -221,6 +222,80 @@ def test_orbax_checkpoint_with_grain_handler(train, tmp_path):
 
 
 # Evaluation batches.
+
+
+# Subword sampling.
+
+
+def lengthened(data: pipeline.Tokenized, n: int) -> pipeline.Segmentations:
+    """Example i's k-th best segmentation: its tokens and k more of the same (k < n, fewer for odd
+    i), log-probability -k: the chosen k reads off a row's length."""
+
+    def nbest(side, i):
+        ids = side(i).tolist()
+        return [(ids + [ids[0]] * k, -float(k)) for k in range(n if i % 2 == 0 else 2)]
+
+    return pipeline.Segmentations.from_nbest(
+        [nbest(data.source, i) for i in range(len(data))],
+        [nbest(data.target, i) for i in range(len(data))],
+        data.special_ids,
+        alpha=0.5,
+    )
+
+
+@pytest.fixture(scope="module")
+def sampled(data) -> pipeline.TrainPipeline:
+    segmentations = lengthened(data, 4)
+    return pipeline.TrainPipeline(
+        data, max_len=MAX_LEN, batch_size=16, seed=3, segmentations=segmentations
+    )
+
+
+def chosen(train, batch) -> list[tuple[int, int, int]]:
+    """(example, source tokens added, target tokens added) of each real row of a sampled batch."""
+    src_lengths, tgt_lengths = (batch["src"] != 0).sum(1) - 1, (batch["tgt_out"] != 0).sum(1) - 1
+    return [
+        (i, src_lengths[r] - train.data.src_lengths[i], tgt_lengths[r] - train.data.tgt_lengths[i])
+        for r, i in enumerate(example_ids(batch))
+        if i >= 0
+    ]
+
+
+def test_sampling_keeps_the_plan_and_draws_within_the_bucket(train, sampled):
+    draws = []
+    for step in range(2 * sampled.batches_per_epoch):
+        batch = sampled.global_batch(step)
+        assert example_ids(batch) == example_ids(train.global_batch(step))  # the same plan
+        draws += chosen(sampled, batch)
+    extra = np.array([(s, t) for _, s, t in draws])
+    odd = np.array([i % 2 == 1 for i, _, _ in draws])
+    assert extra.min() == 0 and extra[~odd].max() == 3 and extra[odd].max() == 1
+    # Drawn ~ exp(0.5 x -k): every k, the best most often.
+    counts = np.bincount(extra[~odd].ravel(), minlength=4)
+    assert counts[0] > counts[1] > counts[2] > counts[3] > 0
+
+
+def test_sampling_is_a_function_of_seed_and_epoch(data, sampled):
+    again = pipeline.TrainPipeline(
+        data, max_len=MAX_LEN, batch_size=16, seed=3, segmentations=lengthened(data, 4)
+    )
+    steps = [0, 1, sampled.batches_per_epoch]  # two of epoch 0, the first of epoch 1
+    assert_same_batches(
+        [again.global_batch(s) for s in steps], [sampled.global_batch(s) for s in steps]
+    )
+    first, second = (sampled.epoch_data(e) for e in (0, 1))
+    assert (first.src_choice != second.src_choice).any()
+    greedy = dataclasses.replace(lengthened(data, 4), alpha=1e4)
+    assert not greedy.sample(
+        np.random.default_rng(0), *[np.full(len(data), 99)] * 2
+    ).src_choice.any()
+
+
+def test_sampling_needs_the_nbest_of_every_example(data):
+    with pytest.raises(ValueError, match="n-best of every example"):
+        pipeline.TrainPipeline(
+            data, max_len=MAX_LEN, batch_size=16, segmentations=lengthened(synthetic(5), 3)
+        )
 
 
 def test_eval_batches_keep_order_and_mask_fillers(data, train):

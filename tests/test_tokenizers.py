@@ -96,6 +96,20 @@ def test_sp_training_is_deterministic(dates_texts, model_type):
     assert first.model_proto == again.model_proto and first.vocab_size == 350
 
 
+def test_sp_nbest_segmentations(sp_bpe, dates_texts):
+    unigram = tokenizers.SentencePieceTokenizer.train(dates_texts, vocab_size=400)
+    for text in dates_texts[:20]:
+        nbest = unigram.nbest(text, 6)
+        ids = [i for i, _ in nbest]
+        scores = [score for _, score in nbest]
+        assert 2 <= len(nbest) <= 6 and ids[0] == unigram.encode(text)
+        assert len({tuple(i) for i in ids}) == len(ids)  # distinct
+        assert scores == sorted(scores, reverse=True) and all(np.isfinite(scores))
+        assert all(unigram.decode(i) == text for i in ids)
+    with pytest.raises(DataError, match="BPE SentencePiece model has no n-best.*unigram"):
+        sp_bpe.nbest(dates_texts[0], 4)
+
+
 # Cache.
 
 
