@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from absl import logging
 
-from data import DataError, datasets, pipeline, tokenizers
+from data import DataError, datasets, pipeline, segmentations, tokenizers
 
 EVAL_SPLITS = ("validation", "test")
 DEFAULT_TOKENIZER_DIR = Path.home() / ".cache" / "seqzoo" / "tokenizers"
@@ -86,7 +86,7 @@ def tokenize(
 
 def nbest_segmentations(
     config, src_tokenizer, tgt_tokenizer, sources: Sequence[str], targets: Sequence[str]
-) -> pipeline.Segmentations:
+) -> segmentations.Segmentations:
     """Subword sampling (Kudo 2018): the `config.sp_sampling_nbest` best segmentations of every
     training pair, which training batches draw from with `config.sp_sampling_alpha` (0: uniformly,
     larger: nearer the best one); evaluation reads the best. Needs unigram SentencePiece tokenizers.
@@ -101,7 +101,7 @@ def nbest_segmentations(
             "subword sampling needs seqzoo's SentencePiece tokenizers (tokenizer='sentencepiece'): "
             "set sp_sampling_nbest=0"
         )
-    return pipeline.Segmentations.from_nbest(
+    return segmentations.Segmentations.from_nbest(
         [src_tokenizer.nbest(s, n) for s in sources],
         [tgt_tokenizer.nbest(t, n) for t in targets],
         special_ids(src_tokenizer, tgt_tokenizer),
@@ -158,7 +158,7 @@ def get_datasets(config, *, batch_multiple: int = 1) -> Datasets:
         raise ValueError(f"max_len must be >= 2 (a token and EOS), got {config.max_len}")
     where = dict(data_dir=config.data_dir, manual_dir=config.manual_dir)
     train_pairs = datasets.load(config.dataset, "train", **where)
-    segmentations = None
+    train_segmentations = None
     if isinstance(train_pairs, datasets.ImageCaptionPairs):
         if config.get("sp_sampling_nbest", 0):
             raise DataError(
@@ -180,7 +180,7 @@ def get_datasets(config, *, batch_multiple: int = 1) -> Datasets:
         src_tokenizer, tgt_tokenizer = build_tokenizers(config, sources, targets)
         train_data = tokenize(src_tokenizer, tgt_tokenizer, sources, targets)
         if config.get("sp_sampling_nbest", 0):
-            segmentations = nbest_segmentations(
+            train_segmentations = nbest_segmentations(
                 config, src_tokenizer, tgt_tokenizer, sources, targets
             )
     train = pipeline.TrainPipeline(
@@ -191,7 +191,7 @@ def get_datasets(config, *, batch_multiple: int = 1) -> Datasets:
         batch_multiple=batch_multiple,
         num_buckets=config.num_buckets,
         seed=config.seed,
-        segmentations=segmentations,
+        segmentations=train_segmentations,
     )
     stats = {
         "train_examples": len(sources),

@@ -19,7 +19,7 @@ group them by bucket (each bucket's leftover examples move up into the next buck
 and the last leftovers fill one batch with filler rows), then shuffle the batches. Batch `step` of
 the infinite stream is batch `step % batches_per_epoch` of epoch `step // batches_per_epoch`, so the
 grain iterator's state is a single position and a restored iterator yields exactly the batches an
-uninterrupted one would. With subword sampling (`Segmentations`), which segmentation each example
+uninterrupted one would. With subword sampling (`data/segmentations.py`), which segmentation each example
 is read in is drawn per epoch too, from (seed, epoch). Host `k` of `n` takes rows `[k*B/n, (k+1)*B/n)` of each global batch: the
 hosts see disjoint examples and agree on every step's shape.
 """
@@ -28,12 +28,15 @@ import dataclasses
 import functools
 import sys
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import grain
 import numpy as np
 
 from data.tokenizers import SEQZOO_IDS, SpecialIds
+
+if TYPE_CHECKING:
+    from data.segmentations import SampledTokenized, Segmentations
 
 BUCKET_MULTIPLE = 4  # bucket lengths are multiples of this (or max_len)
 DEFAULT_NUM_BUCKETS = 4
@@ -94,86 +97,6 @@ class Tokenized:
 
     def target(self, i: int) -> np.ndarray:
         return self.tgt[self.tgt_offsets[i] : self.tgt_offsets[i + 1]]
-
-
-@dataclasses.dataclass(frozen=True)
-class Segmentations:
-    """Each training pair's n-best segmentations, for subword sampling (Kudo 2018, "Subword
-    Regularization"): every epoch, each side of each example is read in one of them, drawn with
-    probability proportional to exp(alpha x log-probability) among those that fit its bucket.
-
-    `alternatives[k]` holds every example's k-th best segmentation (its best where it has fewer);
-    `src_scores`, `tgt_scores`: float64 [num_examples, n], their log-probabilities, -inf where an
-    example has no k-th best.
-    """
-
-    alternatives: tuple[Tokenized, ...]
-    src_scores: np.ndarray
-    tgt_scores: np.ndarray
-    alpha: float
-
-    @classmethod
-    def from_nbest(
-        cls,
-        src_nbest: Sequence[Sequence[tuple[Sequence[int], float]]],
-        tgt_nbest: Sequence[Sequence[tuple[Sequence[int], float]]],
-        special_ids: SpecialIds,
-        alpha: float,
-    ):
-        """`src_nbest[i]`, `tgt_nbest[i]`: example i's [(ids, log-probability), ...], best first."""
-        n = max(map(len, [*src_nbest, *tgt_nbest]))
-
-        def side(nbest):
-            ids = [[c[min(k, len(c) - 1)][0] for c in nbest] for k in range(n)]
-            scores = np.full((len(nbest), n), -np.inf)
-            for i, candidates in enumerate(nbest):
-                scores[i, : len(candidates)] = [score for _, score in candidates]
-            return ids, scores
-
-        (src_ids, src_scores), (tgt_ids, tgt_scores) = side(src_nbest), side(tgt_nbest)
-        alternatives = tuple(
-            Tokenized.from_lists(s, t, special_ids) for s, t in zip(src_ids, tgt_ids, strict=True)
-        )
-        return cls(alternatives, src_scores, tgt_scores, alpha)
-
-    def sample(
-        self, rng: np.random.Generator, src_limits: np.ndarray, tgt_limits: np.ndarray
-    ) -> "SampledTokenized":
-        """One segmentation per example and side, none longer than its limit (padded lengths, int
-        [num_examples]; the best segmentation always counts as fitting)."""
-
-        def choose(scores, lengths, limits):
-            fits = (lengths <= limits[:, None]) & np.isfinite(scores)
-            fits[:, 0] = True
-            logits = np.where(fits, self.alpha * np.where(fits, scores, 0.0), -np.inf)
-            return np.argmax(logits + rng.gumbel(size=scores.shape), axis=1)  # Gumbel-max
-
-        src_lengths, tgt_lengths = (
-            np.stack(side, axis=1) for side in zip(*map(padded_lengths, self.alternatives))
-        )
-        return SampledTokenized(
-            self.alternatives,
-            choose(self.src_scores, src_lengths, src_limits),
-            choose(self.tgt_scores, tgt_lengths, tgt_limits),
-            self.alternatives[0].special_ids,
-        )
-
-
-@dataclasses.dataclass(frozen=True)
-class SampledTokenized:
-    """`Tokenized`'s reading of one draw of `Segmentations`: example i's source is its
-    `src_choice[i]`-th best segmentation, its target the `tgt_choice[i]`-th (int [num_examples])."""
-
-    alternatives: tuple[Tokenized, ...]
-    src_choice: np.ndarray
-    tgt_choice: np.ndarray
-    special_ids: SpecialIds
-
-    def source(self, i: int) -> np.ndarray:
-        return self.alternatives[self.src_choice[i]].source(i)
-
-    def target(self, i: int) -> np.ndarray:
-        return self.alternatives[self.tgt_choice[i]].target(i)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,7 +242,10 @@ def bucket_batch_sizes(
 
 
 def make_batch(
-    data: Tokenized | ImageCaptions | SampledTokenized, ids: np.ndarray, src_len: int, tgt_len: int
+    data: "Tokenized | ImageCaptions | SampledTokenized",
+    ids: np.ndarray,
+    src_len: int,
+    tgt_len: int,
 ) -> Batch:
     """The padded batch of examples `ids` (int [batch]; -1 gives a filler row).
 
@@ -365,7 +291,7 @@ class TrainPipeline:
         batch_multiple: int = 1,
         num_buckets: int = DEFAULT_NUM_BUCKETS,
         seed: int = 0,
-        segmentations: Segmentations | None = None,
+        segmentations: "Segmentations | None" = None,
     ):
         """Keeps the examples whose padded lengths (`padded_lengths`) are at most `max_len`.
 
@@ -378,7 +304,7 @@ class TrainPipeline:
           num_buckets: at most this many (src_len, tgt_len) buckets.
           seed: shuffling (and segmentation sampling) seed.
           segmentations: `data`'s n-best segmentations: each epoch reads every example in one drawn
-            from them (`Segmentations`); buckets and batches are planned on `data`, which is their
+            from them (`data.segmentations`); buckets and batches are planned on `data`, which is their
             best. None: always `data`.
         """
         if segmentations is not None and (
@@ -431,7 +357,7 @@ class TrainPipeline:
             batches.append((len(self.buckets) - 1, np.concatenate([carry, fill])))
         return [batches[i] for i in rng.permutation(len(batches))]
 
-    def _epoch_data(self, epoch: int) -> Tokenized | ImageCaptions | SampledTokenized:
+    def _epoch_data(self, epoch: int) -> "Tokenized | ImageCaptions | SampledTokenized":
         """The examples as the epoch reads them: `data`, or one draw of `segmentations` (a pure
         function of (seed, epoch), each segmentation within the example's bucket)."""
         if self.segmentations is None:

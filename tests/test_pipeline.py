@@ -8,7 +8,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from data import pipeline
+from data import pipeline, segmentations
 from data.tokenizers import BOS_ID, EOS_ID
 
 MAX_LEN = 40
@@ -227,7 +227,7 @@ def test_orbax_checkpoint_with_grain_handler(train, tmp_path):
 # Subword sampling.
 
 
-def lengthened(data: pipeline.Tokenized, n: int) -> pipeline.Segmentations:
+def lengthened(data: pipeline.Tokenized, n: int) -> segmentations.Segmentations:
     """Example i's k-th best segmentation: its tokens and k more of the same (k < n, fewer for odd
     i), log-probability -k: the chosen k reads off a row's length."""
 
@@ -235,7 +235,7 @@ def lengthened(data: pipeline.Tokenized, n: int) -> pipeline.Segmentations:
         ids = side(i).tolist()
         return [(ids + [ids[0]] * k, -float(k)) for k in range(n if i % 2 == 0 else 2)]
 
-    return pipeline.Segmentations.from_nbest(
+    return segmentations.Segmentations.from_nbest(
         [nbest(data.source, i) for i in range(len(data))],
         [nbest(data.target, i) for i in range(len(data))],
         data.special_ids,
@@ -245,9 +245,8 @@ def lengthened(data: pipeline.Tokenized, n: int) -> pipeline.Segmentations:
 
 @pytest.fixture(scope="module")
 def sampled(data) -> pipeline.TrainPipeline:
-    segmentations = lengthened(data, 4)
     return pipeline.TrainPipeline(
-        data, max_len=MAX_LEN, batch_size=16, seed=3, segmentations=segmentations
+        data, max_len=MAX_LEN, batch_size=16, seed=3, segmentations=lengthened(data, 4)
     )
 
 
