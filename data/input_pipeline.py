@@ -11,9 +11,9 @@ Config fields: `dataset`, `data_dir`, `manual_dir`, `tokenizer` ("char" | "sente
 `vocab_size`, `sp_model_type` ("unigram" | "bpe"), `shared_vocab`, `tokenizer_dir`, `max_len`,
 `batch_size`, `tokens_per_batch`, `num_buckets`, `seed`; optional `eval_batch_size` (default:
 batch_size), `sp_sampling_nbest` and `sp_sampling_alpha` (subword sampling of the training text:
-`nbest_segmentations`; default 0, off). `max_len` bounds every array length: a training example is dropped when
-its source + EOS or BOS + target is longer; evaluation examples are truncated instead (the
-reference strings stay whole).
+`nbest_segmentations`; default 0, off). `max_len` bounds every array length: a training example
+is dropped when its source + EOS or BOS + target is longer; evaluation examples are truncated
+instead (the reference strings stay whole).
 
 Image captioning datasets (`digit_captions`): batches hold float32 images `src [batch, height, width,
 channels]` and the tokenized caption as target (data/pipeline.py); one tokenizer, trained on the
