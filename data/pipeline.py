@@ -19,9 +19,10 @@ group them by bucket (each bucket's leftover examples move up into the next buck
 and the last leftovers fill one batch with filler rows), then shuffle the batches. Batch `step` of
 the infinite stream is batch `step % batches_per_epoch` of epoch `step // batches_per_epoch`, so the
 grain iterator's state is a single position and a restored iterator yields exactly the batches an
-uninterrupted one would. With subword sampling (`data/segmentations.py`), which segmentation each example
-is read in is drawn per epoch too, from (seed, epoch). Host `k` of `n` takes rows `[k*B/n, (k+1)*B/n)` of each global batch: the
-hosts see disjoint examples and agree on every step's shape.
+uninterrupted one would. With subword sampling (`data/segmentations.py`), which segmentation each
+example is read in is drawn per epoch too, from (seed, epoch). Host `k` of `n` takes rows
+`[k*B/n, (k+1)*B/n)` of each global batch: the hosts see disjoint examples and agree on every
+step's shape.
 """
 
 import dataclasses
