@@ -276,6 +276,7 @@ def decode_loop(smoke: bool) -> dict:
 
     config = decode_workload.QUICK if smoke else decode_workload.CONFIG
     model, params = jax_systems.jax_model(config, "transformer")
+    params = programs.decoding_params(model, params)
     counter = jax_systems.CompileCounter()
     out = {"status": "ok"}
     rng = np.random.default_rng(0)

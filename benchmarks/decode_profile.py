@@ -180,6 +180,7 @@ def main(argv=None) -> None:
     base = decode_workload.QUICK if args.quick else decode_workload.CONFIG
     config = dataclasses.replace(base, shape=args.shape, **decode_workload.SHAPES[args.shape])
     model, params = jax_systems.jax_model(config, "transformer")
+    params = jax_systems.decoding_params(config, model, params)
     results = [
         profile_cell(config, model, params, beam, args.batch, args.runs, args.top)
         for beam in (args.beam or [1, 4])

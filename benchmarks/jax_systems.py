@@ -67,13 +67,16 @@ def jax_model(config: Config, family: str):
     return model, params
 
 
-def quantized(config: Config, model, params):
-    """`params` as `config.quantize` says: unchanged, or int8 kernels (`models.int8`)."""
-    if config.quantize != "int8":
-        return params
-    from models import int8
+def decoding_params(config: Config, model, params):
+    """`params` as seqzoo decodes them: int8 kernels with `config.quantize="int8"` (`models.int8`),
+    else `programs.decoding_params` (the tied output table's transposed copy)."""
+    from experiment import programs
 
-    return int8.quantize_params(params, tied_output=model.tie_output)
+    if config.quantize == "int8":
+        from models import int8
+
+        return int8.quantize_params(params, tied_output=model.tie_output)
+    return programs.decoding_params(model, params)
 
 
 def no_eos(logits, eos_id: int):
@@ -138,7 +141,7 @@ def run_seqzoo(config: Config, family: str, workdir: Path) -> dict:
     model, params = jax_model(config, family)
     if family == "transformer":
         np.savez(workdir / "weights.npz", **marian_state_dict(config, params))
-    params = quantized(config, model, params)
+    params = decoding_params(config, model, params)
     src_all = sources(config)
     counter = CompileCounter()
     cells = []
@@ -197,7 +200,7 @@ def run_python_loop(config: Config, family: str, workdir: Path) -> dict:
 
     del workdir
     model, params = jax_model(config, family)
-    variables = {"params": quantized(config, model, params)}
+    variables = {"params": decoding_params(config, model, params)}
     encode = jax.jit(functools.partial(model.apply, method=model.encode))
     init = jax.jit(functools.partial(model.apply, method=model.init_decode_state), static_argnums=2)
     step = jax.jit(functools.partial(model.apply, method=model.decode_step))

@@ -19,7 +19,7 @@ import decoding
 import sharding
 from contracts import PAD_ID, SEQZOO_IDS, SpecialIds
 from experiment import RunError
-from models import registry
+from models import int8, registry, transformer
 
 # ------------------------------------------------------------------------------------------ model
 
@@ -201,6 +201,20 @@ smoothed_token_losses.defvjp(_smoothed_losses_fwd, _smoothed_losses_bwd)
 
 
 # --------------------------------------------------------------------------------------- decoding
+
+
+def decoding_params(model, params):
+    """`params` as decoding reads them fastest: a Transformer (or captioner) with a tied output
+    projection gets the table's transposed copy (`transformer.with_output_kernel`); other models,
+    params that have it and int8 params (their own int8 table) come back unchanged. Decode and
+    score (`score_fn` runs the decoding step) with these; train and save the params themselves."""
+    if (
+        not getattr(model, "tie_output", False)
+        or transformer.TIED_OUTPUT_KERNEL in params
+        or int8.TIED_OUTPUT in params
+    ):
+        return params
+    return transformer.with_output_kernel(params, model.dtype)
 
 
 def step_function(model, params, src: jax.Array, max_decode_len: int, alignment_layer=None):

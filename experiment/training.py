@@ -150,6 +150,7 @@ def evaluate(config, model, params, eval_data, tgt_tokenizer, num_examples, mesh
         config.max_decode_len_b,
     )
     limit = num_examples or len(eval_data.references)
+    decoding_params = programs.decoding_params(model, params)
     loss_sum = tokens = 0.0
     hypotheses = []
     for batch in eval_data.batches:
@@ -158,7 +159,7 @@ def evaluate(config, model, params, eval_data, tgt_tokenizer, num_examples, mesh
         loss_sum += float(out["loss_sum"])
         tokens += float(out["tokens"])
         if len(hypotheses) < limit:
-            result = decode(params, arrays["src"], config.alpha)
+            result = decode(decoding_params, arrays["src"], config.alpha)
             ids = programs.best_sequences(result)[batch["mask"]]
             hypotheses.extend(tgt_tokenizer.decode(row.tolist()) for row in ids)
     hypotheses = hypotheses[:limit]

@@ -63,6 +63,25 @@ def sinusoidal_positions(max_len: int, d_model: int, layout: str = "interleaved"
     return table.astype(np.float32)
 
 
+# params key of a tied output projection's table transposed for decoding, [d_model, vocab]
+TIED_OUTPUT_KERNEL = "tied_output_kernel"
+
+
+def with_output_kernel(params: dict, dtype: Any = jnp.float32) -> dict:
+    """`params` of a Transformer with a tied output projection plus `TIED_OUTPUT_KERNEL`: the target
+    embedding table transposed, `[d_model, vocab]` in the computation `dtype`, a copy made once.
+
+    Decoding steps multiply their rows by it instead of by the table (which lookups still use): on
+    XLA:CPU a `[N, d_model] x [d_model, vocab]` product reads the weights faster than the table as
+    it lies, `[vocab, d_model]`, contracted on its minor dimension (1.15x a beam 4, batch 1 decode
+    of the decode benchmark's model; docs/benchmarks.md, "Batch 1 on the AMD EPYC"). The price is
+    the copy: vocab x d_model more floats while decoding (8 MB at 8k x 256, 119 MB at 58k x 512).
+    """
+    table = params["tgt_embed"]["embedding"]
+    kernel = jax.jit(lambda t: jnp.asarray(t, dtype).T)(table)
+    return {**params, TIED_OUTPUT_KERNEL: kernel}
+
+
 def dense_fields(module: nn.Module) -> dict:
     """The fields of every dense layer of the Transformer: the module's dtypes, and `models.int8`'s
     product, which is flax's own for float kernels and the int8 one for `int8.quantize_params`'."""
@@ -454,13 +473,16 @@ class TransformerDecoder(nn.Module):
             logits = self.output(rows)
         elif decoding and self.has_variable("params", int8.TIED_OUTPUT):
             logits = int8.int8_logits(rows, self.get_variable("params", int8.TIED_OUTPUT))
+        elif decoding and self.has_variable("params", TIED_OUTPUT_KERNEL):
+            kernel = self.get_variable("params", TIED_OUTPUT_KERNEL)
+            logits = jnp.dot(rows.astype(self.dtype), kernel, preferred_element_type=jnp.float32)
         elif decoding:
-            # The tied projection at a decoding step: rows [N, d_model] times the table [vocab,
+            # Without `with_output_kernel`'s copy: rows [N, d_model] times the table [vocab,
             # d_model] transposed. Written as rows . table^T, XLA either re-packs the table at every
             # step or (behind a barrier) copies it transposed once per decode: 119 MB for opus-mt's
             # 58k x 512, ~25% of a batch-1 decode there. With the table as the left operand,
             # contracted on its minor dimension as it lies in memory, neither copy is made; only the
-            # small [vocab, rows] result is transposed (benchmarks/decode_profile.py shows both).
+            # small [vocab, rows] result is transposed.
             table = jnp.asarray(self.tgt_embed.embedding, self.dtype)
             logits = jax.lax.dot_general(
                 table,

@@ -13,7 +13,8 @@ from conftest import SRC, SRC_MASK, TGT_IN, TINY_TRANSFORMER, overfit
 
 import decoding
 from experiment import programs
-from models.transformer import Transformer, sinusoidal_positions
+from models import int8
+from models.transformer import TIED_OUTPUT_KERNEL, Transformer, sinusoidal_positions
 
 TINY = TINY_TRANSFORMER
 BEAM = 2
@@ -174,6 +175,30 @@ def test_beam_search_with_the_kv_cache_matches_recomputing_every_prefix():
     assert len(prefixes) > batch + BEAM_SEARCH["beam_size"], (
         "the test needs hypotheses that part early"
     )
+
+
+def test_decoding_params_give_the_search_the_same_logits_through_the_transposed_table():
+    """`programs.decoding_params` adds the tied table transposed (a copy), decoding steps multiply
+    by it and find what the table gives; untied, int8 and already-prepared params are unchanged."""
+    model, variables, _ = tiny()
+    params = jax.tree.map(lambda p: 2.0 * p, variables["params"])
+    prepared = programs.decoding_params(model, params)
+    kernel = prepared[TIED_OUTPUT_KERNEL]
+    np.testing.assert_array_equal(kernel, np.asarray(params["tgt_embed"]["embedding"]).T)
+    got, want = jax.jit(cached_beam_search)(prepared, SRC), jax.jit(cached_beam_search)(params, SRC)
+    np.testing.assert_array_equal(got.sequences, want.sequences)
+    np.testing.assert_allclose(got.log_probs, want.log_probs, rtol=1e-5)
+    # The step reads the copy, not the table: a zero copy gives uniform logits.
+    step_fn, state = programs.step_function(
+        model, {**prepared, TIED_OUTPUT_KERNEL: jnp.zeros_like(kernel)}, SRC, 4
+    )
+    logits, _ = step_fn(jnp.ones((SRC.shape[0],), jnp.int32), state)
+    np.testing.assert_array_equal(logits, 0.0)
+    assert programs.decoding_params(model, prepared) is prepared
+    untied = Transformer(11, 13, **TINY, tie_output=False)
+    assert programs.decoding_params(untied, params) is params
+    quantized = int8.quantize_params(params, tied_output=True)
+    assert programs.decoding_params(model, quantized) is quantized
 
 
 def test_the_decoding_loop_updates_the_kv_cache_in_place():
