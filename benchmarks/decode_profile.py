@@ -84,15 +84,18 @@ def thunk_times(trace_dir: str) -> dict[str, list[float]]:
     return times
 
 
-def profile_cell(config, model, params, beam: int, batch: int, runs: int, top: int) -> dict:
-    """Times `runs` decodes of one cell, profiles one more and splits its ops by model part."""
+def profile_cell(
+    config, model, params, beam: int, batch: int, runs: int, top: int, options: dict
+) -> dict:
+    """Times `runs` decodes of one cell, profiles one more and splits its ops by model part;
+    `options`: XLA compile options of the decoding program (`--xla_option`)."""
     import jax
 
     src = decode_workload.sources(dataclasses.replace(config, batch_sizes=(batch,)))
     run = jax_systems.seqzoo_decoder(
         model, beam, config.gen_len, decode_workload.special_ids(config)
     )
-    compiled = run.lower(params, src).compile()
+    compiled = run.lower(params, src).compile(compiler_options=options)
     ops = instructions(compiled.as_text())
     for _ in range(2):
         jax.block_until_ready(compiled(params, src))
@@ -174,7 +177,19 @@ def main(argv=None) -> None:
     parser.add_argument("--top", type=int, default=12, help="single ops listed")
     parser.add_argument("--quick", action="store_true", help="decode.py's tiny sizes (a smoke run)")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument(
+        "--xla_option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an XLA compile option for the decoding program (e.g. "
+        "xla_cpu_experimental_ynn_fusion_type=), repeatable",
+    )
     args = parser.parse_args(argv)
+    bad = [o for o in args.xla_option if "=" not in o]
+    if bad:
+        parser.error(f"--xla_option {bad[0]!r}: write it as NAME=VALUE")
+    options = dict(o.split("=", 1) for o in args.xla_option)
     import jax
 
     base = decode_workload.QUICK if args.quick else decode_workload.CONFIG
@@ -182,7 +197,7 @@ def main(argv=None) -> None:
     model, params = jax_systems.jax_model(config, "transformer")
     params = jax_systems.decoding_params(config, model, params)
     results = [
-        profile_cell(config, model, params, beam, args.batch, args.runs, args.top)
+        profile_cell(config, model, params, beam, args.batch, args.runs, args.top, options)
         for beam in (args.beam or [1, 4])
     ]
     print(
@@ -192,7 +207,12 @@ def main(argv=None) -> None:
     for result in results:
         print_cell(result)
     if args.json:
-        report = {"shape": args.shape, "config": dataclasses.asdict(config), "results": results}
+        report = {
+            "shape": args.shape,
+            "config": dataclasses.asdict(config),
+            "xla_options": options,
+            "results": results,
+        }
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
 
 

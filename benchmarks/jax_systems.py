@@ -64,6 +64,7 @@ def jax_model(config: Config, family: str):
         state = marian.state_dict_from_params(jax.device_get(params), hparams)
         shapes = jax.tree.map(lambda x: x.shape, params)
         params = marian.params_from_state_dict(state, hparams, shapes, "random opus-mt-en-de")
+        params = jax.device_put(params)  # numpy arguments would be copied in at every call
     return model, params
 
 

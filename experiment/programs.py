@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 import decoding
 import sharding
 from contracts import PAD_ID, SEQZOO_IDS, SpecialIds
-from experiment import RunError
+from experiment import RunError, host_memory
 from models import int8, registry, transformer
 
 # ------------------------------------------------------------------------------------------ model
@@ -205,16 +205,17 @@ smoothed_token_losses.defvjp(_smoothed_losses_fwd, _smoothed_losses_bwd)
 
 def decoding_params(model, params):
     """`params` as decoding reads them fastest: a Transformer (or captioner) with a tied output
-    projection gets the table's transposed copy (`transformer.with_output_kernel`); other models,
-    params that have it and int8 params (their own int8 table) come back unchanged. Decode and
-    score (`score_fn` runs the decoding step) with these; train and save the params themselves."""
+    projection gets the table's transposed copy (`transformer.with_output_kernel`; not for int8
+    params, which carry their own int8 table), and on the CPU every array moves onto 2 MB pages
+    (`host_memory.on_huge_pages`). Decode and score (`score_fn` runs the decoding step) with these;
+    train and save the params themselves."""
     if (
-        not getattr(model, "tie_output", False)
-        or transformer.TIED_OUTPUT_KERNEL in params
-        or int8.TIED_OUTPUT in params
+        getattr(model, "tie_output", False)
+        and transformer.TIED_OUTPUT_KERNEL not in params
+        and int8.TIED_OUTPUT not in params
     ):
-        return params
-    return transformer.with_output_kernel(params, model.dtype)
+        params = transformer.with_output_kernel(params, model.dtype)
+    return host_memory.on_huge_pages(params)
 
 
 def step_function(model, params, src: jax.Array, max_decode_len: int, alignment_layer=None):
