@@ -37,6 +37,7 @@ from models.kv_cache import (
     beam_cache_scores,
     cached_decoder_layers,
     empty_decode_state,
+    read_then_write,
 )
 
 ACTIVATIONS = {
@@ -307,9 +308,13 @@ class DecoderLayer(Sublayers):
             if cache is None:
                 return self.self_attention(h, keys, values, self_mask, train)[0], None
             cache_k, cache_v, pos, holds = cache
-            # Written before it is read: XLA updates the cache in place (read first, it copies it).
             new_k = jnp.transpose(keys, (0, 2, 3, 1)).astype(cache_k.dtype)  # [rows, heads, hd, 1]
             new_v = jnp.swapaxes(values, 1, 2).astype(cache_v.dtype)  # [rows, heads, 1, hd]
+            if cache_k.shape[0] == 1:
+                return read_then_write(
+                    self.self_attention, h, cache_k, cache_v, new_k, new_v, pos, self_mask
+                )
+            # Written before it is read: XLA updates the cache in place (read first, it copies it).
             cache_k = jax.lax.dynamic_update_slice(cache_k, new_k, (0, 0, 0, pos))
             cache_v = jax.lax.dynamic_update_slice(cache_v, new_v, (0, 0, pos, 0))
             out, _ = self.self_attention(

@@ -201,22 +201,47 @@ def test_decoding_params_give_the_search_the_same_logits_through_the_transposed_
     assert set(programs.decoding_params(model, quantized)) == set(quantized)
 
 
-def test_the_decoding_loop_updates_the_kv_cache_in_place():
-    """No cache-sized copy inside the compiled beam search loop (with the cache reordered between
-    beams, or read before it is written, XLA copied every layer's cache at every step)."""
+GREEDY = dict(bos_id=1, eos_id=2, max_len=7)
+
+
+def cached_greedy(params, src):
+    """The tiny Transformer's greedy search over its KV cache."""
+    model, _, _ = tiny()
+    step_fn, state = programs.step_function(model, params, src, GREEDY["max_len"])
+    return decoding.greedy(step_fn, state, batch_size=src.shape[0], **GREEDY)
+
+
+def test_one_row_reads_its_cache_before_writing_it_and_decodes_as_many_rows_do():
+    """At one row the cache is read, then written (`kv_cache.read_then_write`); each sentence decodes
+    alone as it does in a batch of four, where the cache is written, then read."""
+    model, variables, _ = tiny()
+    params = jax.tree.map(lambda p: 2.0 * p, variables["params"])
+    batched = jax.jit(cached_greedy)(params, SRC)
+    for i in range(SRC.shape[0]):
+        alone = jax.jit(cached_greedy)(params, SRC[i : i + 1])
+        np.testing.assert_array_equal(alone.sequences[0], batched.sequences[i])
+        np.testing.assert_allclose(alone.log_probs[0], batched.log_probs[i], rtol=1e-5)
+
+
+@pytest.mark.parametrize("search, src", [("beam", SRC), ("greedy", SRC), ("greedy", SRC[:1])])
+def test_the_decoding_loop_updates_the_kv_cache_in_place(search, src):
+    """No cache-sized copy inside the compiled decoding loop (with the cache reordered between
+    beams, read before it is written, or at one row written before it is read, XLA copied every
+    layer's cache at every step)."""
     model, variables, _ = tiny()
     params = variables["params"]
     state = jax.eval_shape(
-        lambda p: programs.step_function(model, p, SRC, BEAM_SEARCH["max_len"])[1], params
+        lambda p: programs.step_function(model, p, src, BEAM_SEARCH["max_len"])[1], params
     )
-    rows = BEAM_SEARCH["batch_size"] * BEAM_SEARCH["beam_size"]
+    rows = src.shape[0] * (BEAM_SEARCH["beam_size"] if search == "beam" else 1)
     cache_shapes = {
         f"f32[{','.join(str(n) for n in (rows, *x.shape[1:]))}]"
         for x in jax.tree.leaves(state["cache"].value)
     }
-    hlo = jax.jit(cached_beam_search).lower(params, SRC).compile().as_text()
+    run = cached_beam_search if search == "beam" else cached_greedy
+    hlo = jax.jit(run).lower(params, src).compile().as_text()
     bodies = re.findall(r"while\(.*?body=%?([\w.\-]+)", hlo)
-    assert bodies, "no while loop found in the compiled beam search"
+    assert bodies, "no while loop found in the compiled search"
     for body in bodies:
         text = re.search(rf"^%?{re.escape(body)} .*?^}}", hlo, re.S | re.M).group(0)
         copied = set(re.findall(r"= (f32\[[\d,]+\])\S* copy\(", text))
