@@ -3,6 +3,7 @@ r"""Where one decode step's time goes: a per-op profile of seqzoo's jitted decod
   python benchmarks/decode_profile.py                             # greedy and beam 4 at batch 1
   python benchmarks/decode_profile.py --beam 4 --batch 1 --shape opus-mt-en-de --top 20
   python benchmarks/decode_profile.py --json profile.json
+  python benchmarks/decode_profile.py --beam 4 --xla_option xla_cpu_experimental_ynn_fusion_type=
 
 The decoder is `benchmarks/decode.py`'s (same model, weights, sources and `gen_len`, EOS masked so
 every decode runs `gen_len` steps). After `--runs` timed decodes (their median is the reference
