@@ -41,6 +41,8 @@ def huge_pages_available() -> bool:
 def _on_one_cpu_device(x) -> bool:
     if not isinstance(x, jax.Array) or not x.is_fully_addressable:
         return False
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # no host (numpy) form
+        return False
     devices = x.devices()
     return len(devices) == 1 and next(iter(devices)).platform == "cpu"
 

@@ -36,9 +36,10 @@ def test_arrays_move_onto_one_mapping_that_asks_for_huge_pages_values_unchanged(
         "bf16": jnp.linspace(0, 1, 77, dtype=jnp.bfloat16),
         "host": np.ones(3, np.float32),  # not a device array: left as it is
     }
+    key = jax.random.key(0)  # a PRNG key has no numpy form: left as it is
     want = jax.tree.map(np.array, tree)
-    moved = host_memory.on_huge_pages(tree)
-    assert moved["host"] is tree["host"]
+    moved = host_memory.on_huge_pages({**tree, "key": key})
+    assert moved.pop("key") is key and moved["host"] is tree["host"]
     del tree
     gc.collect()  # the moved arrays keep their mapping alive
     for (path, got), expected in zip(
