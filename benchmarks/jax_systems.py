@@ -69,14 +69,14 @@ def jax_model(config: Config, family: str):
 
 
 def decoding_params(config: Config, model, params):
-    """`params` as seqzoo decodes them: int8 kernels with `config.quantize="int8"` (`models.int8`),
-    else `programs.decoding_params` (the tied output table's transposed copy)."""
+    """`params` as seqzoo decodes them: int8 kernels first with `config.quantize="int8"`
+    (`models.int8`), then `programs.decoding_params`, as eval.py's `Run` does."""
     from experiment import programs
 
     if config.quantize == "int8":
         from models import int8
 
-        return int8.quantize_params(params, tied_output=model.tie_output)
+        params = int8.quantize_params(params, tied_output=model.tie_output)
     return programs.decoding_params(model, params)
 
 

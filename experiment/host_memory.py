@@ -49,7 +49,8 @@ def _on_one_cpu_device(x) -> bool:
 
 def on_huge_pages(tree):
     """`tree` with each array that lives on one CPU device moved onto 2 MB pages (values, dtypes,
-    shapes and shardings unchanged; one copy); other leaves as they are."""
+    shapes, shardings and commitment unchanged; one copy); other leaves as they are. The moved
+    arrays share one mapping, which lives as long as any of them."""
     leaves, treedef = jax.tree.flatten(tree)
     movable = [i for i, x in enumerate(leaves) if _on_one_cpu_device(x)]
     if not movable or not huge_pages_available():
@@ -71,5 +72,6 @@ def on_huge_pages(tree):
         begin = start + offsets[i]
         view = arena[begin : begin + host.nbytes].view(host.dtype).reshape(host.shape)
         view[...] = host
-        leaves[i] = jax.device_put(view, leaves[i].sharding)
+        # Committed arrays keep their sharding; uncommitted ones stay free to follow other operands.
+        leaves[i] = jax.device_put(view, leaves[i].sharding if leaves[i].committed else None)
     return jax.tree.unflatten(treedef, leaves)

@@ -79,9 +79,15 @@ def read_then_write(attention, x, cache_k, cache_v, new_k, new_v, pos, mask) -> 
     )  # [1, heads, 1, max_len]
     weights = common.masked_softmax(scores, mask).astype(attention.dtype)
     new_weight = jnp.sum(jnp.where(at_pos, weights, 0.0), axis=-1, keepdims=True)
-    mixed = jnp.einsum("bhqk,bhkd->bhqd", jnp.where(at_pos, 0.0, weights), cache_v)
-    mixed = mixed + new_weight * new_v  # [1, heads, 1, head_dim]
-    after = 0.0 * jnp.sum(mixed)  # makes the writes wait for the reads (XLA keeps float x * 0)
+    # Both terms accumulated in float32 and rounded once, as the one product over the written cache.
+    f32 = jnp.float32
+    mixed = jnp.einsum(
+        "bhqk,bhkd->bhqd", jnp.where(at_pos, 0.0, weights), cache_v, preferred_element_type=f32
+    )
+    mixed = (mixed + new_weight.astype(f32) * new_v.astype(f32)).astype(attention.dtype)
+    # The writes wait for the reads through this zero (XLA keeps a float x * 0): one finite element
+    # of the read's output, never a sum that could overflow in a 16-bit dtype.
+    after = 0.0 * mixed[0, 0, 0, 0]
     cache_k = jax.lax.dynamic_update_slice(cache_k, new_k + after, (0, 0, 0, pos))
     cache_v = jax.lax.dynamic_update_slice(cache_v, new_v + after, (0, 0, pos, 0))
     return attention.out(jnp.swapaxes(mixed, 1, 2)), (cache_k, cache_v)

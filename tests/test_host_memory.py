@@ -9,7 +9,7 @@ import pytest
 
 from experiment import host_memory
 
-pytestmark = pytest.mark.skipif(
+needs_huge_pages = pytest.mark.skipif(
     not host_memory.huge_pages_available(),
     reason="needs Linux with transparent huge pages on (/sys/kernel/mm/transparent_hugepage/enabled"
     " set to always or madvise)",
@@ -29,6 +29,7 @@ def mapping_flags(address: int) -> list[str]:
     raise AssertionError(f"no mapping holds {address:#x}")
 
 
+@needs_huge_pages
 def test_arrays_move_onto_one_mapping_that_asks_for_huge_pages_values_unchanged():
     tree = {
         "kernel": jax.random.normal(jax.random.key(0), (300, 257)),
@@ -57,10 +58,20 @@ def test_arrays_move_onto_one_mapping_that_asks_for_huge_pages_values_unchanged(
     )
 
 
-def test_shardings_are_kept_and_without_huge_pages_nothing_moves(monkeypatch):
+@needs_huge_pages
+def test_shardings_and_commitment_are_kept():
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    tree = {"w": jax.device_put(jnp.ones((64, 64)), replicated)}
-    assert host_memory.on_huge_pages(tree)["w"].sharding == replicated
+    tree = {"placed": jax.device_put(jnp.ones((64, 64)), replicated), "free": jnp.ones((64, 64))}
+    moved = host_memory.on_huge_pages(tree)
+    for name in tree:
+        assert moved[name].unsafe_buffer_pointer() != tree[name].unsafe_buffer_pointer(), name
+        assert "hg" in mapping_flags(moved[name].unsafe_buffer_pointer()), name
+        assert moved[name].committed == tree[name].committed, name
+    assert moved["placed"].sharding == replicated
+
+
+def test_without_huge_pages_nothing_moves(monkeypatch):
+    tree = {"w": jnp.ones((64, 64))}
     monkeypatch.setattr(host_memory, "huge_pages_available", lambda: False)
     assert host_memory.on_huge_pages(tree) is tree

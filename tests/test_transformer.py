@@ -204,21 +204,24 @@ def test_decoding_params_give_the_search_the_same_logits_through_the_transposed_
 GREEDY = dict(bos_id=1, eos_id=2, max_len=7)
 
 
-def cached_greedy(params, src):
-    """The tiny Transformer's greedy search over its KV cache."""
-    model, _, _ = tiny()
+def cached_greedy(params, src, model=None):
+    """The tiny Transformer's (or `model`'s) greedy search over its KV cache."""
+    model = model or tiny()[0]
     step_fn, state = programs.step_function(model, params, src, GREEDY["max_len"])
     return decoding.greedy(step_fn, state, batch_size=src.shape[0], **GREEDY)
 
 
-def test_one_row_reads_its_cache_before_writing_it_and_decodes_as_many_rows_do():
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_one_row_reads_its_cache_before_writing_it_and_decodes_as_many_rows_do(dtype):
     """At one row the cache is read, then written (`kv_cache.read_then_write`); each sentence decodes
     alone as it does in a batch of four, where the cache is written, then read."""
-    model, variables, _ = tiny()
+    _, variables, _ = tiny()
+    model = Transformer(11, 13, **TINY, dtype=dtype)
     params = jax.tree.map(lambda p: 2.0 * p, variables["params"])
-    batched = jax.jit(cached_greedy)(params, SRC)
+    run = jax.jit(functools.partial(cached_greedy, model=model))
+    batched = run(params, SRC)
     for i in range(SRC.shape[0]):
-        alone = jax.jit(cached_greedy)(params, SRC[i : i + 1])
+        alone = run(params, SRC[i : i + 1])
         np.testing.assert_array_equal(alone.sequences[0], batched.sequences[i])
         np.testing.assert_allclose(alone.log_probs[0], batched.log_probs[i], rtol=1e-5)
 
