@@ -187,10 +187,10 @@ def main(argv=None) -> None:
         "xla_cpu_experimental_ynn_fusion_type=), repeatable",
     )
     args = parser.parse_args(argv)
-    bad = [o for o in args.xla_option if "=" not in o]
-    if bad:
-        parser.error(f"--xla_option {bad[0]!r}: write it as NAME=VALUE")
-    options = dict(o.split("=", 1) for o in args.xla_option)
+    try:
+        options = decode_workload.xla_options(args.xla_option)
+    except ValueError as e:
+        parser.error(str(e))
     import jax
 
     base = decode_workload.QUICK if args.quick else decode_workload.CONFIG

@@ -185,3 +185,11 @@ def cell_result(config, beam, batch, seconds, tokens, **extra) -> dict:
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def xla_options(pairs: list[str]) -> dict[str, str]:
+    """`NAME=VALUE` command-line strings as XLA compile options; a one-line ValueError otherwise."""
+    bad = [pair for pair in pairs if "=" not in pair]
+    if bad:
+        raise ValueError(f"XLA option {bad[0]!r}: write it as NAME=VALUE")
+    return dict(pair.split("=", 1) for pair in pairs)

@@ -1,8 +1,9 @@
-"""benchmarks/decode_profile.py: the HLO parsing, the model-part names, and a `--quick` profile."""
+"""benchmarks/decode_profile.py: the HLO parsing, the model-part names, and a `--quick` profile;
+benchmarks/decode_pair.py: a `--quick` pair."""
 
 import json
 
-from benchmarks import decode_profile
+from benchmarks import decode_pair, decode_profile
 
 HLO = """
 ENTRY %main.1 (p: f32[4,8]) -> f32[4,16] {
@@ -49,3 +50,15 @@ def test_quick_profile_splits_each_step_by_model_part(tmp_path, capsys):
         assert steps and steps == sorted(steps, reverse=True)
         assert result["top_ops"][-1]["per"] == "decode"
     assert "| part (all layers) | ms/step | share |" in capsys.readouterr().out
+
+
+def test_quick_pair_compares_two_param_sets_on_the_same_tokens(tmp_path, capsys):
+    out = tmp_path / "pair.json"
+    decode_pair.main(
+        ["--quick", "--beam", "2", "--a", "raw", "--b", "decoding", "--pairs", "2"]
+        + ["--json", str(out)]
+    )
+    result = json.loads(out.read_text())
+    assert result["cell"] == "beam2 b1" and result["same_tokens"] == 1.0
+    assert result["a_over_b"] > 0 and set(result["ms"]) == {"a", "b"}
+    assert "A (raw)" in capsys.readouterr().out
