@@ -1,7 +1,8 @@
 r"""Two ways of decoding one cell, called in turn in one process: what one change buys.
 
   python benchmarks/decode_pair.py --beam 4 --a raw --b kernel       # the tied table transposed
-  python benchmarks/decode_pair.py --beam 1 --a kernel --b decoding  # + the weights on 2 MB pages
+  python benchmarks/decode_pair.py --beam 1 --a kernel --b pages     # + the weights on 2 MB pages
+  python benchmarks/decode_pair.py --beam 1 --a pages --b decoding   # + one-row FFN kernels
   python benchmarks/decode_pair.py --beam 4 \
       --b_option xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT   # an XLA option
 
@@ -13,8 +14,9 @@ its params, `--a` / `--b`:
 
 - `raw`: the model's params as initialized (the tied output projection reads the table as it lies);
 - `kernel`: plus the table's transposed copy (`transformer.with_output_kernel`);
-- `decoding`: `programs.decoding_params` (the copy, and every array on 2 MB pages), what eval.py and
-  `decode.py` decode with;
+- `pages`: the copy, and every array on 2 MB pages (`host_memory.on_huge_pages`);
+- `decoding`: `programs.decoding_params` (those, and each decoder FFN's outer kernel transposed for
+  one-row steps, `transformer.with_one_row_kernels`), what eval.py and `decode.py` decode with;
 
 and its XLA compile options (`--a_option` / `--b_option NAME=VALUE`, repeatable). Prints each side's
 median ms per decode, the median of the per-pair ratios A time / B time (above 1: B is faster) and
@@ -34,18 +36,18 @@ if str(REPO) not in sys.path:  # run as a script (python benchmarks/decode_pair.
     sys.path.insert(0, str(REPO))
 from benchmarks import decode_workload, jax_systems  # noqa: E402
 
-PARAMS = ("raw", "kernel", "decoding")
+PARAMS = ("raw", "kernel", "pages", "decoding")
 
 
 def side_params(kind: str, model, params):
-    from experiment import programs
+    from experiment import host_memory, programs
     from models import transformer
 
-    if kind == "kernel":
-        return transformer.with_output_kernel(params, model.dtype)
     if kind == "decoding":
         return programs.decoding_params(model, params)
-    return params
+    if kind in ("kernel", "pages"):
+        params = transformer.with_output_kernel(params, model.dtype)
+    return host_memory.on_huge_pages(params) if kind == "pages" else params
 
 
 def compare(config, beam: int, batch: int, pairs: int, sides: dict) -> dict:

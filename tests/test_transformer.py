@@ -14,7 +14,12 @@ from conftest import SRC, SRC_MASK, TGT_IN, TINY_TRANSFORMER, overfit
 import decoding
 from experiment import programs
 from models import int8
-from models.transformer import TIED_OUTPUT_KERNEL, Transformer, sinusoidal_positions
+from models.transformer import (
+    ONE_ROW_OUTER_KERNEL,
+    TIED_OUTPUT_KERNEL,
+    Transformer,
+    sinusoidal_positions,
+)
 
 TINY = TINY_TRANSFORMER
 BEAM = 2
@@ -224,6 +229,38 @@ def test_one_row_reads_its_cache_before_writing_it_and_decodes_as_many_rows_do(d
         alone = run(params, SRC[i : i + 1])
         np.testing.assert_array_equal(alone.sequences[0], batched.sequences[i])
         np.testing.assert_allclose(alone.log_probs[0], batched.log_probs[i], rtol=1e-5)
+
+
+def test_one_row_steps_multiply_by_the_ffn_outer_kernel_transposed():
+    """`programs.decoding_params` gives each decoder FFN its outer kernel transposed; a one-row step
+    reads the copy (a zero copy changes its logits, not those of two rows) and a one-row greedy
+    search finds what the kernel as it lies gives. int8 kernels get no copy."""
+    model, variables, _ = tiny()
+    params = jax.tree.map(lambda p: 2.0 * p, variables["params"])
+    prepared = programs.decoding_params(model, params)
+    layers = [name for name in params if name.startswith("decoder_layers_")]
+    for name in layers:
+        copy, kernel = prepared[name]["ffn"][ONE_ROW_OUTER_KERNEL], params[name]["ffn"]["outer"]
+        np.testing.assert_array_equal(copy, np.asarray(kernel["kernel"]).T)
+    run = jax.jit(cached_greedy)
+    got, want = run(prepared, SRC[:1]), run(params, SRC[:1])
+    np.testing.assert_array_equal(got.sequences, want.sequences)
+    np.testing.assert_allclose(got.log_probs, want.log_probs, rtol=1e-5)
+
+    zeroed = {**prepared}
+    for name in layers:
+        ffn = zeroed[name]["ffn"]
+        ffn = {**ffn, ONE_ROW_OUTER_KERNEL: jnp.zeros_like(ffn[ONE_ROW_OUTER_KERNEL])}
+        zeroed[name] = {**zeroed[name], "ffn": ffn}
+
+    def first_logits(p, src):
+        step_fn, state = programs.step_function(model, p, src, 4)
+        return np.asarray(step_fn(jnp.ones((src.shape[0],), jnp.int32), state)[0])
+
+    assert not np.allclose(first_logits(zeroed, SRC[:1]), first_logits(params, SRC[:1]))
+    np.testing.assert_array_equal(first_logits(zeroed, SRC[:2]), first_logits(params, SRC[:2]))
+    quantized = int8.quantize_params(params, tied_output=True)
+    assert ONE_ROW_OUTER_KERNEL not in programs.decoding_params(model, quantized)[layers[0]]["ffn"]
 
 
 @pytest.mark.parametrize("search, src", [("beam", SRC), ("greedy", SRC), ("greedy", SRC[:1])])
