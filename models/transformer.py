@@ -92,9 +92,9 @@ def with_one_row_kernels(params: dict, dtype: Any = jnp.float32) -> dict:
 
     A step of one row (greedy or sampling at batch 1) multiplies its row by it, contracted on its
     minor dimension: XLA:CPU's matrix-vector product then runs along the long (`ffn_dim`) rows of
-    the copy instead of across its short ones, 1.07x a greedy batch-1 decode of the decode
-    benchmark's model, 1.05x at opus-mt-en-de's size (docs/benchmarks.md, "Batch 1 on the AMD
-    EPYC"); at more rows the kernel as it lies is faster, so both are kept (ffn_dim x d_model
+    the copy instead of across its short ones: 1.04-1.08x a greedy batch-1 decode of the decode
+    benchmark's model, 1.03-1.05x at opus-mt-en-de's size (docs/benchmarks.md, "Batch 1 on the
+    AMD EPYC"); at more rows the kernel as it lies is faster, so both are kept (ffn_dim x d_model
     more floats per decoder layer).
     """
     prepared = dict(params)
