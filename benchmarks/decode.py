@@ -69,13 +69,12 @@ if str(REPO) not in sys.path:  # run as a script (python benchmarks/decode.py)
     sys.path.insert(0, str(REPO))
 from benchmarks.baselines import run_ctranslate2, run_transformers  # noqa: E402
 from benchmarks.decode_workload import (  # noqa: E402
-    CONFIG,
-    QUICK,
     SHAPES,
     Config,
     cell_name,
     log,
     peak_rss_mb,
+    shaped_config,
 )
 from benchmarks.jax_systems import run_python_loop, run_seqzoo  # noqa: E402
 
@@ -290,20 +289,13 @@ def main(argv=None) -> int:
         parser.error("ctranslate2 computes in bfloat16 on GPUs only: use --device gpu or float32")
     if "seqzoo" not in systems and {"transformers", "ctranslate2"} & set(systems):
         parser.error("the baselines load seqzoo's weights: add seqzoo to --systems")
-    config = dataclasses.replace(
-        QUICK if args.quick else CONFIG,
-        device=args.device,
-        dtype=args.dtype,
-        shape=args.shape,
-        quantize=args.quantize,
-    )
-    if args.quantize != "none":  # no int8 path for the RNN
-        systems = [s for s in systems if SYSTEMS[s][0] == "transformer"]
-    if args.shape != "seqzoo":
-        if args.quick:
-            parser.error(f"--shape {args.shape} is a real size: drop --quick")
-        config = dataclasses.replace(config, **SHAPES[args.shape])
-        # No RNN of that size: the Transformer systems only.
+    try:
+        config = shaped_config(
+            args.shape, args.quick, device=args.device, dtype=args.dtype, quantize=args.quantize
+        )
+    except ValueError as e:
+        parser.error(str(e))
+    if args.quantize != "none" or args.shape != "seqzoo":  # no int8 RNN, no RNN of that size
         systems = [s for s in systems if SYSTEMS[s][0] == "transformer"]
     if args.batch_sizes:
         try:

@@ -24,7 +24,6 @@ the fraction of tokens both return alike.
 """
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys
@@ -97,12 +96,11 @@ def main(argv=None) -> None:
             s: (getattr(args, s), decode_workload.xla_options(getattr(args, f"{s}_option")))
             for s in ("a", "b")
         }
+        config = decode_workload.shaped_config(args.shape, args.quick)
     except ValueError as e:
         parser.error(str(e))
     if sides["a"] == sides["b"]:
         parser.error("--a and --b decode the same way: change the params or an option of one")
-    base = decode_workload.QUICK if args.quick else decode_workload.CONFIG
-    config = dataclasses.replace(base, shape=args.shape, **decode_workload.SHAPES[args.shape])
     result = compare(config, args.beam, args.batch, args.pairs, sides)
     result.update(shape=args.shape, sides={s: [k, o] for s, (k, o) in sides.items()})
     ms = result["ms"]

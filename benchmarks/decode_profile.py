@@ -189,12 +189,11 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     try:
         options = decode_workload.xla_options(args.xla_option)
+        config = decode_workload.shaped_config(args.shape, args.quick)
     except ValueError as e:
         parser.error(str(e))
     import jax
 
-    base = decode_workload.QUICK if args.quick else decode_workload.CONFIG
-    config = dataclasses.replace(base, shape=args.shape, **decode_workload.SHAPES[args.shape])
     model, params = jax_systems.jax_model(config, "transformer")
     params = jax_systems.decoding_params(config, model, params)
     results = [

@@ -78,6 +78,15 @@ SHAPES = {
 }
 
 
+def shaped_config(shape: str, quick: bool = False, **fields) -> Config:
+    """The workload at `shape`'s sizes (`SHAPES`), or `QUICK`'s tiny ones (a smoke run), with
+    `fields` replaced; a one-line ValueError for `quick` with a real size."""
+    if quick and shape != "seqzoo":
+        raise ValueError(f"--shape {shape} is a real size: drop --quick")
+    base = QUICK if quick else CONFIG
+    return dataclasses.replace(base, shape=shape, **SHAPES[shape], **fields)
+
+
 def cell_name(beam: int, batch: int) -> str:
     return f"{'greedy' if beam == 1 else f'beam{beam}'} b{batch}"
 

@@ -69,14 +69,14 @@ def jax_model(config: Config, family: str):
 
 
 def decoding_params(config: Config, model, params):
-    """`params` as seqzoo decodes them: int8 kernels first with `config.quantize="int8"`
-    (`models.int8`), then `programs.decoding_params`, as eval.py's `Run` does."""
+    """`params` as seqzoo decodes them, as eval.py's `Run` does: int8 kernels first with
+    `config.quantize="int8"` (`loading.int8_params`), then `programs.decoding_params`."""
     from experiment import programs
 
     if config.quantize == "int8":
-        from models import int8
+        from evaluation import loading
 
-        params = int8.quantize_params(params, tied_output=model.tie_output)
+        params = loading.int8_params(model, params, "the benchmark's model")
     return programs.decoding_params(model, params)
 
 

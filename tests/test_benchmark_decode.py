@@ -124,6 +124,7 @@ def test_the_table_shows_each_systems_figures_and_their_ratio(quick):
         (["--systems", "seqzoo,ctranslate2"], "add transformers to --systems"),
         (["--systems", "transformers"], "add seqzoo to --systems"),
         (["--quantize", "int8", "--dtype", "bfloat16"], "drop --dtype/--device"),
+        (["--quick", "--shape", "opus-mt-en-de"], "is a real size: drop --quick"),
     ],
 )
 def test_bad_arguments_exit_with_one_line_errors(args, message):

@@ -3,6 +3,8 @@ benchmarks/decode_pair.py: a `--quick` pair."""
 
 import json
 
+import pytest
+
 from benchmarks import decode_pair, decode_profile
 
 HLO = """
@@ -62,3 +64,19 @@ def test_quick_pair_compares_two_param_sets_on_the_same_tokens(tmp_path, capsys)
     assert result["cell"] == "beam2 b1" and result["same_tokens"] == 1.0
     assert result["a_over_b"] > 0 and set(result["ms"]) == {"a", "b"}
     assert "A (raw)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "main, args, message",
+    [
+        (decode_pair.main, ["--quick", "--shape", "opus-mt-en-de"], "is a real size: drop --quick"),
+        (decode_profile.main, ["--quick", "--shape", "opus-mt-en-de"], "is a real size"),
+        (decode_pair.main, ["--quick"], "--a and --b decode the same way"),
+        (decode_pair.main, ["--quick", "--b_option", "fast"], "write it as NAME=VALUE"),
+    ],
+)
+def test_bad_arguments_exit_with_one_line_errors(main, args, message, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
