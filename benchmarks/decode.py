@@ -57,6 +57,7 @@ import dataclasses
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -168,6 +169,14 @@ def best_round(results: list[dict]) -> dict:
     return best
 
 
+def round_ratio(ours: dict, theirs: dict) -> float:
+    """The median over rounds of one cell's speed ratio, ours / theirs, each round against the
+    other system's same round (the systems take turns within a round, so both met about the same
+    machine): on a VM whose speed drifts between rounds, steadier than best against best."""
+    times = zip(ours["rounds_ms_median"], theirs["rounds_ms_median"], strict=True)
+    return statistics.median(their_ms / our_ms for our_ms, their_ms in times)
+
+
 def agreement(ours: dict, theirs: dict) -> float:
     """Fraction of generated tokens equal to seqzoo's, position by position."""
     a, b = np.asarray(ours["tokens"]), np.asarray(theirs["tokens"])
@@ -215,10 +224,14 @@ def table(report: dict) -> str:
         ours = OURS[SYSTEMS[system][0]]
         if system == ours or ours not in results:
             continue
+        pairs = list(zip(results[ours]["cells"], result["cells"], strict=True))
         row = [f"ratio {SYSTEMS[ours][2]} / {SYSTEMS[system][2]}"]
-        for mine, theirs in zip(results[ours]["cells"], result["cells"], strict=True):
-            row.append(f"{mine['tokens_per_s'] / theirs['tokens_per_s']:.2f}x")
+        row += [f"{mine['tokens_per_s'] / theirs['tokens_per_s']:.2f}x" for mine, theirs in pairs]
         lines.append("| " + " | ".join(row) + " |")
+        if len(pairs[0][0].get("rounds_ms_median", [])) > 1:
+            row = [f"ratio {SYSTEMS[ours][2]} / {SYSTEMS[system][2]}, median of the rounds'"]
+            row += [f"{round_ratio(mine, theirs):.2f}x" for mine, theirs in pairs]
+            lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     lines.append(
         "| system | cell | compile s | recompiles in timed runs | peak RSS MiB | same tokens as seqzoo |"
@@ -253,7 +266,8 @@ def main(argv=None) -> int:
         type=int,
         default=1,
         help="run every system this many times, one after the other, and keep each cell's best "
-        "round (on a shared machine; every round's medians go to the JSON)",
+        "round (on a shared machine; every round's medians go to the JSON); the table adds the "
+        "median of the per-round ratios",
     )
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="where all run")
     parser.add_argument(
@@ -347,6 +361,7 @@ def main(argv=None) -> int:
         f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; load average "
         f"before {report['machine']['load_average_before'][0]:.2f}, after "
         f"{report['machine']['load_average_after'][0]:.2f}; best of {args.rounds} round(s) per cell"
+        + ("" if args.rounds == 1 else " (and the median of the per-round ratios)")
     )
     print(f"Versions: {', '.join(f'{k} {v}' for k, v in report['versions'].items())}")
     print()

@@ -117,6 +117,33 @@ def test_the_table_shows_each_systems_figures_and_their_ratio(quick):
         assert all(mine["tokens"] == theirs["tokens"] for mine, theirs in pairs)
 
 
+def test_rounds_add_the_median_of_the_per_round_ratios():
+    """With rounds, each baseline gets a second ratio row: the median over rounds of its round's
+    time / seqzoo's same round (tokens/s ratio, same tokens per batch)."""
+
+    def cell(ms_rounds):
+        best = min(ms_rounds)
+        figures = dict(ms_median=best, ms_min=best, ms_max=best, rounds_ms_median=ms_rounds)
+        return dict(
+            cell="greedy b1", tokens_per_s=1000.0 / best, peak_rss_mb=1, tokens=[[1]], **figures
+        )
+
+    report = {
+        "config": {"beam_sizes": [1], "batch_sizes": [1]},
+        "results": {
+            "seqzoo": {"cells": [cell([10.0, 20.0, 12.0])]},
+            "ctranslate2": {"cells": [cell([15.0, 10.0, 12.0])]},
+        },
+    }
+    rows = table_rows(decode.table(report))
+    name = f"ratio {decode.SYSTEMS['seqzoo'][2]} / {decode.SYSTEMS['ctranslate2'][2]}"
+    assert rows[name] == ["1.00x"]  # best against best: 10 ms each
+    assert rows[f"{name}, median of the rounds'"] == ["1.00x"]  # median of 1.5, 0.5, 1.0
+    report["results"]["ctranslate2"]["cells"] = [cell([15.0, 30.0, 10.0])]
+    rows = table_rows(decode.table(report))
+    assert rows[name] == ["1.00x"] and rows[f"{name}, median of the rounds'"] == ["1.50x"]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
