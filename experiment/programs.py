@@ -19,7 +19,7 @@ import decoding
 import sharding
 from contracts import PAD_ID, SEQZOO_IDS, SpecialIds
 from experiment import RunError, host_memory
-from models import int8, registry, transformer
+from models import registry, transformer
 
 # ------------------------------------------------------------------------------------------ model
 
@@ -205,19 +205,12 @@ smoothed_token_losses.defvjp(_smoothed_losses_fwd, _smoothed_losses_bwd)
 
 def decoding_params(model, params):
     """`params` as decoding reads them fastest: a Transformer (or captioner) gets copies of some
-    kernels laid out for its decoding steps (the tied table transposed,
-    `transformer.with_output_kernel`, not for int8 params, which carry their own int8 table; each
-    decoder FFN's outer kernel transposed for one-row steps, `transformer.with_one_row_kernels`),
-    and on the CPU every array moves onto 2 MB pages (`host_memory.on_huge_pages`). Decode and
-    score (`score_fn` runs the decoding step) with these; train and save the params themselves."""
-    if (
-        getattr(model, "tie_output", False)
-        and transformer.TIED_OUTPUT_KERNEL not in params
-        and int8.TIED_OUTPUT not in params
-    ):
-        params = transformer.with_output_kernel(params, model.dtype)
+    kernels laid out for its decoding steps (`transformer.with_decoding_kernels`: the tied table
+    and each decoder FFN's outer kernel transposed), and on the CPU every array moves onto 2 MB
+    pages (`host_memory.on_huge_pages`). Decode and score (`score_fn` runs the decoding step) with
+    these; train and save the params themselves."""
     if isinstance(model, transformer.TransformerDecoder):
-        params = transformer.with_one_row_kernels(params, model.dtype)
+        params = transformer.with_decoding_kernels(model, params)
     return host_memory.on_huge_pages(params)
 
 

@@ -107,6 +107,15 @@ def with_one_row_kernels(params: dict, dtype: Any = jnp.float32) -> dict:
     return prepared
 
 
+def with_decoding_kernels(model: "TransformerDecoder", params: dict) -> dict:
+    """`model`'s `params` plus every copy its decoding steps read: a tied table transposed
+    (`with_output_kernel`; not beside int8 params' own int8 table) and each decoder FFN's outer
+    kernel transposed (`with_one_row_kernels`). Copies already there are not made again."""
+    if model.tie_output and TIED_OUTPUT_KERNEL not in params and int8.TIED_OUTPUT not in params:
+        params = with_output_kernel(params, model.dtype)
+    return with_one_row_kernels(params, model.dtype)
+
+
 @functools.partial(jax.jit, static_argnums=1)
 def _transposed(table: jax.Array, dtype: Any) -> jax.Array:
     return jnp.asarray(table, dtype).T
