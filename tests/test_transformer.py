@@ -1,5 +1,6 @@
-"""models/transformer.py: positions, embeddings, attention weights, KV cache and options (the common
-interface is checked for every model in test_registry.py)."""
+"""models/transformer.py and its layers (models/transformer_layers.py): positions, embeddings,
+attention weights, KV cache and options (the common interface is checked for every model in
+test_registry.py)."""
 
 import functools
 import math
@@ -14,12 +15,8 @@ from conftest import SRC, SRC_MASK, TGT_IN, TINY_TRANSFORMER, overfit
 import decoding
 from experiment import programs
 from models import int8
-from models.transformer import (
-    ONE_ROW_OUTER_KERNEL,
-    TIED_OUTPUT_KERNEL,
-    Transformer,
-    sinusoidal_positions,
-)
+from models.transformer import TIED_OUTPUT_KERNEL, Transformer, sinusoidal_positions
+from models.transformer_layers import ONE_ROW_OUTER_KERNEL
 
 TINY = TINY_TRANSFORMER
 BEAM = 2
