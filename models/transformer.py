@@ -25,11 +25,10 @@ import numpy as np
 from flax import linen as nn
 
 from contracts import BOS_ID, EOS_ID, PAD_ID
-from models import common, int8
+from models import common, int8, packed
 from models.kv_cache import cached_decoder_layers, empty_decode_state
 from models.transformer_layers import (
     ACTIVATIONS,
-    ONE_ROW_OUTER_KERNEL,
     DecoderLayer,
     EncoderLayer,
     dense_fields,
@@ -71,35 +70,31 @@ def with_output_kernel(params: dict, dtype: Any = jnp.float32) -> dict:
     return {**params, TIED_OUTPUT_KERNEL: _transposed(params["tgt_embed"]["embedding"], dtype)}
 
 
-def with_one_row_kernels(params: dict, dtype: Any = jnp.float32) -> dict:
-    """`params` of a Transformer decoder plus, in each decoder layer's FFN, `ONE_ROW_OUTER_KERNEL`:
-    its outer kernel `[ffn_dim, d_model]` transposed to `[d_model, ffn_dim]` in the computation
-    `dtype`, a copy made once. int8 kernels (`int8.Int8Array`) get none.
-
-    A step of one row (greedy or sampling at batch 1) multiplies its row by it, contracted on its
-    minor dimension: XLA:CPU's matrix-vector product then runs along the long (`ffn_dim`) rows of
-    the copy instead of across its short ones: 1.04-1.08x a greedy batch-1 decode of the decode
-    benchmark's model, 1.03-1.05x at opus-mt-en-de's size (docs/benchmarks.md, "Batch 1 on the
-    AMD EPYC"); at more rows the kernel as it lies is faster, so both are kept (ffn_dim x d_model
-    more floats per decoder layer).
-    """
-    prepared = dict(params)
-    for name, layer in params.items():
-        if name.startswith("decoder_layers_") and ONE_ROW_OUTER_KERNEL not in layer["ffn"]:
-            kernel = layer["ffn"]["outer"]["kernel"]
-            if not isinstance(kernel, int8.Int8Array):
-                ffn = {**layer["ffn"], ONE_ROW_OUTER_KERNEL: _transposed(kernel, dtype)}
-                prepared[name] = {**layer, "ffn": ffn}
-    return prepared
-
-
 def with_decoding_kernels(model: "TransformerDecoder", params: dict) -> dict:
-    """`model`'s `params` plus every copy its decoding steps read: a tied table transposed
-    (`with_output_kernel`; not beside int8 params' own int8 table) and each decoder FFN's outer
-    kernel transposed (`with_one_row_kernels`). Copies already there are not made again."""
+    """`model`'s `params` plus what its decoding steps read fastest: a tied table transposed
+    (`with_output_kernel`; not beside int8 params' own int8 table) and, for a float32 model, every
+    kernel a step multiplies by packed in column panels (`packed.pack_params`: the decoder layers'
+    but the cross-attention keys/values, which the source gets once, and the output projection).
+    Copies already there are not made again."""
     if model.tie_output and TIED_OUTPUT_KERNEL not in params and int8.TIED_OUTPUT not in params:
         params = with_output_kernel(params, model.dtype)
-    return with_one_row_kernels(params, model.dtype)
+    if jnp.dtype(model.dtype) != jnp.float32 or packed.available() is not True:
+        return params
+    params = packed.pack_params(params, where=_read_by_steps)
+    table = params.get(TIED_OUTPUT_KERNEL)
+    if table is not None and not isinstance(table, packed.PackedKernel):
+        params = {**params, TIED_OUTPUT_KERNEL: packed.pack(table)}
+    return params
+
+
+def _read_by_steps(path: tuple) -> bool:
+    """Whether a decoding step multiplies by the dense kernel at `path` (its params keys)."""
+    if path[:1] == ("output",):
+        return True
+    return path[0].startswith("decoder_layers_") and path[1:] not in (
+        ("cross_attention", "key"),
+        ("cross_attention", "value"),
+    )
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -145,7 +140,7 @@ class TransformerDecoder(nn.Module):
                         self
                     ),  # float32 logits whatever the dtype (common.float32_dot_general)
                     "dot_general": functools.partial(
-                        int8.dot_general, preferred_element_type=jnp.float32
+                        packed.dot_general, preferred_element_type=jnp.float32
                     ),
                 },
             )
@@ -226,7 +221,12 @@ class TransformerDecoder(nn.Module):
             logits = int8.int8_logits(rows, self.get_variable("params", int8.TIED_OUTPUT))
         elif decoding and self.has_variable("params", TIED_OUTPUT_KERNEL):
             kernel = self.get_variable("params", TIED_OUTPUT_KERNEL)
-            logits = jnp.dot(rows.astype(self.dtype), kernel, preferred_element_type=jnp.float32)
+            logits = packed.dot_general(
+                rows.astype(self.dtype),
+                kernel,
+                (((1,), (0,)), ((), ())),
+                preferred_element_type=jnp.float32,
+            )
         elif decoding:
             # Without `with_output_kernel`'s copy: rows [N, d_model] times the table [vocab,
             # d_model] transposed. Written as rows . table^T, XLA either re-packs the table at every

@@ -15,14 +15,13 @@ parameters and agree to float rounding.
 """
 
 import functools
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from models import common, int8
+from models import common, packed
 from models.kv_cache import beam_cache_mix, beam_cache_scores, read_then_write
 
 ACTIVATIONS = {
@@ -32,19 +31,16 @@ ACTIVATIONS = {
     "silu": nn.silu,  # x * sigmoid(x), Marian's "swish"
 }
 
-# params key, in each decoder layer's `ffn`, of its outer kernel transposed, [d_model, ffn_dim]
-# (`transformer.with_one_row_kernels`)
-ONE_ROW_OUTER_KERNEL = "one_row_outer_kernel"
-
 
 def dense_fields(module: nn.Module) -> dict:
-    """The fields of every dense layer of the Transformer: the module's dtypes, and `models.int8`'s
-    product, which is flax's own for float kernels and the int8 one for `int8.quantize_params`'."""
+    """The fields of every dense layer of the Transformer: the module's dtypes, and `models.packed`'s
+    product, which is flax's own for float kernels, the int8 one for `int8.quantize_params`' and
+    the panels' for `packed.pack_params`'."""
     return dict(
         dtype=module.dtype,
         param_dtype=module.param_dtype,
-        dot_general=int8.dot_general,
-        promote_dtype=int8.promote_dtype,
+        dot_general=packed.dot_general,
+        promote_dtype=packed.promote_dtype,
     )
 
 
@@ -153,19 +149,7 @@ class FeedForward(nn.Module):
         dense = dict(kernel_init=nn.initializers.xavier_uniform(), **dense_fields(self))
         x = ACTIVATIONS[self.activation](nn.Dense(self.ffn_dim, name="inner", **dense)(x))
         x = common.Dropout(self.dropout_rate)(x, deterministic=not train)
-        outer = nn.Dense(self.d_model, name="outer", **dense)
-        if math.prod(x.shape[:-1]) == 1 and self.has_variable("params", ONE_ROW_OUTER_KERNEL):
-            return self.one_row_outer(x)
-        return outer(x)
-
-    def one_row_outer(self, x: jax.Array) -> jax.Array:
-        """The outer projection of one row `x [1, ..., ffn_dim]` through `transformer.with_one_row_kernels`'
-        transposed copy, `[d_model, ffn_dim]`, contracted on its minor dimension."""
-        kernel = self.get_variable("params", ONE_ROW_OUTER_KERNEL)
-        bias = self.variables["params"]["outer"]["bias"]
-        row, kernel, bias = int8.promote_dtype(x.reshape(1, -1), kernel, bias, dtype=self.dtype)
-        y = jax.lax.dot_general(row, kernel, (((1,), (1,)), ((), ()))) + bias
-        return y.reshape(*x.shape[:-1], self.d_model)
+        return nn.Dense(self.d_model, name="outer", **dense)(x)
 
 
 class Sublayers(nn.Module):

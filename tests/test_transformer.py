@@ -14,9 +14,8 @@ from conftest import SRC, SRC_MASK, TGT_IN, TINY_TRANSFORMER, overfit
 
 import decoding
 from experiment import programs
-from models import int8
+from models import int8, packed
 from models.transformer import TIED_OUTPUT_KERNEL, Transformer, sinusoidal_positions
-from models.transformer_layers import ONE_ROW_OUTER_KERNEL
 
 TINY = TINY_TRANSFORMER
 BEAM = 2
@@ -147,7 +146,7 @@ def cached_beam_search(params, src):
     """The tiny Transformer's beam search over its KV cache, as train.py and eval.py run it."""
     model, _, _ = tiny()
     step_fn, state = programs.step_function(model, params, src, BEAM_SEARCH["max_len"])
-    return decoding.beam_search(step_fn, state, **BEAM_SEARCH)
+    return decoding.beam_search(step_fn, state, **{**BEAM_SEARCH, "batch_size": src.shape[0]})
 
 
 def test_beam_search_with_the_kv_cache_matches_recomputing_every_prefix():
@@ -180,20 +179,21 @@ def test_beam_search_with_the_kv_cache_matches_recomputing_every_prefix():
 
 
 def test_decoding_params_give_the_search_the_same_logits_through_the_transposed_table():
-    """`programs.decoding_params` adds the tied table transposed (a copy), decoding steps multiply
-    by it and find what the table gives; untied, int8 and already-prepared params get no copy."""
+    """`programs.decoding_params` adds the tied table transposed (a copy, packed), decoding steps
+    multiply by it and find what the table gives; untied, int8 and already-prepared params get no
+    copy."""
     model, variables, _ = tiny()
     params = jax.tree.map(lambda p: 2.0 * p, variables["params"])
     prepared = programs.decoding_params(model, params)
     kernel = prepared[TIED_OUTPUT_KERNEL]
-    np.testing.assert_array_equal(kernel, np.asarray(params["tgt_embed"]["embedding"]).T)
+    assert isinstance(kernel, packed.PackedKernel)
+    np.testing.assert_array_equal(kernel.kernel, np.asarray(params["tgt_embed"]["embedding"]).T)
     got, want = jax.jit(cached_beam_search)(prepared, SRC), jax.jit(cached_beam_search)(params, SRC)
     np.testing.assert_array_equal(got.sequences, want.sequences)
     np.testing.assert_allclose(got.log_probs, want.log_probs, rtol=1e-5)
     # The step reads the copy, not the table: a zero copy gives uniform logits.
-    step_fn, state = programs.step_function(
-        model, {**prepared, TIED_OUTPUT_KERNEL: jnp.zeros_like(kernel)}, SRC, 4
-    )
+    zero = jax.tree.map(jnp.zeros_like, kernel)
+    step_fn, state = programs.step_function(model, {**prepared, TIED_OUTPUT_KERNEL: zero}, SRC, 4)
     logits, _ = step_fn(jnp.ones((SRC.shape[0],), jnp.int32), state)
     np.testing.assert_array_equal(logits, 0.0)
     assert set(programs.decoding_params(model, prepared)) == set(prepared)
@@ -228,36 +228,55 @@ def test_one_row_reads_its_cache_before_writing_it_and_decodes_as_many_rows_do(d
         np.testing.assert_allclose(alone.log_probs[0], batched.log_probs[i], rtol=1e-5)
 
 
-def test_one_row_steps_multiply_by_the_ffn_outer_kernel_transposed():
-    """`programs.decoding_params` gives each decoder FFN its outer kernel transposed; a one-row step
-    reads the copy (a zero copy changes its logits, not those of two rows) and a one-row greedy
-    search finds what the kernel as it lies gives. int8 kernels get no copy."""
+def packed_paths(params) -> set:
+    """The params paths ("decoder_layers_0/ffn/inner", ...) whose kernel is a `PackedKernel`."""
+    leaves = jax.tree_util.tree_leaves_with_path(
+        params, is_leaf=lambda x: isinstance(x, packed.PackedKernel)
+    )
+    return {
+        "/".join(str(k.key) for k in path).removesuffix("/kernel")
+        for path, leaf in leaves
+        if isinstance(leaf, packed.PackedKernel)
+    }
+
+
+def test_decoding_steps_multiply_by_the_packed_kernels_and_decode_as_before():
+    """`programs.decoding_params` packs every kernel a float32 decoder's steps read (not the
+    cross-attention keys/values, not the encoder); greedy and beam search at batch 1 and 4 find
+    what the kernels as they lie give; steps read the panels (zeroed panels change one row's
+    logits); int8 and bfloat16 params are not packed."""
     model, variables, _ = tiny()
     params = jax.tree.map(lambda p: 2.0 * p, variables["params"])
     prepared = programs.decoding_params(model, params)
     layers = [name for name in params if name.startswith("decoder_layers_")]
-    for name in layers:
-        copy, kernel = prepared[name]["ffn"][ONE_ROW_OUTER_KERNEL], params[name]["ffn"]["outer"]
-        np.testing.assert_array_equal(copy, np.asarray(kernel["kernel"]).T)
-    run = jax.jit(cached_greedy)
-    got, want = run(prepared, SRC[:1]), run(params, SRC[:1])
-    np.testing.assert_array_equal(got.sequences, want.sequences)
-    np.testing.assert_allclose(got.log_probs, want.log_probs, rtol=1e-5)
+    step_kernels = ["self_attention/" + k for k in ("query", "key", "value", "out")]
+    step_kernels += ["cross_attention/query", "cross_attention/out", "ffn/inner", "ffn/outer"]
+    assert packed_paths(prepared) == {f"{n}/{k}" for n in layers for k in step_kernels} | {
+        TIED_OUTPUT_KERNEL
+    }
+    for search in (cached_greedy, cached_beam_search):
+        run = jax.jit(search)
+        for src in (SRC[:1], SRC):
+            got, want = run(prepared, src), run(params, src)
+            np.testing.assert_array_equal(got.sequences, want.sequences)
+            np.testing.assert_allclose(got.log_probs, want.log_probs, rtol=1e-5)
 
-    zeroed = {**prepared}
-    for name in layers:
-        ffn = zeroed[name]["ffn"]
-        ffn = {**ffn, ONE_ROW_OUTER_KERNEL: jnp.zeros_like(ffn[ONE_ROW_OUTER_KERNEL])}
-        zeroed[name] = {**zeroed[name], "ffn": ffn}
+    def first_logits(p):
+        step_fn, state = programs.step_function(model, p, SRC[:1], 4)
+        return np.asarray(step_fn(jnp.ones((1,), jnp.int32), state)[0])
 
-    def first_logits(p, src):
-        step_fn, state = programs.step_function(model, p, src, 4)
-        return np.asarray(step_fn(jnp.ones((src.shape[0],), jnp.int32), state)[0])
-
-    assert not np.allclose(first_logits(zeroed, SRC[:1]), first_logits(params, SRC[:1]))
-    np.testing.assert_array_equal(first_logits(zeroed, SRC[:2]), first_logits(params, SRC[:2]))
-    quantized = int8.quantize_params(params, tied_output=True)
-    assert ONE_ROW_OUTER_KERNEL not in programs.decoding_params(model, quantized)[layers[0]]["ffn"]
+    inner = prepared[layers[0]]["ffn"]["inner"]
+    zeroed = {
+        **inner,
+        "kernel": inner["kernel"].replace(panels=jnp.zeros_like(inner["kernel"].panels)),
+    }
+    ffn = {**prepared[layers[0]]["ffn"], "inner": zeroed}
+    changed = {**prepared, layers[0]: {**prepared[layers[0]], "ffn": ffn}}
+    assert not np.allclose(first_logits(changed), first_logits(prepared))
+    quantized = programs.decoding_params(model, int8.quantize_params(params, tied_output=True))
+    assert packed_paths(quantized) == set()
+    half = Transformer(11, 13, **TINY, dtype=jnp.bfloat16)
+    assert packed_paths(programs.decoding_params(half, params)) == set()
 
 
 @pytest.mark.parametrize("search, src", [("beam", SRC), ("greedy", SRC), ("greedy", SRC[:1])])

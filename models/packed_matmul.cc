@@ -1,0 +1,135 @@
+// A few rows times a float32 weight matrix stored in column panels: the small matmul of a decoding
+// step at batch 1 (one row greedy, beam rows in beam search), as an XLA FFI custom call for the CPU.
+//
+//   y [M, N] = x [M, K] . W [K, N],   W stored as panels [P, K, 64], panels[p, k, j] = W[k, 64p + j]
+//   (N <= 64 P; columns past N are zero padding).
+//
+// Why by hand: at a few rows a step is a stream of every weight once, and the speed is the rate at
+// which the product reads them. XLA:CPU's kernels read a [K, N] matrix at 15-30 GB/s at four rows
+// (YNNPACK) and 40-60 GB/s at one (its matrix-vector loop); walking a panel stores its 64 columns
+// contiguously row after row, so the product is one sequential read of the weights with every
+// row's 64 sums held in registers: 40-45 GB/s at four rows, 70-85 at one, on the machine of
+// docs/benchmarks.md ("Batch 1 on the AMD EPYC"). Panels are shared out between the calling thread
+// and one task on XLA's intra-op thread pool.
+//
+// Written with GCC/Clang vector extensions, not intrinsics: compiled on the machine that runs it
+// (-march=native), it is AVX-512 on AVX-512 CPUs and the widest vectors elsewhere.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kPanel = 64;  // columns per panel
+typedef float V16 __attribute__((vector_size(64), aligned(4)));  // 16 floats, unaligned loads
+
+inline V16 Load(const float* p) {
+  V16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void Store(float* p, V16 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// Rows [0, R) of x (row stride K) times one panel [K, 64] into out [R, 64] (row stride 64).
+template <int R>
+void PanelRows(const float* x, int64_t K, const float* panel, float* out) {
+  V16 acc[R][4] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    const float* w = panel + k * kPanel;
+    const V16 w0 = Load(w), w1 = Load(w + 16), w2 = Load(w + 32), w3 = Load(w + 48);
+    for (int r = 0; r < R; ++r) {
+      const float xr = x[r * K + k];
+      acc[r][0] += xr * w0;
+      acc[r][1] += xr * w1;
+      acc[r][2] += xr * w2;
+      acc[r][3] += xr * w3;
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 4; ++c) Store(out + r * kPanel + c * 16, acc[r][c]);
+}
+
+// One row: two sets of sums (even and odd k) so that eight multiply-add chains run at once.
+void PanelOneRow(const float* x, int64_t K, const float* panel, float* out) {
+  V16 even[4] = {}, odd[4] = {};
+  int64_t k = 0;
+  for (; k + 1 < K; k += 2) {
+    const float* w = panel + k * kPanel;
+    const float a = x[k], b = x[k + 1];
+    for (int c = 0; c < 4; ++c) {
+      even[c] += a * Load(w + c * 16);
+      odd[c] += b * Load(w + kPanel + c * 16);
+    }
+  }
+  if (k < K)
+    for (int c = 0; c < 4; ++c) even[c] += x[k] * Load(panel + k * kPanel + c * 16);
+  for (int c = 0; c < 4; ++c) Store(out + c * 16, even[c] + odd[c]);
+}
+
+// Rows [0, M) times panel p, written into y [M, N] (only the panel's columns below N).
+void Panel(const float* x, int64_t M, int64_t K, const float* panels, int64_t p, float* y,
+           int64_t N) {
+  const float* panel = panels + p * K * kPanel;
+  const int64_t col = p * kPanel, width = std::min(kPanel, N - col);
+  float tile[4 * kPanel];
+  for (int64_t r0 = 0; r0 < M; r0 += 4) {
+    const int64_t rows = std::min<int64_t>(4, M - r0);
+    const float* xr = x + r0 * K;
+    switch (rows) {
+      case 1: PanelOneRow(xr, K, panel, tile); break;
+      case 2: PanelRows<2>(xr, K, panel, tile); break;
+      case 3: PanelRows<3>(xr, K, panel, tile); break;
+      default: PanelRows<4>(xr, K, panel, tile); break;
+    }
+    for (int64_t r = 0; r < rows; ++r)
+      std::memcpy(y + (r0 + r) * N + col, tile + r * kPanel, width * sizeof(float));
+  }
+}
+
+// Panels are handed out one at a time from a shared counter; the caller works too, then waits
+// until every panel is done (a helper task that starts late finds none left and returns).
+struct Work {
+  std::atomic<int64_t> next{0}, done{0};
+};
+
+constexpr int64_t kParallelBytes = 256 << 10;  // below this the product stays on one thread
+
+ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                            ffi::Buffer<ffi::F32> panels, ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), pd = panels.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || pd.size() != 3 || yd.size() != 2 || pd[2] != kPanel || pd[1] != xd[1] ||
+      yd[0] != xd[0] || yd[1] > pd[0] * kPanel)
+    return ffi::Error::InvalidArgument("packed_matmul: want x [M, K], panels [P, K, 64], y [M, N]");
+  const int64_t M = xd[0], K = xd[1], P = pd[0], N = yd[1];
+  const float* xp = x.typed_data();
+  const float* wp = panels.typed_data();
+  float* yp = y->typed_data();
+  auto work = std::make_shared<Work>();
+  auto run = [=] {
+    for (int64_t p; (p = work->next.fetch_add(1)) < P; work->done.fetch_add(1))
+      Panel(xp, M, K, wp, p, yp, N);
+  };
+  if (P > 1 && P * K * kPanel * 4 >= kParallelBytes && pool.num_threads() > 1)
+    pool.Schedule([run] { run(); });
+  run();
+  while (work->done.load(std::memory_order_acquire) < P) {
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqzooPackedMatmul, PackedMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,101 @@
+"""models/packed.py: dense kernels in column panels and their FFI product on the CPU."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from models import packed
+
+
+def kernel(*shape, seed=0) -> jax.Array:
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32))
+
+
+def test_the_kernel_builds_and_registers_on_this_machine():
+    assert packed.available() is True
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9])
+@pytest.mark.parametrize("k, n", [(256, 1024), (37, 100)])
+def test_panels_multiply_as_the_kernel_does(rows, k, n):
+    """Any row count up to MAX_ROWS through the panels (odd K, N not a multiple of 64: padded),
+    more rows through the kernel as it lies; float32 to rounding."""
+    w, x = kernel(k, n), kernel(rows, k, seed=1)
+    got = jax.jit(packed.matmul)(x, packed.pack(w))
+    assert got.shape == (rows, n) and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, np.asarray(x) @ np.asarray(w), rtol=2e-5, atol=2e-5)
+
+
+def test_panels_are_read_up_to_max_rows_and_the_kernel_above():
+    w = kernel(64, 96)
+    zero_panels = packed.pack(w).replace(panels=jnp.zeros((2, 64, 64)))
+    for rows in (1, packed.MAX_ROWS):
+        np.testing.assert_array_equal(packed.matmul(kernel(rows, 64), zero_panels), 0.0)
+    many = kernel(packed.MAX_ROWS + 1, 64)
+    np.testing.assert_allclose(packed.matmul(many, zero_panels), many @ w, rtol=1e-6)
+
+
+def test_panels_hold_64_columns_of_every_kernel_row():
+    w = kernel(3, 70)
+    panels = np.asarray(packed.pack(w).panels)
+    assert panels.shape == (2, 3, 64)
+    np.testing.assert_array_equal(panels[0], w[:, :64])
+    np.testing.assert_array_equal(panels[1, :, :6], w[:, 64:])
+    np.testing.assert_array_equal(panels[1, :, 6:], 0.0)
+
+
+def test_dense_layers_read_packed_kernels_with_several_contracted_and_output_axes():
+    """flax's DenseGeneral with this module's product, as the Transformer's attention uses it:
+    [d_model] -> [heads, head_dim] and [heads, head_dim] -> [d_model]."""
+    fields = dict(dot_general=packed.dot_general, promote_dtype=packed.promote_dtype)
+    split = nn.DenseGeneral((4, 8), **fields)
+    merge = nn.DenseGeneral(32, axis=(-2, -1), **fields)
+    x = kernel(1, 3, 32)
+    for layer, inputs in ((split, x), (merge, x.reshape(1, 3, 4, 8))):
+        params = layer.init(jax.random.key(0), inputs)["params"]
+        packed_params = packed.pack_params(params)
+        assert isinstance(packed_params["kernel"], packed.PackedKernel)
+        got = layer.apply({"params": packed_params}, inputs)
+        np.testing.assert_allclose(
+            got, layer.apply({"params": params}, inputs), rtol=1e-5, atol=1e-6
+        )
+
+
+def test_pack_params_packs_float_dense_kernels_where_asked():
+    params = {
+        "a": {"kernel": kernel(4, 4), "bias": jnp.zeros(4)},
+        "b": {"kernel": kernel(4, 4), "bias": jnp.zeros(4)},
+        "table": {"embedding": kernel(4, 4)},
+        "c": {"kernel": jnp.ones((4, 4), jnp.int8), "bias": jnp.zeros(4)},
+    }
+    got = packed.pack_params(params, where=lambda path: path != ("b",))
+    assert isinstance(got["a"]["kernel"], packed.PackedKernel)
+    assert got["b"]["kernel"] is params["b"]["kernel"]
+    assert got["table"] is not None and got["table"]["embedding"] is params["table"]["embedding"]
+    assert got["c"]["kernel"] is params["c"]["kernel"]
+    again = packed.pack_params(got)
+    assert again["a"]["kernel"] is got["a"]["kernel"]
+
+
+def test_a_batched_product_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match="packed kernels support dense layers only"):
+        packed.dot_general(kernel(2, 4, 4), packed.pack(kernel(4, 4)), (((2,), (0,)), ((0,), ())))
+
+
+def test_a_failed_build_names_the_compiler_and_the_first_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEQZOO_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")
+    with pytest.raises(RuntimeError, match="false failed on packed_matmul.cc"):
+        packed._build()
+    assert not list(tmp_path.glob("*.so"))
+
+
+def test_the_build_is_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEQZOO_CACHE", str(tmp_path))
+    library = packed._build()
+    assert library.parent == tmp_path and library.exists()
+    built = library.stat().st_mtime_ns
+    monkeypatch.setenv("CXX", "false")  # a second build would fail
+    assert packed._build() == library and library.stat().st_mtime_ns == built
