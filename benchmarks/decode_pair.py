@@ -2,7 +2,7 @@ r"""Two ways of decoding one cell, called in turn in one process: what one chang
 
   python benchmarks/decode_pair.py --beam 4 --a raw --b kernel       # the tied table transposed
   python benchmarks/decode_pair.py --beam 1 --a kernel --b pages     # + the weights on 2 MB pages
-  python benchmarks/decode_pair.py --beam 1 --a pages --b decoding   # + one-row FFN kernels
+  python benchmarks/decode_pair.py --beam 4 --a pages --b decoding   # + packed kernels
   python benchmarks/decode_pair.py --beam 4 \
       --b_option xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT   # an XLA option
 
@@ -15,8 +15,8 @@ its params, `--a` / `--b`:
 - `raw`: the model's params as initialized (the tied output projection reads the table as it lies);
 - `kernel`: plus the table's transposed copy (`transformer.with_output_kernel`);
 - `pages`: the copy, and every array on 2 MB pages (`host_memory.on_huge_pages`);
-- `decoding`: `programs.decoding_params` (those, and each decoder FFN's outer kernel transposed for
-  one-row steps, `transformer.with_one_row_kernels`), what eval.py and `decode.py` decode with;
+- `decoding`: `programs.decoding_params` (those, and the kernels a step reads packed in column
+  panels, `models.packed`), what eval.py and `decode.py` decode with;
 
 and its XLA compile options (`--a_option` / `--b_option NAME=VALUE`, repeatable). Prints each side's
 median ms per decode, the median of the per-pair ratios A time / B time (above 1: B is faster) and

@@ -206,8 +206,8 @@ smoothed_token_losses.defvjp(_smoothed_losses_fwd, _smoothed_losses_bwd)
 def decoding_params(model, params):
     """`params` as decoding reads them fastest: a Transformer (or captioner) gets copies of some
     kernels laid out for its decoding steps (`transformer.with_decoding_kernels`: the tied table
-    and each decoder FFN's outer kernel transposed), and on the CPU every array moves onto 2 MB
-    pages (`host_memory.on_huge_pages`). Decode and score (`score_fn` runs the decoding step) with
+    transposed, and on the CPU the kernels a step reads packed in column panels, `models.packed`),
+    and on the CPU every array moves onto 2 MB pages (`host_memory.on_huge_pages`). Decode and score (`score_fn` runs the decoding step) with
     these; train and save the params themselves."""
     if isinstance(model, transformer.TransformerDecoder):
         params = transformer.with_decoding_kernels(model, params)

@@ -97,6 +97,16 @@ def pack_params(params: dict, where=lambda path: True) -> dict:
     return walk(dict(params), ())
 
 
+def unpack_params(params):
+    """`params` with every `PackedKernel` replaced by its kernel (for what reads weights as such:
+    an export, a checkpoint)."""
+    return jax.tree.map(
+        lambda x: x.kernel if isinstance(x, PackedKernel) else x,
+        params,
+        is_leaf=lambda x: isinstance(x, PackedKernel),
+    )
+
+
 def matmul(x: jax.Array, weights: PackedKernel, preferred_element_type=None) -> jax.Array:
     """`x [..., K...] . W` for W `[K..., F...]` packed: through the panels (float32) on the CPU at
     up to `MAX_ROWS` rows, through the kernel as it lies otherwise."""
@@ -182,9 +192,10 @@ def _build() -> Path:
 @functools.cache
 def available() -> bool | str:
     """True once the kernel is built and registered with XLA for the CPU; else why not (a string):
-    no C++ compiler, a failed build, or not a CPU jax."""
-    if "cpu" not in {d.platform for d in jax.devices("cpu")}:
-        return "no CPU device"
+    JAX's default backend is not the CPU (params there are not packed), no C++ compiler, a failed
+    build."""
+    if jax.default_backend() != "cpu":
+        return f"packed kernels off: the default backend is {jax.default_backend()}, not the CPU"
     try:
         library = ctypes.cdll.LoadLibrary(str(_build()))
     except (OSError, RuntimeError) as e:

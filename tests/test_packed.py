@@ -99,3 +99,10 @@ def test_the_build_is_cached(tmp_path, monkeypatch):
     built = library.stat().st_mtime_ns
     monkeypatch.setenv("CXX", "false")  # a second build would fail
     assert packed._build() == library and library.stat().st_mtime_ns == built
+
+
+def test_unpack_params_gives_back_the_kernels():
+    params = {"a": {"kernel": kernel(4, 4), "bias": jnp.zeros(4)}, "b": jnp.ones(3)}
+    back = packed.unpack_params(packed.pack_params(params))
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+    assert jax.tree.all(jax.tree.map(np.array_equal, back, params))
