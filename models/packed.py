@@ -37,7 +37,7 @@ import numpy as np
 from models import int8
 
 PANEL = 64  # columns per panel (packed_matmul.cc's kPanel)
-MAX_ROWS = 8  # above this many rows a product reads the kernel as it lies (XLA's GEMM kernels)
+MAX_ROWS = 64  # above this many rows a product reads the kernel as it lies (XLA's GEMM kernels)
 TARGET = "seqzoo_packed_matmul"
 SOURCE = Path(__file__).with_name("packed_matmul.cc")
 
@@ -73,28 +73,26 @@ def _panels(kernel: jax.Array, contracting: int) -> jax.Array:
     return matrix.reshape(k, p, PANEL).transpose(1, 0, 2)
 
 
-def pack_params(params: dict, where=lambda path: True) -> dict:
-    """`params` with every float dense kernel (a `kernel` beside a `bias`) whose path (a tuple of
-    keys) `where` accepts as a `PackedKernel`; other leaves unchanged. Nothing is packed when
-    `available()` is not true."""
+def pack_params(params: dict) -> dict:
+    """`params` with every float dense kernel (a `kernel` beside a `bias`) as a `PackedKernel`;
+    other leaves unchanged. Nothing is packed when `available()` is not true."""
     if available() is not True:
         return params
 
-    def walk(node, path):
+    def walk(node):
         if not isinstance(node, dict):
             return node
-        out = {k: walk(v, (*path, k)) for k, v in node.items()}
+        out = {k: walk(v) for k, v in node.items()}
         kernel, bias = node.get("kernel"), node.get("bias")
         if (
             bias is not None
             and isinstance(kernel, jax.Array | np.ndarray)
             and jnp.issubdtype(kernel.dtype, jnp.floating)
-            and where(path)
         ):
             out["kernel"] = pack(kernel, contracting=kernel.ndim - bias.ndim)
         return out
 
-    return walk(dict(params), ())
+    return walk(dict(params))
 
 
 def unpack_params(params):

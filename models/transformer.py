@@ -71,30 +71,20 @@ def with_output_kernel(params: dict, dtype: Any = jnp.float32) -> dict:
 
 
 def with_decoding_kernels(model: "TransformerDecoder", params: dict) -> dict:
-    """`model`'s `params` plus what its decoding steps read fastest: a tied table transposed
-    (`with_output_kernel`; not beside int8 params' own int8 table) and, for a float32 model, every
-    kernel a step multiplies by packed in column panels (`packed.pack_params`: the decoder layers'
-    but the cross-attention keys/values, which the source gets once, and the output projection).
-    Copies already there are not made again."""
+    """`model`'s `params` plus what decoding reads fastest: a tied table transposed
+    (`with_output_kernel`; not beside int8 params' own int8 table) and, for a float32 model on the
+    CPU, every dense kernel and that table packed in column panels (`packed.pack_params`: the
+    encoder's too, which a batch-1 source of up to `packed.MAX_ROWS` tokens multiplies by). Copies
+    already there are not made again."""
     if model.tie_output and TIED_OUTPUT_KERNEL not in params and int8.TIED_OUTPUT not in params:
         params = with_output_kernel(params, model.dtype)
     if jnp.dtype(model.dtype) != jnp.float32 or packed.available() is not True:
         return params
-    params = packed.pack_params(params, where=_read_by_steps)
+    params = packed.pack_params(params)
     table = params.get(TIED_OUTPUT_KERNEL)
     if table is not None and not isinstance(table, packed.PackedKernel):
         params = {**params, TIED_OUTPUT_KERNEL: packed.pack(table)}
     return params
-
-
-def _read_by_steps(path: tuple) -> bool:
-    """Whether a decoding step multiplies by the dense kernel at `path` (its params keys)."""
-    if path[:1] == ("output",):
-        return True
-    return path[0].startswith("decoder_layers_") and path[1:] not in (
-        ("cross_attention", "key"),
-        ("cross_attention", "value"),
-    )
 
 
 @functools.partial(jax.jit, static_argnums=1)

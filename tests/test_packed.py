@@ -17,7 +17,7 @@ def test_the_kernel_builds_and_registers_on_this_machine():
     assert packed.available() is True
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 13, packed.MAX_ROWS, packed.MAX_ROWS + 1])
 @pytest.mark.parametrize("k, n", [(256, 1024), (37, 100)])
 def test_panels_multiply_as_the_kernel_does(rows, k, n):
     """Any row count up to MAX_ROWS through the panels (odd K, N not a multiple of 64: padded),
@@ -63,14 +63,14 @@ def test_dense_layers_read_packed_kernels_with_several_contracted_and_output_axe
         )
 
 
-def test_pack_params_packs_float_dense_kernels_where_asked():
+def test_pack_params_packs_float_dense_kernels():
     params = {
         "a": {"kernel": kernel(4, 4), "bias": jnp.zeros(4)},
-        "b": {"kernel": kernel(4, 4), "bias": jnp.zeros(4)},
+        "b": {"kernel": kernel(4, 4)},  # no bias: not a dense layer's
         "table": {"embedding": kernel(4, 4)},
         "c": {"kernel": jnp.ones((4, 4), jnp.int8), "bias": jnp.zeros(4)},
     }
-    got = packed.pack_params(params, where=lambda path: path != ("b",))
+    got = packed.pack_params(params)
     assert isinstance(got["a"]["kernel"], packed.PackedKernel)
     assert got["b"]["kernel"] is params["b"]["kernel"]
     assert got["table"] is not None and got["table"]["embedding"] is params["table"]["embedding"]
