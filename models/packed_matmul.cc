@@ -10,7 +10,8 @@
 // contiguously row after row, so the product is one sequential read of the weights with every
 // row's 64 sums held in registers: 40-45 GB/s at four rows, 70-85 at one, on the machine of
 // docs/benchmarks.md ("Batch 1 on the AMD EPYC"). Panels are shared out between the calling thread
-// and one task on XLA's intra-op thread pool.
+// and tasks on XLA's intra-op thread pool (a thread for each 128 KB of panels, up to the pool's
+// size: on two cores, both for every matrix of 256 KB or more, 1.4x one thread in a decode).
 //
 // Written with GCC/Clang vector extensions, not intrinsics: compiled on the machine that runs it
 // (-march=native), it is AVX-512 on AVX-512 CPUs and the widest vectors elsewhere.
@@ -100,7 +101,7 @@ struct Work {
   std::atomic<int64_t> next{0}, done{0};
 };
 
-constexpr int64_t kParallelBytes = 256 << 10;  // below this the product stays on one thread
+constexpr int64_t kBytesPerThread = 128 << 10;  // a thread for each 128 KB of panels, up to the pool's
 
 ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                             ffi::Buffer<ffi::F32> panels, ffi::ResultBuffer<ffi::F32> y) {
@@ -117,8 +118,8 @@ ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     for (int64_t p; (p = work->next.fetch_add(1)) < P; work->done.fetch_add(1))
       Panel(xp, M, K, wp, p, yp, N);
   };
-  if (P > 1 && P * K * kPanel * 4 >= kParallelBytes && pool.num_threads() > 1)
-    pool.Schedule([run] { run(); });
+  const int64_t threads = std::min({pool.num_threads(), P, P * K * kPanel * 4 / kBytesPerThread});
+  for (int64_t t = 1; t < threads; ++t) pool.Schedule([run] { run(); });
   run();
   while (work->done.load(std::memory_order_acquire) < P) {
   }
