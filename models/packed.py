@@ -26,6 +26,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +198,8 @@ def available() -> bool | str:
     try:
         library = ctypes.cdll.LoadLibrary(str(_build()))
     except (OSError, RuntimeError) as e:
+        message = f"packed kernels off (decoding at batch 1 runs XLA's slower matmuls): {e}"
+        warnings.warn(message, stacklevel=2)
         return f"packed kernels off: {e}"
     handler = jax.ffi.pycapsule(library.SeqzooPackedMatmul)
     jax.ffi.register_ffi_target(TARGET, handler, platform="cpu")

@@ -106,3 +106,14 @@ def test_unpack_params_gives_back_the_kernels():
     back = packed.unpack_params(packed.pack_params(params))
     assert jax.tree.structure(back) == jax.tree.structure(params)
     assert jax.tree.all(jax.tree.map(np.array_equal, back, params))
+
+
+def test_without_a_compiler_a_warning_says_why_and_nothing_is_packed(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEQZOO_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    with pytest.warns(UserWarning, match="packed kernels off .*no-such-compiler"):
+        why = packed.available.__wrapped__()  # uncached: a fresh attempt
+    assert why.startswith("packed kernels off") and "no-such-compiler" in why
+    monkeypatch.setattr(packed, "available", lambda: why)
+    params = {"a": {"kernel": kernel(4, 4), "bias": jnp.zeros(4)}}
+    assert packed.pack_params(params) is params
