@@ -103,11 +103,11 @@ def decode_batches(run: Run, batches, search: Search, sink, nbest: int = 0, toke
             key = (src.shape, src.dtype, None if prefix is None else prefix.shape)
             if key not in compiled:
                 start = time.perf_counter()
-                fn.lower(run.params, src, alpha, **kwargs).compile()
+                fn.lower(run.decoding_params, src, alpha, **kwargs).compile()
                 compile_seconds += time.perf_counter() - start
                 compiled.add(key)
             start = time.perf_counter()
-            result = jax.block_until_ready(fn(run.params, src, alpha, **kwargs))
+            result = jax.block_until_ready(fn(run.decoding_params, src, alpha, **kwargs))
             decode_seconds += time.perf_counter() - start
             mask = batch["mask"]
             draws.append(jax.tree.map(lambda x, mask=mask: np.asarray(x)[mask], result))

@@ -38,7 +38,9 @@ def run_error_analysis(run: Run, eval_data, sequences: np.ndarray, search: Searc
             (arrays["hyp"], hypothesis_scores),
         ):
             out.append(
-                np.asarray(score(run.params, arrays["src"], targets, search.alpha).scores)[mask]
+                np.asarray(score(run.decoding_params, arrays["src"], targets, search.alpha).scores)[
+                    mask
+                ]
             )
         references.extend(batch["tgt_out"][mask].tolist())
         limits.append(search.length_limits(batch["src"], pad)[mask])

@@ -22,8 +22,9 @@ def notice(message: str) -> None:
 
 
 class Run:
-    """A trained run loaded for evaluation: config, tokenizers, model and params (as decoding
-    reads them: `programs.decoding_params`, int8 first with `quantize="int8"`).
+    """A trained run loaded for evaluation: config, tokenizers, model, `params` (int8 with
+    `quantize="int8"`) and `decoding_params`, the same as decoding and scoring read them fastest
+    (`programs.decoding_params`, made on first use).
 
     Evaluation runs on this host's devices, whatever mesh trained the run: batches are split over
     all of them (`mesh`, one `data` axis) and the params, read from the checkpoint straight into
@@ -49,7 +50,10 @@ class Run:
         )
         if quantize == "int8":
             self.params = int8_params(self.model, self.params, self.config.model)
-        self.params = programs.decoding_params(self.model, self.params)
+
+    @functools.cached_property
+    def decoding_params(self):
+        return programs.decoding_params(self.model, self.params)
 
 
 def int8_params(model, params, name: str):

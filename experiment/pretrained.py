@@ -36,7 +36,7 @@ from configs import default
 from data import DataError, tokenizers
 from experiment import RunError, checkpoints, programs
 from experiment import config as run_config
-from models import marian, packed
+from models import marian
 
 PRETRAINED_DIR = "pretrained"  # a run directory's imported params (`pretrained/0`)
 SAFETENSORS = "model.safetensors"
@@ -286,7 +286,7 @@ def export_marian(workdir, out_dir, average_checkpoints: int = 0) -> Path:
         raise RunError(str(e)) from None
     src_vocab, tgt_vocab = _vocabulary(run.src_tokenizer), _vocabulary(run.tgt_tokenizer)
     separate = not hparams["share_embeddings"]
-    params = jax.device_get(packed.unpack_params(run.params))  # decoding's panels dropped
+    params = jax.device_get(run.params)
     state = marian.state_dict_from_params(params, hparams)
     with _staged(Path(out_dir)) as tmp:
         save_file(state, str(tmp / SAFETENSORS), metadata={"format": "pt"})

@@ -96,16 +96,6 @@ def pack_params(params: dict) -> dict:
     return walk(dict(params))
 
 
-def unpack_params(params):
-    """`params` with every `PackedKernel` replaced by its kernel (for what reads weights as such:
-    an export, a checkpoint)."""
-    return jax.tree.map(
-        lambda x: x.kernel if isinstance(x, PackedKernel) else x,
-        params,
-        is_leaf=lambda x: isinstance(x, PackedKernel),
-    )
-
-
 def matmul(x: jax.Array, weights: PackedKernel, preferred_element_type=None) -> jax.Array:
     """`x [..., K...] . W` for W `[K..., F...]` packed: through the panels (float32) on the CPU at
     up to `MAX_ROWS` rows, through the kernel as it lies otherwise."""

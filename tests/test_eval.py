@@ -378,9 +378,11 @@ def test_source_length_limits_cut_each_sentence_at_its_own_length(tiny_run, tmp_
     ).batches[0]["src"]
     limits = np.ceil(a * np.sum(src != 0, axis=1)).astype(int) + b
     max_len = run.config.max_decode_len
-    free = programs.decode_fn(run.model, "greedy", 1, max_len, "none")(run.params, src, 0.0)
+    free = programs.decode_fn(run.model, "greedy", 1, max_len, "none")(
+        run.decoding_params, src, 0.0
+    )
     cut = programs.decode_fn(run.model, "greedy", 1, max_len, "none", None, a, b)(
-        run.params, src, 0.0
+        run.decoding_params, src, 0.0
     )
     # Greedy with a limit is greedy without one, truncated at the limit.
     want = np.where(np.arange(max_len) < limits[:, None], free.sequences, 0)
@@ -390,7 +392,7 @@ def test_source_length_limits_cut_each_sentence_at_its_own_length(tiny_run, tmp_
     hyps = (tmp_path / "h.txt").read_text().splitlines()
     assert hyps == [run.tgt_tokenizer.decode(row.tolist()) for row in want]
     beam = programs.decode_fn(run.model, "beam", 4, max_len, "gnmt", None, a, b)(
-        run.params, src, 0.6
+        run.decoding_params, src, 0.6
     )
     assert np.all(np.asarray(beam.lengths) <= limits[:, None])
 
@@ -457,7 +459,9 @@ def test_nbest_writes_each_sentences_k_best_with_their_scores(tiny_run, tmp_path
         return out
 
     # Each score is the normalized teacher-forced log-probability of its own text.
-    scored = programs.score_fn(run.model, "gnmt")(run.params, padded(sources), padded(targets), 0.6)
+    scored = programs.score_fn(run.model, "gnmt")(
+        run.decoding_params, padded(sources), padded(targets), 0.6
+    )
     for i, h in enumerate(hyps):
         assert h["length"] == int(scored.lengths[i])
         assert h["log_prob"] == pytest.approx(float(scored.log_probs[i]), abs=1e-4)
@@ -525,7 +529,7 @@ def test_sampling_from_the_command_line_is_reproducible_per_sentence(tiny_run, t
         for draw in record["samples"]:
             ids = run.tgt_tokenizer.encode(draw["text"])
             targets = np.array([ids + [2]] if len(ids) < draw["length"] else [ids], np.int32)
-            scored = score(run.params, src, targets, 0.0)
+            scored = score(run.decoding_params, src, targets, 0.0)
             assert draw["log_prob"] == pytest.approx(float(scored.log_probs[0]), abs=1e-4)
     for bad, message in [
         (dict(decode="sample", top_p=1.5), r"--top_p=1.5: use a value in \(0, 1\]"),
@@ -566,7 +570,7 @@ def test_tsv_input_forces_each_lines_prefix(tiny_run, tmp_path):
     for record, source in zip(records, sources, strict=True):
         src = np.array([run.src_tokenizer.encode(source) + [2]], np.int32)
         targets = np.array([run.tgt_tokenizer.encode(record["text"]) + [2]], np.int32)
-        expected = float(score(run.params, src, targets, 0.0).log_probs[0])
+        expected = float(score(run.decoding_params, src, targets, 0.0).log_probs[0])
         assert record["log_prob"] == pytest.approx(expected, abs=1e-4)
     # A malformed line or a prefix with no room for EOS stops there; the lines before are written.
     for line, message in [

@@ -101,13 +101,6 @@ def test_the_build_is_cached(tmp_path, monkeypatch):
     assert packed._build() == library and library.stat().st_mtime_ns == built
 
 
-def test_unpack_params_gives_back_the_kernels():
-    params = {"a": {"kernel": kernel(4, 4), "bias": jnp.zeros(4)}, "b": jnp.ones(3)}
-    back = packed.unpack_params(packed.pack_params(params))
-    assert jax.tree.structure(back) == jax.tree.structure(params)
-    assert jax.tree.all(jax.tree.map(np.array_equal, back, params))
-
-
 def test_without_a_compiler_a_warning_says_why_and_nothing_is_packed(tmp_path, monkeypatch):
     monkeypatch.setenv("SEQZOO_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", "no-such-compiler")

@@ -78,7 +78,7 @@ def until_eos(row, ids) -> list[int]:
 def decoded(run, tokenizer, decode, beam=1, alpha=0.0):
     src = hf_batch(tokenizer)["input_ids"].numpy().astype(np.int32)
     search = loading.Search(decode, beam, alpha, "average", MAX_NEW, no_repeat_ngram_size=NGRAM)
-    result = search.decode_fn(run)(run.params, src, alpha)
+    result = search.decode_fn(run)(run.decoding_params, src, alpha)
     sequences = programs.best_sequences(result)
     return [run.tgt_tokenizer.pieces(until_eos(row, run.special_ids)) for row in sequences]
 
