@@ -37,11 +37,8 @@ def run_error_analysis(run: Run, eval_data, sequences: np.ndarray, search: Searc
             (arrays["tgt_out"], reference_scores),
             (arrays["hyp"], hypothesis_scores),
         ):
-            out.append(
-                np.asarray(score(run.decoding_params, arrays["src"], targets, search.alpha).scores)[
-                    mask
-                ]
-            )
+            scored = score(run.decoding_params, arrays["src"], targets, search.alpha)
+            out.append(np.asarray(scored.scores)[mask])
         references.extend(batch["tgt_out"][mask].tolist())
         limits.append(search.length_limits(batch["src"], pad)[mask])
     width = max(len(r) for r in references)

@@ -207,8 +207,8 @@ def decoding_params(model, params):
     """`params` as decoding reads them fastest: a Transformer (or captioner) gets copies of some
     kernels laid out for its decoding steps (`transformer.with_decoding_kernels`: the tied table
     transposed, and on the CPU the kernels a step reads packed in column panels, `models.packed`),
-    and on the CPU every array moves onto 2 MB pages (`host_memory.on_huge_pages`). Decode and score (`score_fn` runs the decoding step) with
-    these; train and save the params themselves."""
+    and on the CPU every array moves onto 2 MB pages (`host_memory.on_huge_pages`). Decode and
+    score (`score_fn` runs the decoding step) with these; train and save the params themselves."""
     if isinstance(model, transformer.TransformerDecoder):
         params = transformer.with_decoding_kernels(model, params)
     return host_memory.on_huge_pages(params)

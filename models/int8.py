@@ -15,6 +15,7 @@ single rows are padded to two. Dequantizing the weights to float32 inside the st
 in float32 is 5-9x slower than float32 weights (50-99 ms).
 """
 
+import dataclasses
 from typing import Any
 
 import flax.struct
@@ -79,10 +80,16 @@ def quantize_params(params: dict, tied_output: bool = False) -> dict:
 
 
 def promote_dtype(*args, dtype: Any = None, inexact: bool = True) -> list:
-    """flax's `promote_dtype` for the float arguments; an `Int8Array` is passed through as it is."""
-    floats = [a for a in args if a is not None and not isinstance(a, Int8Array)]
-    promoted = iter(dtypes.promote_dtype(*floats, dtype=dtype, inexact=inexact))
-    return [a if a is None or isinstance(a, Int8Array) else next(promoted) for a in args]
+    """flax's `promote_dtype` for the float arguments; a prepared kernel (a dataclass: an
+    `Int8Array`, a `packed.PackedKernel`) is passed through as it is."""
+
+    def kept(a) -> bool:
+        return a is None or dataclasses.is_dataclass(a)
+
+    promoted = iter(
+        dtypes.promote_dtype(*[a for a in args if not kept(a)], dtype=dtype, inexact=inexact)
+    )
+    return [a if kept(a) else next(promoted) for a in args]
 
 
 def quantize_rows(x: jax.Array, axes: tuple) -> tuple[jax.Array, jax.Array]:
@@ -129,17 +136,22 @@ def int8_logits(x: jax.Array, table: dict) -> jax.Array:
     return logits[: rows.shape[0]].reshape(*x.shape[:-1], table["values"].shape[0])
 
 
+def check_dense(dimension_numbers, contracting: int, kind: str) -> None:
+    """A one-line ValueError unless `dimension_numbers` are a dense layer's: the kernel's leading
+    `contracting` axes against the input's trailing ones (as flax's Dense/DenseGeneral pass them),
+    no batch axes."""
+    (_, rhs_contract), batch = dimension_numbers
+    if tuple(rhs_contract) != tuple(range(contracting)) or batch != ((), ()):
+        raise ValueError(
+            f"{kind} kernels support dense layers only (contracting {rhs_contract}, batch {batch})"
+        )
+
+
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
     """`lax.dot_general` for float kernels; `int8_matmul` for an `Int8Array` (flax's dense layers
     contract the input's trailing axes with the kernel's leading ones, without batch axes)."""
     if isinstance(rhs, Int8Array):
-        (lhs_contract, rhs_contract), batch = dimension_numbers
-        k = rhs.contracting
-        if tuple(rhs_contract) != tuple(range(k)) or batch != ((), ()):
-            raise ValueError(
-                f"int8 kernels support dense layers only (contracting {rhs_contract}, batch {batch})"
-            )
-        del lhs_contract  # the trailing k axes of lhs, as flax's Dense/DenseGeneral pass them
+        check_dense(dimension_numbers, rhs.contracting, "int8")
         return int8_matmul(lhs, rhs).astype(preferred_element_type or lhs.dtype)
     return jax.lax.dot_general(
         lhs,

@@ -11,8 +11,8 @@ level with XLA's.
 
 Packing is a transform of the params (as `models.int8`'s quantizing is): `pack_params` replaces every
 float dense kernel by a `PackedKernel`, which keeps the kernel as it was (for many rows, and for
-other platforms) beside its panels; the layers that pass this module's `dot_general` and
-`promote_dtype` to flax's dense layers read the panels at up to `MAX_ROWS` rows on the CPU
+other platforms) beside its panels; the layers that pass this module's `dot_general` (and
+`int8.promote_dtype`) to flax's dense layers read the panels at up to `MAX_ROWS` rows on the CPU
 (`jax.lax.platform_dependent`: the same program runs XLA's product on a GPU or TPU).
 
 The kernel is compiled on first use with the machine's C++ compiler (`-O3 -march=native`, cached
@@ -30,7 +30,6 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
 
 import flax.struct
 import jax
@@ -131,24 +130,9 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     for a `PackedKernel` (flax's dense layers contract the input's trailing axes with the kernel's
     leading ones, without batch axes)."""
     if isinstance(rhs, PackedKernel):
-        (_, rhs_contract), batch = dimension_numbers
-        if tuple(rhs_contract) != tuple(range(rhs.contracting)) or batch != ((), ()):
-            raise ValueError(
-                f"packed kernels support dense layers only (contracting {rhs_contract}, "
-                f"batch {batch})"
-            )
+        int8.check_dense(dimension_numbers, rhs.contracting, "packed")
         return matmul(lhs, rhs, preferred_element_type)
     return int8.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)
-
-
-def promote_dtype(*args, dtype: Any = None, inexact: bool = True) -> list:
-    """`int8.promote_dtype` for everything but a `PackedKernel`, which is passed through."""
-    rest = iter(
-        int8.promote_dtype(
-            *[a for a in args if not isinstance(a, PackedKernel)], dtype=dtype, inexact=inexact
-        )
-    )
-    return [a if isinstance(a, PackedKernel) else next(rest) for a in args]
 
 
 def _cache_dir() -> Path:

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from models import common, packed
+from models import common, int8, packed
 from models.kv_cache import beam_cache_mix, beam_cache_scores, read_then_write
 
 ACTIVATIONS = {
@@ -40,7 +40,7 @@ def dense_fields(module: nn.Module) -> dict:
         dtype=module.dtype,
         param_dtype=module.param_dtype,
         dot_general=packed.dot_general,
-        promote_dtype=packed.promote_dtype,
+        promote_dtype=int8.promote_dtype,
     )
 
 

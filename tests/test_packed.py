@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from models import packed
+from models import int8, packed
 
 
 def kernel(*shape, seed=0) -> jax.Array:
@@ -49,7 +49,7 @@ def test_panels_hold_64_columns_of_every_kernel_row():
 def test_dense_layers_read_packed_kernels_with_several_contracted_and_output_axes():
     """flax's DenseGeneral with this module's product, as the Transformer's attention uses it:
     [d_model] -> [heads, head_dim] and [heads, head_dim] -> [d_model]."""
-    fields = dict(dot_general=packed.dot_general, promote_dtype=packed.promote_dtype)
+    fields = dict(dot_general=packed.dot_general, promote_dtype=int8.promote_dtype)
     split = nn.DenseGeneral((4, 8), **fields)
     merge = nn.DenseGeneral(32, axis=(-2, -1), **fields)
     x = kernel(1, 3, 32)
