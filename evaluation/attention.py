@@ -5,9 +5,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-import plots
 from decoding import scoring
 from evaluation.loading import Run, notice
+from experiment import plots
 
 
 def plot_attention(run: Run, eval_data, sequences, count: int, directory: Path) -> list[Path]:

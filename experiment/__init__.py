@@ -5,6 +5,7 @@
 - `experiment.programs`: the model, its initial params, optimizer and loss, and the jitted decode and
   score programs that train.py, eval.py, the benchmarks and the tests all build the same way.
 - `experiment.metrics`: BLEU/chrF/exact match, quality by source length, `metrics.jsonl`.
+- `experiment.plots`: learning and quality curves, attention figures (PNG files).
 - `experiment.training`: the train state, the train step and the training loop.
 - `experiment.pretrained`: transformers Marian (opus-mt) directories imported as runs, runs exported.
 

@@ -25,10 +25,9 @@ from absl import logging
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-import plots
 import sharding
 from data import input_pipeline
-from experiment import RunError, checkpoints, metrics, pretrained, programs
+from experiment import RunError, checkpoints, metrics, plots, pretrained, programs
 from experiment import config as run_config
 
 

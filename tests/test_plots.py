@@ -1,10 +1,10 @@
-"""plots.py: the word grouping the image-attention figures use, and what each figure draws."""
+"""experiment/plots.py: the word grouping the image-attention figures use, and what each figure draws."""
 
 import numpy as np
 import pytest
 
-import plots
 from data import tokenizers
+from experiment import plots
 
 
 def test_word_spans_group_tokens_into_words():
