@@ -97,9 +97,35 @@ def pack_params(params: dict) -> dict:
     return walk(dict(params))
 
 
+def check(x_shape: tuple, weights: PackedKernel) -> None:
+    """A one-line ValueError unless `weights.panels` are float32 `[ceil(F / 64), K, 64]` of its
+    kernel `[K..., F...]` and `x_shape` ends in the kernel's contracting axes `K...`."""
+    k, shape = weights.contracting, tuple(weights.kernel.shape)
+    rows, cols = math.prod(shape[:k]), math.prod(shape[k:])
+    want = (-(-cols // PANEL), rows, PANEL)
+    if tuple(weights.panels.shape) != want:
+        raise ValueError(
+            f"packed kernel's panels {tuple(weights.panels.shape)} do not match its kernel {shape} "
+            f"(want {want}): pack the kernel again (packed.pack) after changing it"
+        )
+    if weights.panels.dtype != jnp.float32:
+        raise ValueError(
+            f"packed kernel's panels are {weights.panels.dtype}, not float32: pack the kernel "
+            "again (packed.pack) after changing it"
+        )
+    if len(x_shape) < k or tuple(x_shape[len(x_shape) - k :]) != shape[:k]:
+        raise ValueError(
+            f"packed matmul: the input's trailing axes {tuple(x_shape[len(x_shape) - k :])} do "
+            f"not match the kernel's contracting axes {shape[:k]} (input {tuple(x_shape)}, kernel "
+            f"{shape}): give an input [..., {', '.join(map(str, shape[:k]))}]"
+        )
+
+
 def matmul(x: jax.Array, weights: PackedKernel, preferred_element_type=None) -> jax.Array:
     """`x [..., K...] . W` for W `[K..., F...]` packed: through the panels (float32) on the CPU at
-    up to `MAX_ROWS` rows, through the kernel as it lies otherwise."""
+    up to `MAX_ROWS` rows, through the kernel as it lies otherwise. Shapes are checked first
+    (`check`): a kernel changed after packing, or an input of other trailing axes, is a ValueError."""
+    check(x.shape, weights)
     k = weights.contracting
     lead, out = x.shape[: x.ndim - k], weights.kernel.shape[k:]
     rows = math.prod(lead)

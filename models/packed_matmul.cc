@@ -2,7 +2,8 @@
 // step at batch 1 (one row greedy, beam rows in beam search), as an XLA FFI custom call for the CPU.
 //
 //   y [M, N] = x [M, K] . W [K, N],   W stored as panels [P, K, 64], panels[p, k, j] = W[k, 64p + j]
-//   (N <= 64 P; columns past N are zero padding).
+//   (P = ceil(N / 64); columns past N are zero padding; any other shapes are an InvalidArgument
+//   error, returned before any memory is touched).
 //
 // Why by hand: at a few rows a step is a stream of every weight once, and the speed is the rate at
 // which the product reads them. XLA:CPU's kernels read a [K, N] matrix at 15-30 GB/s at four rows
@@ -21,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <string>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -103,12 +105,27 @@ struct Work {
 
 constexpr int64_t kBytesPerThread = 128 << 10;  // a thread for each 128 KB of panels, up to the pool's
 
+std::string Shape(ffi::Span<const int64_t> dims) {
+  std::string s = "[";
+  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+  return s + "]";
+}
+
+// Every shape is checked before a byte is read or written: the output loop writes exactly
+// y's M x N floats only when P == ceil(N / 64) and the x, panels and y agree on M and K.
+bool ShapesAgree(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> pd,
+                 ffi::Span<const int64_t> yd) {
+  return xd.size() == 2 && pd.size() == 3 && yd.size() == 2 && pd[2] == kPanel &&
+         pd[1] == xd[1] && yd[0] == xd[0] && yd[1] >= 0 && pd[0] == (yd[1] + kPanel - 1) / kPanel;
+}
+
 ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                             ffi::Buffer<ffi::F32> panels, ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), pd = panels.dimensions(), yd = y->dimensions();
-  if (xd.size() != 2 || pd.size() != 3 || yd.size() != 2 || pd[2] != kPanel || pd[1] != xd[1] ||
-      yd[0] != xd[0] || yd[1] > pd[0] * kPanel)
-    return ffi::Error::InvalidArgument("packed_matmul: want x [M, K], panels [P, K, 64], y [M, N]");
+  if (!ShapesAgree(xd, pd, yd))
+    return ffi::Error::InvalidArgument(
+        "packed_matmul: want x [M, K], panels [ceil(N / 64), K, 64], y [M, N]; got x " +
+        Shape(xd) + ", panels " + Shape(pd) + ", y " + Shape(yd));
   const int64_t M = xd[0], K = xd[1], P = pd[0], N = yd[1];
   const float* xp = x.typed_data();
   const float* wp = panels.typed_data();

@@ -1,9 +1,14 @@
 """models/packed.py: dense kernels in column panels and their FFI product on the CPU."""
 
+import subprocess
+import sys
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import REPO
 from flax import linen as nn
 
 from models import int8, packed
@@ -11,6 +16,15 @@ from models import int8, packed
 
 def kernel(*shape, seed=0) -> jax.Array:
     return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32))
+
+
+def isolated(code: str) -> subprocess.CompletedProcess:
+    """`code` run by a fresh Python (the same cache and compiler): a crash there fails the test
+    instead of killing the test worker."""
+    code = "import jax, jax.numpy as jnp\nfrom models import packed\n" + textwrap.dedent(code)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
 
 
 def test_the_kernel_builds_and_registers_on_this_machine():
@@ -35,6 +49,72 @@ def test_panels_are_read_up_to_max_rows_and_the_kernel_above():
         np.testing.assert_array_equal(packed.matmul(kernel(rows, 64), zero_panels), 0.0)
     many = kernel(packed.MAX_ROWS + 1, 64)
     np.testing.assert_allclose(packed.matmul(many, zero_panels), many @ w, rtol=1e-6)
+
+
+def test_a_kernel_changed_after_packing_is_refused_before_the_kernel_runs():
+    """A `PackedKernel` whose kernel was sliced after packing (its panels hold 200 columns, the
+    kernel 10) once made the kernel write past the output."""
+    result = isolated("""
+        pk = packed.pack(jnp.ones((4, 200)))
+        try:
+            jax.jit(packed.matmul)(jnp.ones((1, 4)), pk.replace(kernel=pk.kernel[:, :10]))
+        except ValueError as e:
+            print("refused:", e)
+    """)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "refused: packed kernel's panels (4, 4, 64) do not match its kernel (4, 10)" in (
+        result.stdout
+    )
+
+
+def test_the_ffi_kernel_checks_every_shape_and_writes_nothing_it_does_not_own():
+    """x [1, 4] times 3 panels into y [1, 10] (which 1 panel fills) once wrote past y."""
+    result = isolated("""
+        assert packed.available() is True
+        call = jax.ffi.ffi_call(packed.TARGET, jax.ShapeDtypeStruct((1, 10), jnp.float32))
+        for x, panels in [((1, 4), (3, 4, 64)), ((1, 4), (1, 5, 64)), ((1, 4), (1, 4, 32))]:
+            try:
+                call(jnp.ones(x), jnp.ones(panels)).block_until_ready()
+            except jax.errors.JaxRuntimeError as e:
+                print("refused:", str(e).splitlines()[0])
+    """)
+    assert result.returncode == 0, result.stderr[-2000:]
+    refusals = [line for line in result.stdout.splitlines() if line.startswith("refused:")]
+    assert len(refusals) == 3, result.stdout
+    assert "x [1, 4], panels [3, 4, 64], y [1, 10]" in refusals[0]
+    assert all("INVALID_ARGUMENT: packed_matmul" in line for line in refusals)
+
+
+@pytest.mark.parametrize(
+    "x_shape, w_shape, contracting, problem",
+    [
+        ((1, 5), (4, 10), 1, "input's trailing axes (5,) do not match"),
+        ((4, 1), (2, 2, 10), 2, "input's trailing axes (4, 1) do not match"),  # K = 4 both
+        ((2,), (2, 2, 10), 2, "input's trailing axes (2,) do not match"),
+    ],
+)
+def test_an_input_whose_trailing_axes_are_not_the_kernels_is_refused(
+    x_shape, w_shape, contracting, problem
+):
+    weights = packed.pack(kernel(*w_shape), contracting)
+    with pytest.raises(ValueError, match=problem.replace("(", r"\(").replace(")", r"\)")):
+        packed.matmul(jnp.ones(x_shape), weights)
+
+
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        (lambda w: w.replace(panels=w.panels[:1]), r"panels \(1, 3, 64\) do not match"),
+        (lambda w: w.replace(panels=w.panels[:, :2]), r"panels \(2, 2, 64\) do not match"),
+        (lambda w: w.replace(panels=w.panels.astype(jnp.bfloat16)), "panels are bfloat16"),
+        (lambda w: jax.tree.map(lambda a: a[:2], w), r"panels \(2, 3, 64\) do not match"),
+    ],
+)
+def test_panels_that_do_not_match_the_kernel_are_refused(change, problem):
+    weights = change(packed.pack(kernel(3, 70)))
+    for rows in (1, packed.MAX_ROWS + 1):  # through the panels or not: a broken kernel is refused
+        with pytest.raises(ValueError, match=problem):
+            jax.jit(packed.matmul)(kernel(rows, weights.kernel.shape[0]), weights)
 
 
 def test_panels_hold_64_columns_of_every_kernel_row():
