@@ -173,7 +173,7 @@ def run_seqzoo(config: Config, family: str, workdir: Path) -> dict:
 
 
 def bucketing_check(config: Config, decode, params, counter: CompileCounter) -> dict:
-    """Batches of sources of varying length, padded to one bucket length as `data.pipeline` pads
+    """Batches of sources of varying length, padded to one bucket length as `data.batching` pads
     them, through the (already compiled) `decode` of the last cell: none may compile again."""
     import jax
 

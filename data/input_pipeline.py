@@ -16,7 +16,7 @@ is dropped when its source + EOS or BOS + target is longer; evaluation examples 
 instead (the reference strings stay whole).
 
 Image captioning datasets (`digit_captions`): batches hold float32 images `src [batch, height, width,
-channels]` and the tokenized caption as target (data/pipeline.py); one tokenizer, trained on the
+channels]` and the tokenized caption as target (data/batching.py); one tokenizer, trained on the
 training captions, is both `src_tokenizer` and `tgt_tokenizer`; an eval split's `sources` are the
 text descriptions of its images (for reports) and its `references` the captions.
 """
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from absl import logging
 
-from data import DataError, datasets, pipeline, segmentations, tokenizers
+from data import DataError, batching, datasets, examples, segmentations, tokenizers
 
 EVAL_SPLITS = ("validation", "test")
 DEFAULT_TOKENIZER_DIR = Path.home() / ".cache" / "seqzoo" / "tokenizers"
@@ -38,8 +38,8 @@ DEFAULT_TOKENIZER_DIR = Path.home() / ".cache" / "seqzoo" / "tokenizers"
 class Datasets:
     """Everything a run reads: see the module docstring."""
 
-    train: pipeline.TrainPipeline  # .iterator(shard_index, shard_count), .batch_shapes()
-    eval: dict[str, pipeline.EvalData]  # the dataset's splits among EVAL_SPLITS
+    train: batching.TrainPipeline  # .iterator(shard_index, shard_count), .batch_shapes()
+    eval: dict[str, batching.EvalData]  # the dataset's splits among EVAL_SPLITS
     src_tokenizer: tokenizers.Tokenizer
     tgt_tokenizer: tokenizers.Tokenizer
     stats: dict[str, int]
@@ -76,8 +76,8 @@ def tokenize(
     tgt_tokenizer: tokenizers.Tokenizer,
     sources: Sequence[str],
     targets: Sequence[str],
-) -> pipeline.Tokenized:
-    return pipeline.Tokenized.from_lists(
+) -> examples.Tokenized:
+    return examples.Tokenized.from_lists(
         [src_tokenizer.encode(s) for s in sources],
         [tgt_tokenizer.encode(t) for t in targets],
         special_ids(src_tokenizer, tgt_tokenizer),
@@ -126,7 +126,7 @@ def _split_data(
     pairs: datasets.TextPairs | datasets.ImageCaptionPairs,
     src_tokenizer: tokenizers.Tokenizer,
     tgt_tokenizer: tokenizers.Tokenizer,
-) -> tuple[pipeline.Tokenized | pipeline.ImageCaptions, list[str], list[str]]:
+) -> tuple[examples.Tokenized | examples.ImageCaptions, list[str], list[str]]:
     """A loaded split as (pipeline data, source texts, target texts); the texts as in the dataset,
     the tokens of `cased` text.
 
@@ -135,7 +135,7 @@ def _split_data(
     if isinstance(pairs, datasets.ImageCaptionPairs):
         images, captions, descriptions = pairs.columns()
         ids = [tgt_tokenizer.encode(c) for c in cased(config, captions)]
-        return pipeline.ImageCaptions.from_lists(images, ids), descriptions, captions
+        return examples.ImageCaptions.from_lists(images, ids), descriptions, captions
     sources, targets = pairs.columns()
     data = tokenize(src_tokenizer, tgt_tokenizer, cased(config, sources), cased(config, targets))
     return data, sources, targets
@@ -174,7 +174,7 @@ def get_datasets(config, *, batch_multiple: int = 1) -> Datasets:
             model_type=config.sp_model_type,
         )
         ids = [tgt_tokenizer.encode(c) for c in captions]
-        train_data = pipeline.ImageCaptions.from_lists(images, ids)
+        train_data = examples.ImageCaptions.from_lists(images, ids)
     else:
         sources, targets = (cased(config, texts) for texts in train_pairs.columns())
         src_tokenizer, tgt_tokenizer = build_tokenizers(config, sources, targets)
@@ -183,7 +183,7 @@ def get_datasets(config, *, batch_multiple: int = 1) -> Datasets:
             train_segmentations = nbest_segmentations(
                 config, src_tokenizer, tgt_tokenizer, sources, targets
             )
-    train = pipeline.TrainPipeline(
+    train = batching.TrainPipeline(
         train_data,
         max_len=config.max_len,
         batch_size=config.batch_size,
@@ -214,7 +214,7 @@ def get_datasets(config, *, batch_multiple: int = 1) -> Datasets:
         data, sources, references = _split_data(
             config, datasets.load(config.dataset, split, **where), src_tokenizer, tgt_tokenizer
         )
-        evals[split] = pipeline.make_eval_data(
+        evals[split] = batching.make_eval_data(
             data,
             sources,
             references,
@@ -236,24 +236,24 @@ def get_datasets(config, *, batch_multiple: int = 1) -> Datasets:
 
 
 def _eval_data(
-    config, data: pipeline.Tokenized | pipeline.ImageCaptions, sources, references, batch_size
-) -> pipeline.EvalData:
+    config, data: examples.Tokenized | examples.ImageCaptions, sources, references, batch_size
+) -> batching.EvalData:
     """Ordered eval batches with buckets from this data's own lengths (at most num_buckets + 1)."""
-    src_lengths, tgt_lengths = pipeline.padded_lengths(data)
-    buckets = pipeline.bucket_lengths(
+    src_lengths, tgt_lengths = examples.padded_lengths(data)
+    buckets = batching.bucket_lengths(
         src_lengths,
         tgt_lengths,
         num_buckets=config.num_buckets,
         max_len=config.max_len,
     )
-    return pipeline.make_eval_data(
+    return batching.make_eval_data(
         data, sources, references, buckets=buckets, batch_size=batch_size, max_len=config.max_len
     )
 
 
 def get_eval_data(
     config, split: str, src_tokenizer, tgt_tokenizer, *, batch_size: int | None = None
-) -> pipeline.EvalData:
+) -> batching.EvalData:
     """One split of `config.dataset`, tokenized with a trained run's tokenizers (for eval.py)."""
     available = datasets.split_names(config.dataset, data_dir=config.data_dir)
     if split not in available:
@@ -290,15 +290,15 @@ def source_batches(
     """Ordered decode batches of already tokenized sources (user input, each at most
     `config.max_len - 1` tokens, padded with `special.pad`), with `mask` for real rows; every batch
     is `[batch_size, L]` with L from `source_lengths(config.max_len)`."""
-    data = pipeline.Tokenized.from_lists(src_ids, [[] for _ in src_ids], special)
+    data = examples.Tokenized.from_lists(src_ids, [[] for _ in src_ids], special)
     blanks = [""] * len(src_ids)
-    buckets = [(length, pipeline.BUCKET_MULTIPLE) for length in source_lengths(config.max_len)]
-    return pipeline.make_eval_data(
+    buckets = [(length, batching.BUCKET_MULTIPLE) for length in source_lengths(config.max_len)]
+    return batching.make_eval_data(
         data, blanks, blanks, buckets=buckets, batch_size=batch_size, max_len=config.max_len
     ).batches
 
 
-def head(eval_data: pipeline.EvalData, count: int) -> pipeline.EvalData:
+def head(eval_data: batching.EvalData, count: int) -> batching.EvalData:
     """The first `count` examples of `eval_data` (rows past them masked out)."""
     if count <= 0 or count >= len(eval_data.references):
         return eval_data

@@ -1,12 +1,12 @@
 """Subword sampling (Kudo 2018, "Subword Regularization"): each training pair's n-best
-segmentations, and one draw of them per epoch, which `pipeline.TrainPipeline` reads batches from."""
+segmentations, and one draw of them per epoch, which `batching.TrainPipeline` reads batches from."""
 
 import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
 
-from data import pipeline
+from data import examples
 from data.tokenizers import SpecialIds
 
 
@@ -21,7 +21,7 @@ class Segmentations:
     example has no k-th best.
     """
 
-    alternatives: tuple[pipeline.Tokenized, ...]
+    alternatives: tuple[examples.Tokenized, ...]
     src_scores: np.ndarray
     tgt_scores: np.ndarray
     alpha: float
@@ -46,7 +46,7 @@ class Segmentations:
 
         (src_ids, src_scores), (tgt_ids, tgt_scores) = side(src_nbest), side(tgt_nbest)
         alternatives = tuple(
-            pipeline.Tokenized.from_lists(s, t, special_ids)
+            examples.Tokenized.from_lists(s, t, special_ids)
             for s, t in zip(src_ids, tgt_ids, strict=True)
         )
         return cls(alternatives, src_scores, tgt_scores, alpha)
@@ -64,7 +64,7 @@ class Segmentations:
             return np.argmax(logits + rng.gumbel(size=scores.shape), axis=1)  # Gumbel-max
 
         src_lengths, tgt_lengths = (
-            np.stack(side, axis=1) for side in zip(*map(pipeline.padded_lengths, self.alternatives))
+            np.stack(side, axis=1) for side in zip(*map(examples.padded_lengths, self.alternatives))
         )
         return SampledTokenized(
             self.alternatives,
@@ -79,7 +79,7 @@ class SampledTokenized:
     """`Tokenized`'s reading of one draw of `Segmentations`: example i's source is its
     `src_choice[i]`-th best segmentation, its target the `tgt_choice[i]`-th (int [num_examples])."""
 
-    alternatives: tuple[pipeline.Tokenized, ...]
+    alternatives: tuple[examples.Tokenized, ...]
     src_choice: np.ndarray
     tgt_choice: np.ndarray
     special_ids: SpecialIds

@@ -8,31 +8,31 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from data import pipeline, segmentations
+from data import batching, examples, segmentations
 from data.tokenizers import BOS_ID, EOS_ID
 
 MAX_LEN = 40
 
 
-def synthetic(n: int, seed: int = 0) -> pipeline.Tokenized:
+def synthetic(n: int, seed: int = 0) -> examples.Tokenized:
     """`n` pairs; example i's tokens all equal i + 4 (so a row names its example), lengths 1-44."""
     rng = np.random.default_rng(seed)
     src_lengths = rng.integers(1, 45, n)
     tgt_lengths = np.clip(src_lengths + rng.integers(-4, 5, n), 1, 44)
-    return pipeline.Tokenized.from_lists(
+    return examples.Tokenized.from_lists(
         [[i + 4] * k for i, k in enumerate(src_lengths)],
         [[i + 4] * k for i, k in enumerate(tgt_lengths)],
     )
 
 
 @pytest.fixture(scope="module")
-def data() -> pipeline.Tokenized:
+def data() -> examples.Tokenized:
     return synthetic(600)
 
 
 @pytest.fixture(scope="module")
-def train(data) -> pipeline.TrainPipeline:
-    return pipeline.TrainPipeline(data, max_len=MAX_LEN, batch_size=16, seed=3)
+def train(data) -> batching.TrainPipeline:
+    return batching.TrainPipeline(data, max_len=MAX_LEN, batch_size=16, seed=3)
 
 
 def example_ids(batch) -> list[int]:
@@ -65,7 +65,7 @@ def assert_same_batches(a: list[dict], b: list[dict]):
 
 
 def test_make_batch_layout(data):
-    batch = pipeline.make_batch(data, np.array([5, -1, 2]), 48, 48)
+    batch = batching.make_batch(data, np.array([5, -1, 2]), 48, 48)
     assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
         k: ((3, 48), np.int32) for k in ("src", "tgt_in", "tgt_out")
     }
@@ -74,15 +74,15 @@ def test_make_batch_layout(data):
 
 
 def test_buckets_increase_and_fit_everything(train, data):
-    src_lengths, tgt_lengths = pipeline.padded_lengths(data)
+    src_lengths, tgt_lengths = examples.padded_lengths(data)
     kept = train.example_ids
-    assert 1 < len(train.buckets) <= pipeline.DEFAULT_NUM_BUCKETS
+    assert 1 < len(train.buckets) <= batching.DEFAULT_NUM_BUCKETS
     assert train.buckets == sorted(train.buckets)
     for (s0, t0), (s1, t1) in zip(train.buckets, train.buckets[1:]):
         assert s0 <= s1 and t0 <= t1
     for s, t in train.buckets:
-        assert s <= MAX_LEN and t <= MAX_LEN and (s % pipeline.BUCKET_MULTIPLE == 0 or s == MAX_LEN)
-    buckets = pipeline.assign_buckets(src_lengths[kept], tgt_lengths[kept], train.buckets)
+        assert s <= MAX_LEN and t <= MAX_LEN and (s % batching.BUCKET_MULTIPLE == 0 or s == MAX_LEN)
+    buckets = batching.assign_buckets(src_lengths[kept], tgt_lengths[kept], train.buckets)
     assert (buckets >= 0).all() and len(np.unique(buckets)) == len(train.buckets)
 
 
@@ -92,11 +92,11 @@ def test_buckets_pad_least(num_buckets):
     rng = np.random.default_rng(num_buckets)
     src = np.clip(rng.lognormal(2.5, 0.45, size=300).astype(int), 1, 38)  # skewed, like sentences
     tgt = np.clip(src + rng.integers(-3, 6, size=300), 1, 40)
-    buckets = pipeline.bucket_lengths(src, tgt, num_buckets=num_buckets, max_len=40)
-    which = pipeline.assign_buckets(src, tgt, buckets)
+    buckets = batching.bucket_lengths(src, tgt, num_buckets=num_buckets, max_len=40)
+    which = batching.assign_buckets(src, tgt, buckets)
     assert len(buckets) <= num_buckets and (which >= 0).all()
     padded = np.array([max(buckets[b]) for b in which]).sum()
-    longer = -(-np.maximum(src, tgt) // pipeline.BUCKET_MULTIPLE) * pipeline.BUCKET_MULTIPLE
+    longer = -(-np.maximum(src, tgt) // batching.BUCKET_MULTIPLE) * batching.BUCKET_MULTIPLE
     candidates = np.unique(longer)
     best = min(
         np.sort(ends)[np.searchsorted(np.sort(ends), longer)].sum()
@@ -108,7 +108,7 @@ def test_buckets_pad_least(num_buckets):
 
 
 def test_long_examples_are_dropped_and_counted(train, data):
-    src_lengths, tgt_lengths = pipeline.padded_lengths(data)
+    src_lengths, tgt_lengths = examples.padded_lengths(data)
     too_long = (src_lengths > MAX_LEN) | (tgt_lengths > MAX_LEN)
     assert train.num_dropped == too_long.sum() > 0
     assert set(train.example_ids) == set(np.flatnonzero(~too_long))
@@ -128,16 +128,16 @@ def test_each_epoch_has_every_kept_example_once(train):
 
 def test_batch_shapes_are_bounded(train):
     shapes = set(train.batch_shapes())
-    assert len(shapes) <= pipeline.DEFAULT_NUM_BUCKETS
+    assert len(shapes) <= batching.DEFAULT_NUM_BUCKETS
     seen = set()
     for step in range(3 * train.batches_per_epoch):
         batch = train.global_batch(step)
-        seen.add(pipeline.BatchShape(*batch["src"].shape, batch["tgt_in"].shape[1]))
+        seen.add(batching.BatchShape(*batch["src"].shape, batch["tgt_in"].shape[1]))
     assert seen == shapes
 
 
 def test_batching_by_tokens(data):
-    train = pipeline.TrainPipeline(
+    train = batching.TrainPipeline(
         data, max_len=MAX_LEN, batch_size=0, tokens_per_batch=500, batch_multiple=4
     )
     sizes = [shape.batch_size for shape in train.batch_shapes()]
@@ -150,9 +150,9 @@ def test_batching_by_tokens(data):
 
 def test_bad_batch_settings(data):
     with pytest.raises(ValueError, match="batch_size 10 must be a positive multiple of 4"):
-        pipeline.TrainPipeline(data, max_len=MAX_LEN, batch_size=10, batch_multiple=4)
+        batching.TrainPipeline(data, max_len=MAX_LEN, batch_size=10, batch_multiple=4)
     with pytest.raises(ValueError, match="longer than max_len=1"):
-        pipeline.TrainPipeline(data, max_len=1, batch_size=8)
+        batching.TrainPipeline(data, max_len=1, batch_size=8)
 
 
 # Order and determinism.
@@ -163,8 +163,8 @@ def steps(train, k: int) -> list[list[int]]:
 
 
 def test_same_seed_same_order_other_seed_other_order(data, train):
-    again = pipeline.TrainPipeline(data, max_len=MAX_LEN, batch_size=16, seed=3)
-    other = pipeline.TrainPipeline(data, max_len=MAX_LEN, batch_size=16, seed=4)
+    again = batching.TrainPipeline(data, max_len=MAX_LEN, batch_size=16, seed=3)
+    other = batching.TrainPipeline(data, max_len=MAX_LEN, batch_size=16, seed=4)
     k = 2 * train.batches_per_epoch
     assert steps(again, k) == steps(train, k)
     assert steps(other, k) != steps(train, k)
@@ -227,7 +227,7 @@ def test_orbax_checkpoint_with_grain_handler(train, tmp_path):
 # Subword sampling.
 
 
-def lengthened(data: pipeline.Tokenized, n: int) -> segmentations.Segmentations:
+def lengthened(data: examples.Tokenized, n: int) -> segmentations.Segmentations:
     """Example i's k-th best segmentation: its tokens and k more of the same (k < n, fewer for odd
     i), log-probability -k: the chosen k reads off a row's length."""
 
@@ -244,8 +244,8 @@ def lengthened(data: pipeline.Tokenized, n: int) -> segmentations.Segmentations:
 
 
 @pytest.fixture(scope="module")
-def sampled(data) -> pipeline.TrainPipeline:
-    return pipeline.TrainPipeline(
+def sampled(data) -> batching.TrainPipeline:
+    return batching.TrainPipeline(
         data, max_len=MAX_LEN, batch_size=16, seed=3, segmentations=lengthened(data, 4)
     )
 
@@ -275,7 +275,7 @@ def test_sampling_keeps_the_plan_and_draws_within_the_bucket(train, sampled):
 
 
 def test_sampling_is_a_function_of_seed_and_epoch(data, sampled):
-    again = pipeline.TrainPipeline(
+    again = batching.TrainPipeline(
         data, max_len=MAX_LEN, batch_size=16, seed=3, segmentations=lengthened(data, 4)
     )
     steps = [0, 1, sampled.batches_per_epoch]  # two of epoch 0, the first of epoch 1
@@ -292,14 +292,14 @@ def test_sampling_is_a_function_of_seed_and_epoch(data, sampled):
 
 def test_sampling_needs_the_nbest_of_every_example(data):
     with pytest.raises(ValueError, match="n-best of every example"):
-        pipeline.TrainPipeline(
+        batching.TrainPipeline(
             data, max_len=MAX_LEN, batch_size=16, segmentations=lengthened(synthetic(5), 3)
         )
 
 
 def test_eval_batches_keep_order_and_mask_fillers(data, train):
     sources = [f"s{i}" for i in range(len(data))]
-    ev = pipeline.make_eval_data(
+    ev = batching.make_eval_data(
         data, sources, sources, buckets=train.buckets, batch_size=32, max_len=MAX_LEN
     )
     rows = [i for b in ev.batches for i in example_ids(b)]
@@ -309,6 +309,6 @@ def test_eval_batches_keep_order_and_mask_fillers(data, train):
     assert all(b["src"].shape[0] == 32 for b in ev.batches)
     assert len(ev.batch_shapes) <= len(train.buckets) + 1
     assert all(s.src_len <= MAX_LEN and s.tgt_len <= MAX_LEN for s in ev.batch_shapes)
-    src_lengths, tgt_lengths = pipeline.padded_lengths(data)
+    src_lengths, tgt_lengths = examples.padded_lengths(data)
     assert ev.num_truncated == ((src_lengths > MAX_LEN) | (tgt_lengths > MAX_LEN)).sum() > 0
     assert ev.sources == sources

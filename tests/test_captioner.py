@@ -17,7 +17,8 @@ from conftest import overfit as train_on
 
 import eval as eval_script
 from configs import tiny_digits_captioner
-from data import digit_captions, pipeline, tokenizers
+from data import batching, digit_captions, tokenizers
+from data.examples import ImageCaptions
 from experiment import RunError, metrics, programs, training
 from models import registry
 from models.captioner import RNNCaptioner
@@ -50,10 +51,10 @@ def tiny_batch():
     examples = digit_captions.generate({"train": 8})["train"]
     captions = [ex["caption"] for ex in examples]
     tokenizer = tokenizers.CharTokenizer.train(captions)
-    data = pipeline.ImageCaptions.from_lists(
+    data = ImageCaptions.from_lists(
         np.stack([ex["image"] for ex in examples]), [tokenizer.encode(c) for c in captions]
     )
-    batch = pipeline.make_batch(data, np.arange(8), 0, 48)
+    batch = batching.make_batch(data, np.arange(8), 0, 48)
     return batch, captions, tokenizer
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from data import DataError, datasets, digit_captions, input_pipeline, pipeline
+from data import DataError, batching, datasets, digit_captions, input_pipeline
 
 SPLITS = digit_captions.SPLITS
 NAME = "digit_captions/tiny"
@@ -199,7 +199,7 @@ def test_image_batches_hold_the_images_and_their_captions(data_dir, tmp_path):
     batch = next(data.train.iterator())
     assert set(batch) == {"src", "tgt_in", "tgt_out"}
     assert batch["src"].dtype == np.float32 and batch["src"].shape[1:] == (32, 32, 1)
-    assert pipeline.BatchShape(batch["src"].shape[0], 0, batch["tgt_in"].shape[1]) in set(
+    assert batching.BatchShape(batch["src"].shape[0], 0, batch["tgt_in"].shape[1]) in set(
         data.train.batch_shapes()
     )
     for src, tgt_out in zip(batch["src"], batch["tgt_out"], strict=True):

@@ -3,7 +3,7 @@ import logging
 import numpy as np
 import pytest
 
-from data import DataError, datasets, input_pipeline, pipeline, tokenizers
+from data import DataError, batching, datasets, input_pipeline, tokenizers
 
 
 def real_rows(batch):
@@ -41,7 +41,7 @@ def test_train_batches_hold_real_pairs(dates_data, tfds_data_dir):
         batch = next(iterator)
         assert set(batch) == {"src", "tgt_in", "tgt_out"}
         assert all(v.dtype == np.int32 for v in batch.values())
-        assert pipeline.BatchShape(*batch["src"].shape, batch["tgt_in"].shape[1]) in set(
+        assert batching.BatchShape(*batch["src"].shape, batch["tgt_in"].shape[1]) in set(
             dates_data.train.batch_shapes()
         )
         for source, target in decoded_pairs(dates_data, batch):
@@ -108,7 +108,7 @@ def test_multi30k_sentencepiece(multi30k_data, multi30k_data_dir):
     assert isinstance(data.src_tokenizer, tokenizers.SentencePieceTokenizer)
     assert data.src_tokenizer.vocab_size == data.tgt_tokenizer.vocab_size == 1000
     assert data.stats["train_examples"] == 29_000 and data.stats["train_dropped"] < 300
-    assert len(data.train.batch_shapes()) <= pipeline.DEFAULT_NUM_BUCKETS
+    assert len(data.train.batch_shapes()) <= batching.DEFAULT_NUM_BUCKETS
     ev = data.eval["test"]
     assert len(ev.sources) == 1000
     pairs = [pair for batch in ev.batches for pair in decoded_pairs(data, batch)]
