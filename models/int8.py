@@ -136,14 +136,23 @@ def int8_logits(x: jax.Array, table: dict) -> jax.Array:
     return logits[: rows.shape[0]].reshape(*x.shape[:-1], table["values"].shape[0])
 
 
-def check_dense(dimension_numbers, contracting: int, kind: str) -> None:
+def check_dense(lhs_ndim: int, dimension_numbers, contracting: int, kind: str) -> None:
     """A one-line ValueError unless `dimension_numbers` are a dense layer's: the kernel's leading
-    `contracting` axes against the input's trailing ones (as flax's Dense/DenseGeneral pass them),
-    no batch axes."""
-    (_, rhs_contract), batch = dimension_numbers
-    if tuple(rhs_contract) != tuple(range(contracting)) or batch != ((), ()):
+    `contracting` axes against exactly the `lhs_ndim`-axis input's trailing ones, in order (as
+    flax's Dense/DenseGeneral pass them; negative axes count from the end), no batch axes."""
+    (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+    lhs_axes = tuple(a % lhs_ndim if -lhs_ndim <= a < lhs_ndim else a for a in lhs_contract)
+    if (
+        lhs_axes != tuple(range(lhs_ndim - contracting, lhs_ndim))
+        or tuple(rhs_contract) != tuple(range(contracting))
+        or tuple(lhs_batch)
+        or tuple(rhs_batch)
+    ):
         raise ValueError(
-            f"{kind} kernels support dense layers only (contracting {rhs_contract}, batch {batch})"
+            f"{kind} kernels support dense layers only: the input's last {contracting} axes "
+            f"against the kernel's first {contracting}, no batch axes (got input axes "
+            f"{tuple(lhs_contract)} of {lhs_ndim}, kernel axes {tuple(rhs_contract)}, batch "
+            f"{(tuple(lhs_batch), tuple(rhs_batch))})"
         )
 
 
@@ -151,7 +160,7 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     """`lax.dot_general` for float kernels; `int8_matmul` for an `Int8Array` (flax's dense layers
     contract the input's trailing axes with the kernel's leading ones, without batch axes)."""
     if isinstance(rhs, Int8Array):
-        check_dense(dimension_numbers, rhs.contracting, "int8")
+        check_dense(jnp.ndim(lhs), dimension_numbers, rhs.contracting, "int8")
         return int8_matmul(lhs, rhs).astype(preferred_element_type or lhs.dtype)
     return jax.lax.dot_general(
         lhs,

@@ -156,7 +156,7 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     for a `PackedKernel` (flax's dense layers contract the input's trailing axes with the kernel's
     leading ones, without batch axes)."""
     if isinstance(rhs, PackedKernel):
-        int8.check_dense(dimension_numbers, rhs.contracting, "packed")
+        int8.check_dense(jnp.ndim(lhs), dimension_numbers, rhs.contracting, "packed")
         return matmul(lhs, rhs, preferred_element_type)
     return int8.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)
 

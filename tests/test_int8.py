@@ -45,6 +45,29 @@ def test_batched_products_of_an_int8_kernel_are_refused():
         int8.dot_general(jnp.ones((3, 2, 4)), q, (((2,), (1,)), ((0,), (0,))))
 
 
+@pytest.mark.parametrize(
+    "dimension_numbers",
+    [
+        (((0,), (0,)), ((), ())),  # x's first axis: x.T @ w, not x @ w
+        (((1,), (1,)), ((), ())),  # the kernel's output axis
+        (((1,), (0,)), ((0,), ())),  # a batch axis on one side only
+    ],
+)
+def test_a_product_over_other_axes_than_a_dense_layers_is_refused(dimension_numbers):
+    x, q = jnp.ones((4, 4)), int8.quantize(jnp.ones((4, 5)))
+    with pytest.raises(ValueError, match="int8 kernels support dense layers only"):
+        int8.dot_general(x, q, dimension_numbers)
+
+
+def test_a_dense_layers_product_is_accepted_with_axes_counted_from_either_end():
+    x, w = jax.random.normal(jax.random.key(0), (3, 2, 4)), jnp.eye(4, 5)
+    q = int8.quantize(w)
+    want = int8.int8_matmul(x, q)
+    for lhs_axis in (2, -1):
+        got = int8.dot_general(x, q, (((lhs_axis,), (0,)), ((), ())))
+        np.testing.assert_array_equal(got, want)
+
+
 @functools.cache
 def trained(tie_output: bool):
     """(model, float params, int8 params) of a tiny Transformer that knows the four toy pairs."""

@@ -164,6 +164,12 @@ def test_a_batched_product_is_refused_with_the_reason():
         packed.dot_general(kernel(2, 4, 4), packed.pack(kernel(4, 4)), (((2,), (0,)), ((0,), ())))
 
 
+def test_contracting_the_inputs_first_axis_is_refused():
+    """x [4, 4] contracted on its first axis with w [4, 5] is x.T @ w, not what the panels give."""
+    with pytest.raises(ValueError, match="packed kernels support dense layers only"):
+        packed.dot_general(kernel(4, 4), packed.pack(kernel(4, 5)), (((0,), (0,)), ((), ())))
+
+
 def test_a_failed_build_names_the_compiler_and_the_first_error(tmp_path, monkeypatch):
     monkeypatch.setenv("SEQZOO_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", "false")
