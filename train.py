@@ -6,7 +6,7 @@ r"""Train a seqzoo model.
   python train.py --config.mesh.fsdp=4              # params and optimizer state over 4 devices
 
 Runs on every device (of every host) with jax.sharding (experiment/training.py). Multi-host: the same
-command on every host with `--config.distributed=True` (README "Scale-out"). Pointing --workdir at an
+command on every host with `--config.distributed=True` (docs/accelerators.md). Pointing --workdir at an
 existing run resumes it from its newest intact checkpoint, so an interrupted run ends with exactly
 the params of an uninterrupted one.
 """

@@ -24,7 +24,7 @@ Steps (each in its own subprocess with a time limit; a failing step is recorded 
 `--smoke` runs every step at toy sizes (bfloat16 only) on whatever backend is there (the CPU in CI: the test
 `tests/test_accelerator_check.py` calls it, so the script cannot rot). Never `pip install -r
 requirements.txt` on a GPU machine whose jax has the CUDA plugin: carry the missing wheels and install
-them with `--no-deps` (README, "Accelerators").
+them with `--no-deps` (docs/accelerators.md).
 """
 
 import argparse

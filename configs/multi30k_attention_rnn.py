@@ -1,6 +1,6 @@
 """Multi30k En->De with the Bahdanau attention RNN on a shared SentencePiece vocabulary.
 
-Sized for a budget of 90 minutes on 2 CPU cores (see README, Results): a step of ~2,048 target tokens
+Sized for a budget of 90 minutes on 2 CPU cores (see docs/results.md): a step of ~2,048 target tokens
 takes ~1.05 s here, so 4,200 updates (~20 epochs) plus 4 validations fit. Peak learning rate 2e-3
 with gradient clipping at 1.0, warmup 600, cosine decay to zero; label smoothing 0.1 and dropout 0.3.
 """

@@ -10,7 +10,7 @@ BLEU lower on test), 4,096 target tokens per update (twice the updates for the s
 dropout 0.2 (0.3 is for its ~100 epochs; here ~25-30, where 0.3 and 0.1 end 1.9 and 1.6 BLEU
 lower on validation at ~25), gradient clipping at 1.0. A d256 model of 6.6M parameters sees 0.6x
 the tokens in the same time and ends ~2 BLEU lower; a 4k vocabulary, with 1.44x faster updates and
-a third more epochs, 0.8 lower (README, "Multi30k in one hour").
+a third more epochs, 0.8 lower (docs/results.md, "Multi30k in one hour").
 
 The argument after the colon is the language pair; nothing else changes between pairs:
 

@@ -1,6 +1,6 @@
 """Multi30k En->De with a Transformer on a shared SentencePiece vocabulary.
 
-Sized for a budget of 90 minutes on 2 CPU cores (see README, Results): 1,950 updates of ~4,096
+Sized for a budget of 90 minutes on 2 CPU cores (see docs/results.md): 1,950 updates of ~4,096
 padded target tokens (~14.5 epochs) in 8 length buckets chosen to pad least (~87% of target
 positions are real tokens; 78% with 4), pre-LN (the registry default) so a high peak learning rate
 is stable, short warmup and cosine decay to zero, label smoothing 0.1, dropout 0.2. Checkpoints

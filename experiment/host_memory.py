@@ -10,7 +10,7 @@ few MB and the hardware prefetchers stop at each page boundary. Linux backs memo
 `on_huge_pages` copies the arrays of a pytree that live on one CPU device into one anonymous mapping
 that asks for 2 MB pages, and hands each back to JAX without a copy (`jax.device_put` of an aligned
 numpy array aliases it on the CPU backend; the array keeps the mapping alive). A batch-1 decode of
-opus-mt-en-de's size is 1.2x faster this way (docs/benchmarks.md, "Batch 1 on the AMD EPYC"). Where
+opus-mt-en-de's size is 1.2x faster this way (docs/benchmarks_decoding.md, "Batch 1"). Where
 there is nothing to gain (other platforms, arrays split over devices, huge pages disabled) the tree
 comes back unchanged.
 """

@@ -164,7 +164,7 @@ def smoothed_token_losses(logits: jax.Array, targets: jax.Array, label_smoothing
     Written with its gradient, `softmax(logits) - smoothed target`, so that training makes two
     passes over the `[..., vocab]` logits (log-sum-exp forward, the gradient backward) instead of
     autodiff's chain through a materialized one-hot and log-softmax; the same values, and the
-    Multi30k Transformer's output layer and loss 1.18x faster on the CPU (docs/benchmarks.md).
+    Multi30k Transformer's output layer and loss 1.18x faster on the CPU (docs/benchmarks_training.md).
     """
     return _smoothed_losses_fwd(logits, targets, label_smoothing)[0]
 

@@ -3,10 +3,10 @@
 A decoding step at batch 1 multiplies one row (greedy) or a beam's few rows by every weight of the
 decoder once, so its speed is the rate at which the small matmuls read the weights. XLA:CPU's
 kernels read a `[K, N]` matrix at 15-30 GB/s at four rows and 40-60 GB/s at one on the machine of
-docs/benchmarks.md; stored in panels of 64 columns, `[P, K, 64]`, the same product is one
+docs/benchmarks_decoding.md; stored in panels of 64 columns, `[P, K, 64]`, the same product is one
 sequential read with each row's 64 sums held in registers (`packed_matmul.cc`, an XLA FFI call):
 40-45 GB/s at four rows, 70-85 at one. CTranslate2 packs its weights for the same reason. Up to
-`MAX_ROWS` = 64 rows the panels' product is the faster one (1.08-2.9x, docs/benchmarks.md), at 128
+`MAX_ROWS` = 64 rows the panels' product is the faster one (1.08-2.9x, docs/benchmarks_decoding.md), at 128
 level with XLA's.
 
 Packing is a transform of the params (as `models.int8`'s quantizing is): `pack_params` replaces every

@@ -64,7 +64,7 @@ def with_output_kernel(params: dict, dtype: Any = jnp.float32) -> dict:
     Decoding steps multiply their rows by it instead of by the table (which lookups still use): on
     XLA:CPU a `[N, d_model] x [d_model, vocab]` product reads the weights faster than the table as
     it lies, `[vocab, d_model]`, contracted on its minor dimension (1.15x a beam 4, batch 1 decode
-    of the decode benchmark's model; docs/benchmarks.md, "Batch 1 on the AMD EPYC"). The price is
+    of the decode benchmark's model; docs/benchmarks_decoding.md, "Batch 1"). The price is
     the copy: vocab x d_model more floats while decoding (8 MB at 8k x 256, 119 MB at 58k x 512).
     """
     return {**params, TIED_OUTPUT_KERNEL: _transposed(params["tgt_embed"]["embedding"], dtype)}
