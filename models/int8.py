@@ -48,12 +48,20 @@ class Int8Array:
         return self.values.astype(jnp.float32) * scale
 
 
+def _scale(peak: jax.Array) -> jax.Array:
+    """The int8 step of values whose largest magnitude is `peak`: `peak / 127`, 1 where `peak` is 0
+    (all zeros), NaN where it is NaN (`peak > 0` is false for NaN, which a test on it would turn
+    into a finite scale and finite outputs)."""
+    return jnp.where(peak == 0, 1.0, peak / 127.0)
+
+
 def quantize(kernel: jax.Array, contracting: int = 1) -> Int8Array:
     """Symmetric int8 of `kernel`, one scale per output channel (max |w| over the `contracting`
-    leading axes / 127; all-zero channels get scale 1)."""
+    leading axes / 127; all-zero channels get scale 1). A channel holding NaN gets scale NaN (inf:
+    inf), so its outputs are NaN (not finite), never a finite number."""
     kernel = jnp.asarray(kernel, jnp.float32)
     peak = jnp.max(jnp.abs(kernel), axis=tuple(range(contracting)))
-    scale = jnp.where(peak > 0, peak / 127.0, 1.0)
+    scale = _scale(peak)
     values = jnp.round(kernel / scale).astype(jnp.int8)
     return Int8Array(values, scale, contracting)
 
@@ -93,11 +101,11 @@ def promote_dtype(*args, dtype: Any = None, inexact: bool = True) -> list:
 
 
 def quantize_rows(x: jax.Array, axes: tuple) -> tuple[jax.Array, jax.Array]:
-    """int8 of `x` with one scale per row (max |x| over the contracted `axes` / 127) and the scales,
-    of `x`'s shape with `axes` kept as size 1."""
+    """int8 of `x` with one scale per row (max |x| over the contracted `axes` / 127, as `quantize`'s:
+    a row holding NaN gets scale NaN) and the scales, of `x`'s shape with `axes` kept as size 1."""
     x = x.astype(jnp.float32)
     peak = jnp.max(jnp.abs(x), axis=axes, keepdims=True)
-    scale = jnp.where(peak > 0, peak / 127.0, 1.0)
+    scale = _scale(peak)
     return jnp.round(x / scale).astype(jnp.int8), scale
 
 

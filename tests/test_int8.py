@@ -39,6 +39,25 @@ def test_int8_matmul_is_the_float_product_within_quantization_error(rows):
         np.testing.assert_allclose(jax.jit(int8.int8_matmul)(x[:1], q), got[:1], rtol=1e-6)
 
 
+def test_a_non_finite_weight_or_input_makes_its_column_or_row_non_finite():
+    """NaN (and inf) in a kernel's output channel or an input row is not quantized into finite
+    numbers: that channel's or row's outputs are non-finite (NaN for NaN), the others exact."""
+    kernel = jax.random.normal(jax.random.key(0), (8, 5))
+    kernel = kernel.at[3, 1].set(jnp.nan).at[0, 4].set(jnp.inf)
+    x = jax.random.normal(jax.random.key(1), (3, 8)).at[2, 5].set(jnp.nan)
+    q = int8.quantize(kernel)
+    assert bool(jnp.all(jnp.isnan(q.dequantize()[:, 1])))
+    got = int8.int8_matmul(x, q)
+    assert bool(jnp.all(jnp.isnan(got[2]))) and bool(jnp.all(jnp.isnan(got[:, 1])))
+    assert not bool(jnp.any(jnp.isfinite(got[:, 4])))
+    finite = got[:2][:, jnp.array([0, 2, 3])]
+    want = (x[:2] @ jnp.nan_to_num(kernel))[:, jnp.array([0, 2, 3])]
+    assert float(jnp.max(jnp.abs(finite - want))) < 0.02 * float(jnp.max(jnp.abs(want)))
+    table = {"values": q.values.T, "scale": q.scale}  # TIED_OUTPUT's layout: one scale per row
+    logits = int8.int8_logits(x, table)
+    assert bool(jnp.all(jnp.isnan(logits[2]))) and bool(jnp.all(jnp.isnan(logits[:, 1])))
+
+
 def test_batched_products_of_an_int8_kernel_are_refused():
     q = int8.quantize(jnp.ones((3, 4, 5)))
     with pytest.raises(ValueError, match="dense layers only"):
