@@ -1,7 +1,8 @@
-"""Model names -> (Linen module class, default hyperparameters), and a constructor that checks overrides.
+"""Model names -> Linen module classes, and a constructor that checks overrides.
 
-The defaults suit the dates task and Multi30k on a CPU (the captioner: digit_captions); configs
-override any of them by name.
+A model's default hyperparameters are its module's own dataclass defaults (models/<family>.py), which
+suit the dates task and Multi30k on a CPU (the captioner: digit_captions); configs override any of
+them by name.
 """
 
 import dataclasses
@@ -16,94 +17,36 @@ from models.captioner import RNNCaptioner, TransformerCaptioner
 from models.seq2seq_rnn import Seq2SeqRNN
 from models.transformer import Transformer
 
-MODELS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
-    "seq2seq_rnn": (
-        Seq2SeqRNN,
-        {"cell": "gru", "embed_dim": 128, "hidden_dim": 256, "num_layers": 2, "dropout_rate": 0.1},
-    ),
-    "attention_rnn": (
-        AttentionRNN,
-        {
-            "cell": "gru",
-            "embed_dim": 128,
-            "hidden_dim": 256,
-            "num_layers": 1,
-            "attention": "bahdanau",
-            "attention_dim": 256,
-            "dropout_rate": 0.1,
-        },
-    ),
-    "transformer": (
-        Transformer,
-        {
-            "d_model": 256,
-            "num_heads": 4,
-            "num_encoder_layers": 3,
-            "num_decoder_layers": 3,
-            "ffn_dim": 1024,
-            "dropout_rate": 0.1,
-            "attention_dropout_rate": 0.1,
-            "pre_ln": True,
-            "share_embeddings": False,
-            "tie_output": True,
-            "activation": "relu",
-            "max_positions": 256,
-        },
-    ),
-    "captioner_rnn": (
-        RNNCaptioner,
-        {
-            "image_channels": 1,
-            "num_stages": 2,
-            "channels": 32,
-            "d_model": 128,
-            "cell": "gru",
-            "embed_dim": 64,
-            "hidden_dim": 128,
-            "num_layers": 1,
-            "attention": "bahdanau",
-            "attention_dim": 128,
-            "dropout_rate": 0.1,
-        },
-    ),
-    "captioner_transformer": (
-        TransformerCaptioner,
-        {
-            "image_channels": 1,
-            "num_stages": 2,
-            "channels": 32,
-            "d_model": 128,
-            "num_heads": 4,
-            "num_decoder_layers": 2,
-            "ffn_dim": 256,
-            "dropout_rate": 0.1,
-            "attention_dropout_rate": 0.1,
-            "pre_ln": True,
-            "activation": "relu",
-            "max_positions": 128,
-        },
-    ),
+MODELS: dict[str, type[nn.Module]] = {
+    "seq2seq_rnn": Seq2SeqRNN,
+    "attention_rnn": AttentionRNN,
+    "transformer": Transformer,
+    "captioner_rnn": RNNCaptioner,
+    "captioner_transformer": TransformerCaptioner,
 }
 
+_NOT_HPARAMS = ("src_vocab_size", "tgt_vocab_size", "parent", "name")
 _DTYPE_FIELDS = ("dtype", "param_dtype")
 
 
-def _lookup(name: str) -> tuple[type[nn.Module], dict[str, Any]]:
+def _lookup(name: str) -> type[nn.Module]:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}: use one of {', '.join(MODELS)}")
     return MODELS[name]
 
 
+def _hparam_fields(name: str) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(_lookup(name)) if f.name not in _NOT_HPARAMS]
+
+
 def hparam_names(name: str) -> tuple[str, ...]:
     """Every hyperparameter `create_model` accepts for `name` (dtype and param_dtype included)."""
-    module_class, _ = _lookup(name)
-    fixed = {"src_vocab_size", "tgt_vocab_size", "parent", "name"}
-    return tuple(f.name for f in dataclasses.fields(module_class) if f.name not in fixed)
+    return tuple(f.name for f in _hparam_fields(name))
 
 
 def default_hparams(name: str) -> dict[str, Any]:
-    """A copy of the default hyperparameters of model `name`."""
-    return dict(_lookup(name)[1])
+    """A copy of the default hyperparameters of model `name`: its module's dataclass defaults."""
+    return {f.name: f.default for f in _hparam_fields(name)}
 
 
 def create_model(name: str, *, src_vocab_size: int, tgt_vocab_size: int, **overrides) -> nn.Module:
@@ -112,7 +55,7 @@ def create_model(name: str, *, src_vocab_size: int, tgt_vocab_size: int, **overr
     `dtype` and `param_dtype` may be given as strings ("bfloat16"). Raises a one-line ValueError for an
     unknown model or hyperparameter, listing the valid ones, or for an invalid value.
     """
-    module_class, defaults = _lookup(name)
+    module_class = _lookup(name)
     valid = hparam_names(name)
     unknown = sorted(set(overrides) - set(valid))
     if unknown:
@@ -120,7 +63,7 @@ def create_model(name: str, *, src_vocab_size: int, tgt_vocab_size: int, **overr
             f"unknown hyperparameter(s) {', '.join(unknown)} for model {name!r}: "
             f"use {', '.join(valid)}"
         )
-    hparams = {**defaults, **overrides}
+    hparams = dict(overrides)  # the rest: the module's own defaults
     for field in _DTYPE_FIELDS:
         if field in hparams:
             try:

@@ -16,7 +16,8 @@ import pytest
 from flax import nnx
 
 from data import tokenizers
-from experiment import programs
+from decoding import DecodeSettings
+from experiment import decode_programs
 from models import registry
 from models.attention_rnn import AttentionRNN
 from models.captioner import RNNCaptioner, TransformerCaptioner
@@ -184,9 +185,8 @@ def test_beam_search_scores_are_the_teacher_forced_log_probs(compiled):
     # returns (RNN carries, a KV cache): each n-best hypothesis' log-probability must still be the
     # model's teacher-forced one for its tokens.
     v, max_len = compiled.variables, 6
-    result = programs.decode_fn(compiled.model, "beam", BEAM, max_len, "none")(
-        v["params"], compiled.src, 0.0
-    )
+    settings = DecodeSettings(beam_size=BEAM, length_penalty="none", max_decode_len=max_len)
+    result = decode_programs.decode_fn(compiled.model, settings)(v["params"], compiled.src, 0.0)
     assert np.all(result.valid)
     sequences = np.asarray(result.sequences).reshape(2 * BEAM, max_len)
     tgt_in = np.concatenate([np.full((2 * BEAM, 1), tokenizers.BOS_ID), sequences[:, :-1]], 1)
@@ -317,6 +317,16 @@ def test_create_model_applies_defaults_and_overrides():
     assert isinstance(model, RNNCaptioner) and model.channels == 8
     model = registry.create_model("captioner_transformer", src_vocab_size=5, tgt_vocab_size=5)
     assert isinstance(model, TransformerCaptioner) and not hasattr(model, "cell")
+
+
+@pytest.mark.parametrize("name", list(registry.MODELS))
+def test_defaults_live_in_the_model_class(name):
+    """create_model without overrides builds the module exactly as its class defaults it, and
+    default_hparams reports those values for every hyperparameter."""
+    model = registry.create_model(name, src_vocab_size=5, tgt_vocab_size=7)
+    assert model == registry.MODELS[name](src_vocab_size=5, tgt_vocab_size=7)
+    names = registry.hparam_names(name)
+    assert registry.default_hparams(name) == {k: getattr(model, k) for k in names}
 
 
 def test_default_hparams_is_a_copy():
