@@ -15,17 +15,25 @@ other platforms) beside its panels; the layers that pass this module's `dot_gene
 `int8.promote_dtype`) to flax's dense layers read the panels at up to `MAX_ROWS` rows on the CPU
 (`jax.lax.platform_dependent`: the same program runs XLA's product on a GPU or TPU).
 
-The kernel is compiled on first use with the machine's C++ compiler (`-O3 -march=native`, cached
-under `$SEQZOO_CACHE` or `~/.cache/seqzoo`); where that fails, `available()` says why and nothing is
-packed.
+The kernel is compiled on first use with the machine's C++ compiler (`$CXX`, `-O3 -march=native`),
+cached under `$SEQZOO_CACHE` or `~/.cache/seqzoo` by everything that shapes the build (`_key`), and
+loaded from there only when nobody but the user could have written the folder or the library
+(else it is built into a private temporary folder); where that fails, `available()` says why and
+nothing is packed.
 """
 
+import _ctypes
+import contextlib
 import ctypes
 import functools
 import hashlib
 import math
 import os
 import platform
+import shlex
+import shutil
+import signal
+import stat
 import subprocess
 import tempfile
 import warnings
@@ -161,48 +169,164 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     return int8.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)
 
 
+BUILD_TIMEOUT_S = 300.0  # a build takes seconds; a compiler that hangs is stopped after this
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+ENTRY = "SeqzooPackedMatmul"  # the FFI handler's symbol in the library
+CPUINFO = Path("/proc/cpuinfo")
+
+
 def _cache_dir() -> Path:
     return Path(os.environ.get("SEQZOO_CACHE") or Path.home() / ".cache" / "seqzoo")
 
 
-def _build() -> Path:
-    """The compiled kernel, built once per source, compiler flags and CPU (an atomic rename, so
-    concurrent processes may both build but never load half a file)."""
-    flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC"]
-    cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    cpu = next((line for line in cpu.splitlines() if line.startswith("flags")), platform.machine())
-    key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), *flags, cpu, jax.ffi.include_dir()]).encode()
-    ).hexdigest()[:16]
-    library = _cache_dir() / f"packed_matmul-{key}.so"
-    if not library.exists():
-        library.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
-            built = Path(tmp) / library.name
-            cxx = os.environ.get("CXX", "c++")
-            command = [cxx, *flags, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(built)]
-            result = subprocess.run(command, capture_output=True, text=True)
-            if result.returncode:
-                lines = result.stderr.splitlines()
-                first = next((line for line in lines if "error" in line), "no message")
-                raise RuntimeError(f"{cxx} failed on {SOURCE.name}: {first.strip()}")
-            os.replace(built, library)
-    return library
+def _compiler() -> list[str]:
+    """`$CXX` (default `c++`) split as a shell splits it: `CXX="ccache g++"` is two words."""
+    return shlex.split(os.environ.get("CXX") or "c++") or ["c++"]
+
+
+def _run(command: list[str]) -> subprocess.CompletedProcess:
+    """`command` run to its end in a session of its own; a one-line RuntimeError when it cannot
+    start, or after `BUILD_TIMEOUT_S` (it is killed with everything it started)."""
+    try:
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+            start_new_session=True,
+        )
+    except OSError as e:
+        raise RuntimeError(f"cannot run {command[0]}: {e.strerror} (set CXX)") from None
+    with process:
+        try:
+            stdout, stderr = process.communicate(timeout=BUILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise RuntimeError(
+                f"{shlex.join(command[:1])} took over {BUILD_TIMEOUT_S} s and was stopped "
+                f"(building {SOURCE.name})"
+            ) from None
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def _cpu_features(cpuinfo: str) -> str:
+    """The CPU's instruction-set line of `/proc/cpuinfo`'s text: `flags` on x86, `Features` on
+    aarch64 (the first; every core's is the same), or "" where there is none."""
+    lines = cpuinfo.splitlines()
+    return next((line for line in lines if line.split(":")[0].strip() in ("flags", "Features")), "")
+
+
+def _key(compiler: list[str]) -> str:
+    """16 hex digits naming a build: the source, flags, machine and CPU features (code built with
+    `-march=native` for one CPU can crash on another), the compiler (its words, the path of its
+    first and its `--version`) and the content of jaxlib's FFI headers."""
+    version = _run([*compiler, "--version"])
+    cpu = CPUINFO.read_text(errors="replace") if CPUINFO.exists() else ""
+    digest = hashlib.sha256()
+    for part in [
+        SOURCE.read_text(),
+        *FLAGS,
+        platform.machine(),
+        _cpu_features(cpu),
+        *compiler,
+        shutil.which(compiler[0]) or "",
+        f"{version.returncode} {version.stdout} {version.stderr}",
+    ]:
+        digest.update(part.encode() + b"\0")
+    headers = Path(jax.ffi.include_dir())
+    for header in sorted(path for path in headers.rglob("*") if path.is_file()):
+        digest.update(str(header.relative_to(headers)).encode() + b"\0" + header.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _not_private(path: Path, folder: bool = False) -> str | None:
+    """Why others could have written `path` (its owner is not this user, or its group or others
+    may write to it; a library must be a plain file, not a link), or None: nobody else could."""
+    info = path.stat() if folder else path.lstat()
+    if not (stat.S_ISDIR if folder else stat.S_ISREG)(info.st_mode):
+        return f"{path} is not a {'folder' if folder else 'plain file'}"
+    if info.st_uid != os.geteuid():
+        return f"{path} belongs to user {info.st_uid}, not to this one ({os.geteuid()})"
+    if info.st_mode & 0o022:
+        return f"{path} can be written by others (mode {stat.S_IMODE(info.st_mode):o})"
+    return None
+
+
+def _compile(compiler: list[str], library: Path) -> None:
+    """The kernel built into `library` (owner-only), through a temporary folder beside it and an
+    atomic rename: concurrent processes may both build, none loads half a file."""
+    with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
+        built = Path(tmp) / library.name
+        include = f"-I{jax.ffi.include_dir()}"
+        result = _run([*compiler, *FLAGS, include, str(SOURCE), "-o", str(built)])
+        if result.returncode or not built.is_file():
+            lines = result.stderr.splitlines()
+            first = next((line for line in lines if "error" in line), "no message")
+            raise RuntimeError(f"{shlex.join(compiler)} failed on {SOURCE.name}: {first.strip()}")
+        built.chmod(0o700)
+        os.replace(built, library)
+
+
+def _open(compiler: list[str], library: Path) -> ctypes.CDLL:
+    """`library` loaded, built first where it is missing or others could have written it; one that
+    does not load or lacks `ENTRY` is removed and built again once, then a RuntimeError."""
+    for attempt in range(2):
+        if attempt or not os.path.lexists(library) or _not_private(library):
+            _compile(compiler, library)
+        try:
+            loaded = ctypes.CDLL(str(library))
+        except OSError as e:
+            why = f"{library} does not load ({str(e).removeprefix(str(library) + ': ')})"
+        else:
+            if hasattr(loaded, ENTRY):
+                return loaded
+            _ctypes.dlclose(loaded._handle)  # else the next load of this path returns this one
+            why = f"{library} does not load: it has no {ENTRY}"
+        library.unlink(missing_ok=True)
+    raise RuntimeError(f"{why}, built again")
+
+
+def _library() -> ctypes.CDLL:
+    """The compiled kernel, loaded from the cache (`$SEQZOO_CACHE`, else `~/.cache/seqzoo`,
+    created 0700), built there once per `_key`. The cache is used only when this user owns it and
+    nobody else may write to it; else (with a warning) the kernel is built into a private
+    temporary folder. A one-line RuntimeError says why there is none."""
+    compiler = _compiler()
+    name = f"packed_matmul-{_key(compiler)}.so"
+    cache = _cache_dir()
+    try:
+        cache.mkdir(mode=0o700, parents=True, exist_ok=True)
+        why = _not_private(cache, folder=True)
+    except OSError as e:
+        why = f"{cache} cannot be made ({e.strerror})"
+    if why is None:
+        return _open(compiler, cache / name)
+    warnings.warn(
+        f"packed kernel cache not used, {why}: building into a private temporary folder (make "
+        "the folder yours and chmod 700 it, or set SEQZOO_CACHE)",
+        stacklevel=3,
+    )
+    with tempfile.TemporaryDirectory() as tmp:  # 0700, removed once the library is loaded
+        return _open(compiler, Path(tmp) / name)
 
 
 @functools.cache
 def available() -> bool | str:
-    """True once the kernel is built and registered with XLA for the CPU; else why not (a string):
-    JAX's default backend is not the CPU (params there are not packed), no C++ compiler, a failed
-    build."""
+    """True once the kernel is built and registered with XLA for the CPU; else why not (a string,
+    after one warning): JAX's default backend is not the CPU (params there are not packed), no C++
+    compiler, a failed or timed-out build, a library that does not load even when built again."""
     if jax.default_backend() != "cpu":
         return f"packed kernels off: the default backend is {jax.default_backend()}, not the CPU"
     try:
-        library = ctypes.cdll.LoadLibrary(str(_build()))
-    except (OSError, RuntimeError) as e:
+        library = _library()
+    except (OSError, RuntimeError) as e:  # OSError: a folder where the library should be, ...
         message = f"packed kernels off (decoding at batch 1 runs XLA's slower matmuls): {e}"
         warnings.warn(message, stacklevel=2)
         return f"packed kernels off: {e}"
-    handler = jax.ffi.pycapsule(library.SeqzooPackedMatmul)
+    handler = jax.ffi.pycapsule(getattr(library, ENTRY))
     jax.ffi.register_ffi_target(TARGET, handler, platform="cpu")
     return True

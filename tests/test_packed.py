@@ -168,31 +168,3 @@ def test_contracting_the_inputs_first_axis_is_refused():
     """x [4, 4] contracted on its first axis with w [4, 5] is x.T @ w, not what the panels give."""
     with pytest.raises(ValueError, match="packed kernels support dense layers only"):
         packed.dot_general(kernel(4, 4), packed.pack(kernel(4, 5)), (((0,), (0,)), ((), ())))
-
-
-def test_a_failed_build_names_the_compiler_and_the_first_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("SEQZOO_CACHE", str(tmp_path))
-    monkeypatch.setenv("CXX", "false")
-    with pytest.raises(RuntimeError, match="false failed on packed_matmul.cc"):
-        packed._build()
-    assert not list(tmp_path.glob("*.so"))
-
-
-def test_the_build_is_cached(tmp_path, monkeypatch):
-    monkeypatch.setenv("SEQZOO_CACHE", str(tmp_path))
-    library = packed._build()
-    assert library.parent == tmp_path and library.exists()
-    built = library.stat().st_mtime_ns
-    monkeypatch.setenv("CXX", "false")  # a second build would fail
-    assert packed._build() == library and library.stat().st_mtime_ns == built
-
-
-def test_without_a_compiler_a_warning_says_why_and_nothing_is_packed(tmp_path, monkeypatch):
-    monkeypatch.setenv("SEQZOO_CACHE", str(tmp_path))
-    monkeypatch.setenv("CXX", "no-such-compiler")
-    with pytest.warns(UserWarning, match="packed kernels off .*no-such-compiler"):
-        why = packed.available.__wrapped__()  # uncached: a fresh attempt
-    assert why.startswith("packed kernels off") and "no-such-compiler" in why
-    monkeypatch.setattr(packed, "available", lambda: why)
-    params = {"a": {"kernel": kernel(4, 4), "bias": jnp.zeros(4)}}
-    assert packed.pack_params(params) is params
