@@ -1,150 +1,31 @@
-"""decoding/beam_search.py against brute force, greedy and `decoding.score`, on model-free step functions."""
+"""decoding/beam_search.py against brute force, greedy and `decoding.score`, on model-free step functions:
+exactness, the n-best, stopping, sentence limits, state that is never reordered, compilation, errors.
+"""
 
 import functools
-import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from beam_scaffolding import (
+    BOS,
+    EOS,
+    PENALTIES,
+    ROWS,
+    TRACES,
+    all_sequences,
+    brute_force,
+    init_state,
+    make_step_fn,
+    random_table,
+    rescore,
+    run_beam,
+    run_greedy,
+)
 from conftest import counting_steps
 
 import decoding
-
-BOS, EOS = 1, 2
-ROWS = 1009  # rows of the random logit tables, indexed by a hash of the prefix
-
-
-def make_step_fn(table, with_alignment=False):
-    """A step function whose logits depend on the whole prefix, through both leaves of its state.
-
-    state: `h` int32 `[N]`, a hash of the prefix; `recent` int32 `[N, 3]`, the last three tokens. A
-    beam reorder that mixes up rows (of either leaf) changes the logits that follow. With
-    `with_alignment` it also returns `h mod 5` as the alignment of the token it predicts.
-    """
-
-    def step_fn(tokens, state):
-        h = (state["h"] * 31 + tokens + 1) % ROWS
-        recent = jnp.concatenate([state["recent"][:, 1:], tokens[:, None]], axis=1)
-        logits, state = table[(h + 7 * recent[:, 0]) % ROWS], {"h": h, "recent": recent}
-        return (logits, state, h % 5) if with_alignment else (logits, state)
-
-    return step_fn
-
-
-def init_state(sentence_ids):
-    """The state before BOS of the given sentences (each id starts its own hash)."""
-    ids = jnp.asarray(sentence_ids, jnp.int32)
-    return {"h": ids * 17 + 3, "recent": jnp.zeros((len(ids), 3), jnp.int32)}
-
-
-def random_table(seed, vocab, bias=None):
-    table = 2.0 * jax.random.normal(jax.random.key(seed), (ROWS, vocab))
-    return table if bias is None else table + jnp.asarray(bias, jnp.float32)
-
-
-TRACES = {"beam": 0}
-
-
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "beam_size",
-        "max_len",
-        "length_penalty",
-        "min_len",
-        "no_repeat_ngram_size",
-        "with_alignment",
-    ),
-)
-def run_beam(
-    table,
-    state,
-    alpha,
-    max_lengths=None,
-    prefix=None,
-    *,
-    beam_size,
-    max_len,
-    length_penalty="gnmt",
-    min_len=0,
-    no_repeat_ngram_size=0,
-    with_alignment=False,
-):
-    TRACES["beam"] += 1
-    return decoding.beam_search(
-        make_step_fn(table, with_alignment),
-        state,
-        bos_id=BOS,
-        eos_id=EOS,
-        batch_size=state["h"].shape[0],
-        beam_size=beam_size,
-        max_len=max_len,
-        alpha=alpha,
-        length_penalty=length_penalty,
-        min_len=min_len,
-        max_lengths=max_lengths,
-        no_repeat_ngram_size=no_repeat_ngram_size,
-        prefix=prefix,
-        with_alignment=with_alignment,
-    )
-
-
-@functools.partial(jax.jit, static_argnames=("length_penalty",))
-def run_score(table, state, targets, alpha, *, length_penalty):
-    return decoding.score(
-        make_step_fn(table),
-        state,
-        targets,
-        bos_id=BOS,
-        eos_id=EOS,
-        alpha=alpha,
-        length_penalty=length_penalty,
-    )
-
-
-@functools.partial(jax.jit, static_argnames=("max_len",))
-def run_greedy(table, state, max_lengths=None, *, max_len):
-    return decoding.greedy(
-        make_step_fn(table),
-        state,
-        bos_id=BOS,
-        eos_id=EOS,
-        batch_size=state["h"].shape[0],
-        max_len=max_len,
-        max_lengths=max_lengths,
-    )
-
-
-def all_sequences(vocab, max_len):
-    """Every hypothesis the search may return: `[n, max_len]`, content tokens 3.., EOS-ended or cut."""
-    content = range(EOS + 1, vocab)
-    rows = []
-    for length in range(1, max_len + 1):
-        for body in itertools.product(content, repeat=length - 1):
-            rows.append([*body, EOS] + [0] * (max_len - length))
-    rows.extend(list(body) for body in itertools.product(content, repeat=max_len))
-    return np.array(rows, np.int32)
-
-
-def rescore(table, result, sentence_ids, alpha, length_penalty):
-    """`decoding.score` of every returned hypothesis, arrays `[batch, beam, ...]`."""
-    batch, beam, max_len = result.sequences.shape
-    state = init_state(np.repeat(sentence_ids, beam))
-    targets = result.sequences.reshape(batch * beam, max_len)
-    scored = run_score(table, state, targets, alpha, length_penalty=length_penalty)
-    return jax.tree.map(lambda x: np.asarray(x).reshape(batch, beam, *x.shape[1:]), scored)
-
-
-def brute_force(table, sentence_id, sequences, alpha, length_penalty):
-    """Normalized scores of `sequences [n, max_len]` for one sentence, as numpy `[n]`."""
-    state = init_state(np.full(len(sequences), sentence_id))
-    return np.asarray(
-        run_score(table, state, sequences, alpha, length_penalty=length_penalty).scores
-    )
-
-
-PENALTIES = [("none", 0.0), ("average", 1.0), ("gnmt", 0.6)]
 
 
 @pytest.mark.parametrize("length_penalty, alpha", PENALTIES)
@@ -370,22 +251,6 @@ def test_bad_max_lengths_raise_a_one_line_value_error():
         )
 
 
-def test_min_len_blocks_eos_and_pad_and_bos_are_never_generated():
-    # EOS, pad and BOS are the likeliest tokens of this table.
-    table, sentences = random_table(5, 6, bias=[4.0, 4.0, 3.0, 0, 0, 0]), list(range(6))
-    free = run_beam(table, init_state(sentences), 0.6, beam_size=4, max_len=7)
-    held = run_beam(table, init_state(sentences), 0.6, beam_size=4, max_len=7, min_len=3)
-    assert np.any(free.lengths < 4), "without min_len some hypotheses must end before 4 tokens"
-    assert np.all(held.valid) and np.all(held.lengths >= 4)
-    assert not np.any(held.sequences[:, :, :3] == EOS)
-    for result in (free, held):
-        within = np.arange(7) < np.asarray(result.lengths)[..., None]
-        assert not np.any(np.isin(np.asarray(result.sequences)[within], [0, BOS]))
-    # Blocking EOS does not renormalize: the scores are still the model's.
-    scored = rescore(table, held, sentences, 0.6, "gnmt")
-    np.testing.assert_allclose(held.scores, scored.scores, rtol=1e-5)
-
-
 def test_alpha_and_table_are_traced_and_only_shapes_recompile():
     state, table = init_state([0, 1]), random_table(6, 6)
     kwargs = dict(beam_size=3, max_len=4, length_penalty="average")
@@ -474,157 +339,6 @@ def test_a_step_function_that_does_not_fit_is_rejected(step_fn, message):
             max_len=3,
         )
     assert "\n" not in str(error.value)
-
-
-def repeats_an_ngram(tokens, n: int) -> bool:
-    """Whether the hypothesis `tokens` (up to and including EOS) holds some n-gram twice."""
-    body = list(tokens)
-    if EOS in body:
-        body = body[: body.index(EOS) + 1]
-    else:
-        body = [t for t in body if t != 0]
-    grams = [tuple(body[i : i + n]) for i in range(len(body) - n + 1)]
-    return len(grams) != len(set(grams))
-
-
-@pytest.mark.parametrize("n", [1, 2, 3])
-@pytest.mark.parametrize("length_penalty, alpha", PENALTIES)
-def test_no_repeat_ngram_beam_search_returns_exactly_the_brute_force_ranking(
-    n, length_penalty, alpha
-):
-    # vocab 6 (three content tokens), max_len 4: 121 hypotheses and at most 27 alive prefixes x 4
-    # tokens per step, so a beam of 128 prunes nothing: it returns every hypothesis without a
-    # repeated n-gram, ranked like brute force over that set.
-    table, sentences = random_table(3, 6), [0, 1]
-    result = run_beam(
-        table,
-        init_state(sentences),
-        alpha,
-        beam_size=128,
-        max_len=4,
-        length_penalty=length_penalty,
-        no_repeat_ngram_size=n,
-    )
-    everything = all_sequences(6, 4)
-    allowed = everything[[not repeats_an_ngram(row, n) for row in everything]]
-    assert 0 < len(allowed) < len(everything)
-    for b, sentence in enumerate(sentences):
-        exact = brute_force(table, sentence, allowed, alpha, length_penalty)
-        order = np.argsort(-exact)
-        np.testing.assert_array_equal(result.valid[b], np.arange(128) < len(allowed))
-        np.testing.assert_array_equal(result.sequences[b, : len(allowed)], allowed[order])
-        np.testing.assert_allclose(result.scores[b, : len(allowed)], exact[order], rtol=1e-5)
-    # The returned log-probabilities stay the model's own: decoding.score agrees.
-    rescored = rescore(table, result, sentences, alpha, length_penalty)
-    valid = np.asarray(result.valid)
-    np.testing.assert_allclose(rescored.scores[valid], np.asarray(result.scores)[valid], rtol=1e-5)
-
-
-def test_no_repeat_ngram_composes_with_min_len_and_sentence_limits():
-    table, sentences = random_table(4, 7, bias=[0, 0, -2.0, 3.0, 0, 0, 0]), list(range(8))
-    limits = jnp.array([3, 4, 5, 6, 6, 5, 4, 3])
-    blocked = run_beam(
-        table,
-        init_state(sentences),
-        0.6,
-        limits,
-        beam_size=4,
-        max_len=6,
-        min_len=2,
-        no_repeat_ngram_size=2,
-    )
-    free = run_beam(table, init_state(sentences), 0.6, limits, beam_size=4, max_len=6, min_len=2)
-    valid = np.asarray(blocked.valid)
-    assert not any(repeats_an_ngram(row, 2) for row in np.asarray(blocked.sequences)[valid])
-    assert any(
-        repeats_an_ngram(row, 2) for row in np.asarray(free.sequences)[np.asarray(free.valid)]
-    )
-    lengths = np.asarray(blocked.lengths)
-    assert np.all(lengths[valid] >= 3) and np.all(lengths <= np.asarray(limits)[:, None])
-
-
-def test_a_forced_prefix_beam_search_returns_exactly_the_brute_force_ranking_of_its_completions():
-    # vocab 6, max_len 4: every hypothesis that starts with the sentence's prefix (of 0, 1 or 2
-    # tokens, traced in one compilation), ranked like brute force; the prefix counts in the score.
-    table, sentences, alpha = random_table(7, 6), [0, 1, 2], 0.6
-    prefix = jnp.array([[0, 0], [4, 0], [5, 3]])
-    result = run_beam(table, init_state(sentences), alpha, None, prefix, beam_size=128, max_len=4)
-    everything = all_sequences(6, 4)
-    for b, sentence in enumerate(sentences):
-        forced = [int(t) for t in prefix[b] if t]
-        allowed = everything[np.all(everything[:, : len(forced)] == forced, axis=1)]
-        allowed = allowed[(allowed != EOS).sum(1) >= len(forced)]  # EOS never inside the prefix
-        exact = brute_force(table, sentence, allowed, alpha, "gnmt")
-        order = np.argsort(-exact)
-        np.testing.assert_array_equal(result.valid[b], np.arange(128) < len(allowed))
-        np.testing.assert_array_equal(result.sequences[b, : len(allowed)], allowed[order])
-        np.testing.assert_allclose(result.scores[b, : len(allowed)], exact[order], rtol=1e-5)
-    rescored = rescore(table, result, sentences, alpha, "gnmt")
-    valid = np.asarray(result.valid)
-    np.testing.assert_allclose(rescored.log_probs[valid], np.asarray(result.log_probs)[valid], 1e-5)
-    traces = TRACES["beam"]
-    run_beam(table, init_state(sentences), alpha, None, prefix[::-1], beam_size=128, max_len=4)
-    assert TRACES["beam"] == traces, "a new prefix of the same shape must not recompile"
-
-
-def test_a_forced_prefix_composes_with_min_len_limits_and_ngram_blocking():
-    # A prefix that repeats a 2-gram is still followed (forced tokens are not blocked); the free
-    # tokens after it never repeat one; each sentence's limit leaves room for EOS after its prefix.
-    table, sentences = random_table(8, 7, bias=[0, 0, -1.0, 0, 0, 0, 0]), list(range(4))
-    prefix = jnp.array([[3, 4, 3, 4], [5, 0, 0, 0], [0, 0, 0, 0], [6, 6, 6, 0]])
-    limits = jnp.array([2, 3, 6, 2])
-    result = run_beam(
-        table,
-        init_state(sentences),
-        0.6,
-        limits,
-        prefix,
-        beam_size=4,
-        max_len=7,
-        min_len=2,
-        no_repeat_ngram_size=2,
-    )
-    sequences, valid = np.asarray(result.sequences), np.asarray(result.valid)
-    lengths = np.asarray(result.lengths)
-    for b in range(4):
-        forced = [int(t) for t in prefix[b] if t]
-        for k in np.flatnonzero(valid[b]):
-            row = sequences[b, k]
-            assert row[: len(forced)].tolist() == forced
-            free = row[max(len(forced) - 1, 0) : lengths[b, k]]
-            assert not repeats_an_ngram(free, 2), row
-            assert max(len(forced) + 1, 3) <= lengths[b, k] <= max(int(limits[b]), len(forced) + 1)
-    rescored = rescore(table, result, sentences, 0.6, "gnmt")
-    np.testing.assert_allclose(rescored.scores[valid], np.asarray(result.scores)[valid], rtol=1e-5)
-
-
-def teacher_forced_alignments(sentence_id, row):
-    """`make_step_fn`'s alignment (h mod 5) before each token of one hypothesis, -1 after it."""
-    h, previous, out = sentence_id * 17 + 3, BOS, []
-    for token in row:
-        if previous in (EOS, 0) and out:
-            out.append(-1)
-            continue
-        h = (h * 31 + previous + 1) % ROWS
-        out.append(h % 5 if token else -1)
-        previous = token
-    return out
-
-
-def test_alignments_follow_each_hypothesis_through_the_reordering():
-    table, sentences = random_table(2, 7), [0, 1, 2, 3]
-    aligned = run_beam(
-        table, init_state(sentences), 0.8, beam_size=5, max_len=6, with_alignment=True
-    )
-    plain = run_beam(table, init_state(sentences), 0.8, beam_size=5, max_len=6)
-    assert plain.alignments is None
-    for name in ("sequences", "scores", "lengths"):
-        np.testing.assert_array_equal(getattr(aligned, name), getattr(plain, name), err_msg=name)
-    for b, sentence in enumerate(sentences):
-        for k in range(5):
-            row = np.asarray(aligned.sequences[b, k]).tolist()
-            expected = teacher_forced_alignments(sentence, row)
-            np.testing.assert_array_equal(aligned.alignments[b, k], expected, err_msg=f"{b},{k}")
 
 
 def test_top_k_kernels_agree_and_are_chosen_per_backend(monkeypatch):
