@@ -46,6 +46,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 GPU_TESTS = [
     "tests/test_greedy.py",
     "tests/test_beam_search.py",
+    "tests/test_beam_constraints.py",
     "tests/test_sampling.py",
     "tests/test_scoring.py",
     "tests/test_transformer.py",
