@@ -7,13 +7,18 @@ r"""Convert models between transformers' Marian format (the opus-mt models) and 
 
 An imported directory is a run directory (config.json, tokenizer/, pretrained/0): eval.py, its
 sweep and error analysis, and `train.py --config.init_from=DIR` read it like a trained run.
-Nothing is downloaded: point at a local directory (experiment/pretrained.py).
+Nothing is downloaded: point at a local directory (interop/marian_import.py; the run directory:
+experiment/pretrained.py). Export writes the run's best params, or the mean of its last K
+(interop/marian_export.py).
 """
 
 import argparse
 import sys
+from pathlib import Path
 
+from evaluation import loading
 from experiment import RunError, pretrained
+from interop import marian_export
 
 
 def main(argv=None) -> int:
@@ -50,7 +55,10 @@ def main(argv=None) -> int:
             )
             print(f"next: python eval.py --workdir {args.workdir}")
         else:
-            out = pretrained.export_marian(args.workdir, args.marian_dir, args.average_checkpoints)
+            run = loading.Run(Path(args.workdir), args.average_checkpoints)
+            out = marian_export.write_directory(
+                args.marian_dir, run.model, run.params, run.src_tokenizer, run.tgt_tokenizer
+            )
             print(f"exported {args.workdir} to {out}")
     except (RunError, ValueError) as e:
         sys.exit(f"error: {e}")

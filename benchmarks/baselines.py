@@ -40,7 +40,7 @@ def marian_model(config: Config, workdir: Path):
     import transformers
     from tokenizers import Tokenizer, models
 
-    from models import marian as mapping
+    from interop import marian as mapping
 
     fields = mapping.config_from_hparams(transformer_hparams(config))
     fields.update(dropout=0.0, forced_eos_token_id=None, pad_token_id=config.vocab_size - 1)

@@ -22,7 +22,7 @@ very same weights: the Marian model for transformers is loaded with seqzoo's par
 positional table; the BOS embedding row is zero because CTranslate2's Marian starts decoding from a
 zero embedding), and CTranslate2 converts that Marian model with its own converter. Each output is
 compared token by token with seqzoo's, which shows that the systems computed the same thing.
-The weights cross between frameworks through `models/marian.py`, the mapping `convert.py` imports and
+The weights cross between frameworks through `interop/marian.py`, the mapping `convert.py` imports and
 exports opus-mt models with (seqzoo's interleaved positions exported by permuting the model dimension).
 
 `--shape opus-mt-en-de`: Helsinki-NLP/opus-mt-en-de's architecture instead (6+6 layers, d_model 512, 8

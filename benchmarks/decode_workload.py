@@ -130,7 +130,7 @@ def marian_config(config: Config) -> dict:
 def transformer_hparams(config: Config) -> dict:
     """The benchmark Transformer's hyperparameters, vocabulary sizes and special ids included."""
     if config.shape == "opus-mt-en-de":
-        from models import marian
+        from interop import marian
 
         return marian.hparams_from_config(marian_config(config))
     return dict(

@@ -58,7 +58,7 @@ def jax_model(config: Config, family: str):
         bos = special_ids(config).bos
         params["tgt_embed"]["embedding"] = params["tgt_embed"]["embedding"].at[bos].set(0.0)
     if config.shape == "opus-mt-en-de":  # the weights as a Marian checkpoint, read by the importer
-        from models import marian
+        from interop import marian
 
         hparams = transformer_hparams(config)
         state = marian.state_dict_from_params(jax.device_get(params), hparams)
@@ -259,7 +259,7 @@ def jax_versions() -> dict:
 
 def marian_state_dict(config: Config, params) -> dict:
     """seqzoo Transformer params as numpy arrays under transformers' MarianMTModel names
-    (`models.marian`, the mapping of `convert.py export`)."""
-    from models import marian
+    (`interop.marian`, the mapping of `convert.py export`)."""
+    from interop import marian
 
     return marian.state_dict_from_params(params, transformer_hparams(config))

@@ -7,7 +7,8 @@
 - `experiment.metrics`: BLEU/chrF/exact match, quality by source length, `metrics.jsonl`.
 - `experiment.plots`: learning and quality curves, attention figures (PNG files).
 - `experiment.training`: the train state, the train step and the training loop.
-- `experiment.pretrained`: transformers Marian (opus-mt) directories imported as runs, runs exported.
+- `experiment.pretrained`: transformers Marian (opus-mt) directories imported as runs (`interop`),
+  fine-tuning from one (`init_from`).
 
 A run lives in a workdir:
   config.json          the config the run started with (written once; eval.py and resumes read it)

@@ -15,6 +15,9 @@ fixtures that use it, so the model and decoding tests collect with jax, flax and
   `overfit(model, params, batch)`: Adam on one batch until the model knows it.
 - `prefix_hash_step_fn(table)`, `prefix_log_probs(table, h, tokens)`, `counting_steps(step_fn,
   steps)`: a model-free step function for the decoding tests, its numpy reference, a step counter.
+- `tiny_marian`: tiny transformers Marian directories (shared and separate vocabularies),
+  `converted`: them imported as runs (`marian_batch`, `until_eos`, `marian_decode`: the
+  Marian tests' batches and decoding, with `MARIAN_SENTENCES`, `MARIAN_MAX_NEW`, `MARIAN_NGRAM`).
 """
 
 import json
@@ -367,3 +370,66 @@ def tiny_marian(tmp_path_factory) -> dict:
         kind: make_tiny_marian(root / kind, shared=kind == "shared", seed=i)
         for i, kind in enumerate(("shared", "separate"))
     }
+
+
+MARIAN_SENTENCES = [
+    "a man sits on the street",
+    "the dog runs",
+    "young girl plays with red ball in water , .",
+    "ein mann",
+]
+MARIAN_MAX_NEW = 12
+# Random weights repeat one token whatever the source; without repeated bigrams (here and in
+# transformers alike) the hypotheses differ and their scores do not tie.
+MARIAN_NGRAM = 2
+
+
+@pytest.fixture(scope="session")
+def converted(tiny_marian, tmp_path_factory) -> dict:
+    """kind -> (hf model, hf tokenizer, seqzoo Run) of `tiny_marian`'s shared and separate models,
+    imported by `experiment.pretrained.import_marian` (skips without torch)."""
+    pytest.importorskip("torch")
+    import transformers
+
+    from evaluation import loading
+    from experiment import pretrained
+
+    out = {}
+    root = tmp_path_factory.mktemp("converted")
+    for kind, directory in tiny_marian.items():
+        workdir = root / kind
+        pretrained.import_marian(directory, workdir, max_len=32, max_decode_len=MARIAN_MAX_NEW)
+        hf = transformers.MarianMTModel.from_pretrained(directory).eval()
+        tokenizer = transformers.MarianTokenizer.from_pretrained(directory)
+        out[kind] = (hf, tokenizer, loading.Run(workdir))
+    return out
+
+
+def marian_batch(tokenizer, sentences=MARIAN_SENTENCES):
+    """transformers' padded batch (torch tensors) of `sentences`."""
+    return tokenizer(sentences, return_tensors="pt", padding=True)
+
+
+def until_eos(row, ids) -> list[int]:
+    """`row` up to and including its first EOS (or without its trailing pad, if it has none)."""
+    row = list(row)
+    if ids.eos in row:
+        return row[: row.index(ids.eos) + 1]
+    while row and row[-1] == ids.pad:
+        row.pop()
+    return row
+
+
+def marian_decode(run, tokenizer, decode, beam=1, alpha=0.0) -> list[list[str]]:
+    """The target pieces (up to EOS) that `run` decodes for `MARIAN_SENTENCES` as transformers'
+    `tokenizer` encodes them."""
+    from evaluation import loading
+    from experiment import programs
+
+    src = marian_batch(tokenizer)["input_ids"].numpy().astype(np.int32)
+    search = loading.Search(
+        decode, beam, alpha, "average", MARIAN_MAX_NEW, no_repeat_ngram_size=MARIAN_NGRAM
+    )
+    result = search.decode_fn(run)(run.decoding_params, src, alpha)
+    sequences = programs.best_sequences(result)
+    return [run.tgt_tokenizer.pieces(until_eos(row, run.special_ids)) for row in sequences]

@@ -112,7 +112,7 @@ def test_the_table_shows_each_systems_figures_and_their_ratio(quick):
         assert "transformers" not in results
         assert "torch" in report["skipped"]["transformers"]
         assert "benchmarks/requirements.txt" in report["skipped"]["transformers"]
-    else:  # the same weights through models/marian.py (positions permuted): the same tokens
+    else:  # the same weights through interop/marian.py (positions permuted): the same tokens
         pairs = zip(results["seqzoo"]["cells"], results["transformers"]["cells"], strict=True)
         assert all(mine["tokens"] == theirs["tokens"] for mine, theirs in pairs)
 

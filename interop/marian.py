@@ -2,7 +2,8 @@
 
 Pure functions on dicts: a Marian `config.json` <-> Transformer hyperparameters, and a Marian state
 dict (numpy arrays under transformers' names) <-> the Transformer's params. Reading and writing
-model directories (safetensors, tokenizers, run directories) is `experiment/pretrained.py`.
+Marian directories (safetensors, tokenizers) is `interop/marian_import.py` and
+`interop/marian_export.py`.
 
 A Marian model is the post-LN encoder-decoder Transformer with learned-free sinusoidal positions laid
 out as halves (sines, then cosines), token embeddings scaled by sqrt(d_model) (`scale_embedding`),
@@ -21,12 +22,11 @@ interleaved table into the halves one. Pre-LN models have no Marian form and are
 
 import numpy as np
 
+from interop import InteropError
 from models.transformer import sinusoidal_positions
 
-
-class MarianError(ValueError):
-    """A Marian config or state dict seqzoo cannot read or write (one-line message)."""
-
+SAFETENSORS = "model.safetensors"  # a Marian directory's weights
+PICKLE = "pytorch_model.bin"  # or, in older uploads, these (a PyTorch pickle)
 
 # transformers' activation names -> ours, and back.
 ACTIVATIONS = {"swish": "silu", "silu": "silu", "relu": "relu", "gelu": "gelu_exact"}
@@ -47,16 +47,16 @@ FOREIGN_OPTIONS = (
 
 def hparams_from_config(config: dict, name: str = "config.json") -> dict:
     """Transformer hyperparameters (`registry.create_model("transformer", ...)` kwargs, with
-    `src_vocab_size` / `tgt_vocab_size`) of a Marian `config.json`; `MarianError` if unsupported."""
+    `src_vocab_size` / `tgt_vocab_size`) of a Marian `config.json`; `InteropError` if unsupported."""
     model_type = config.get("model_type")
     if model_type != "marian":
-        raise MarianError(
+        raise InteropError(
             f"{name} has model_type {model_type!r}, not 'marian': only MarianMTModel (opus-mt) "
             "checkpoints can be imported"
         )
     on = [option for option in FOREIGN_OPTIONS if config.get(option)]
     if on:
-        raise MarianError(
+        raise InteropError(
             f"{name} sets {on[0]}, which MarianMTModel does not have: this checkpoint is another "
             "architecture and cannot be imported"
         )
@@ -66,13 +66,13 @@ def hparams_from_config(config: dict, name: str = "config.json") -> dict:
     )
     for encoder, decoder in pairs:
         if config.get(encoder) != config.get(decoder):
-            raise MarianError(
+            raise InteropError(
                 f"{name} has {encoder}={config.get(encoder)} but {decoder}={config.get(decoder)}: "
                 "seqzoo's Transformer uses one value for both"
             )
     activation = config.get("activation_function", "gelu")
     if activation not in ACTIVATIONS:
-        raise MarianError(
+        raise InteropError(
             f"{name} has activation_function {activation!r}: supported are "
             f"{', '.join(sorted(ACTIVATIONS))}"
         )
@@ -80,19 +80,19 @@ def hparams_from_config(config: dict, name: str = "config.json") -> dict:
     vocab = int(config["vocab_size"])
     decoder_vocab = int(config.get("decoder_vocab_size") or vocab)
     if shared and decoder_vocab != vocab:
-        raise MarianError(
+        raise InteropError(
             f"{name} shares embeddings but has vocab_size {vocab} and decoder_vocab_size "
             f"{decoder_vocab}: a shared vocabulary has one size"
         )
     eos = config.get("eos_token_id")
     if isinstance(eos, list):
         if len(eos) != 1:
-            raise MarianError(f"{name} has several eos_token_id {eos}: seqzoo decodes to one EOS")
+            raise InteropError(f"{name} has several eos_token_id {eos}: seqzoo decodes to one EOS")
         eos = eos[0]
     pad = config.get("pad_token_id")
     bos = config.get("decoder_start_token_id", pad)
     if pad is None or eos is None or bos is None:
-        raise MarianError(
+        raise InteropError(
             f"{name} lacks pad_token_id, eos_token_id or decoder_start_token_id: add them"
         )
     return {
@@ -123,9 +123,9 @@ def hparams_from_config(config: dict, name: str = "config.json") -> dict:
 
 def config_from_hparams(hparams: dict) -> dict:
     """The Marian `config.json` of Transformer `hparams` (with the vocabulary sizes and special ids);
-    `MarianError` for a model that has no Marian form."""
+    `InteropError` for a model that has no Marian form."""
     if hparams.get("pre_ln", True):
-        raise MarianError(
+        raise InteropError(
             "this run is pre-LN (pre_ln=True), which MarianMTModel cannot express: export runs "
             "trained with --config.model_hparams.pre_ln=False"
         )
@@ -268,7 +268,7 @@ def params_from_state_dict(state: dict, hparams: dict, expected_shapes: dict, na
     """seqzoo params (nested dict of float32 numpy arrays) of a Marian state dict.
 
     `expected_shapes`: the model's param shapes (a nested dict like the params, e.g. from
-    `jax.eval_shape` of its init). Raises `MarianError` naming the first missing, unexpected or
+    `jax.eval_shape` of its init). Raises `InteropError` naming the first missing, unexpected or
     mis-shaped weight of `name` (the weights file).
     """
     heads = hparams["num_heads"]
@@ -279,14 +279,14 @@ def params_from_state_dict(state: dict, hparams: dict, expected_shapes: dict, na
         if key not in state and theirs == "model.shared.weight":
             key = "model.encoder.embed_tokens.weight"  # some exports keep only the tied copies
         if key not in state:
-            raise MarianError(
+            raise InteropError(
                 f"{name} has no {theirs}, which its config.json needs: the weights are not of this "
                 "model (or not a Marian checkpoint)"
             )
         value = _to_ours(np.asarray(state[key], np.float32), kind, heads)
         expected = tuple(_lookup(expected_shapes, path))
         if value.shape != expected:
-            raise MarianError(
+            raise InteropError(
                 f"{name}: {theirs} has shape {tuple(np.shape(state[key]))}, which does not match "
                 f"config.json (seqzoo expects {expected} for {'/'.join(path)}): use the "
                 "config.json that came with these weights"
@@ -297,7 +297,7 @@ def params_from_state_dict(state: dict, hparams: dict, expected_shapes: dict, na
         _assign(params, ("output", "bias"), np.zeros(hparams["tgt_vocab_size"], np.float32))
     unexpected = sorted(set(state) - used - set(_IGNORED))
     if unexpected:
-        raise MarianError(
+        raise InteropError(
             f"{name} holds {unexpected[0]} (and {len(unexpected) - 1} more), which MarianMTModel "
             "with this config.json does not have: the weights are of another architecture"
         )
