@@ -18,198 +18,156 @@ JSON report (default `<workdir>/eval_<split>.json`). Each job is a module of `ev
 import dataclasses
 import json
 import sys
+import typing
 from pathlib import Path
 
 from absl import app, flags, logging
 
 import sharding
 from data import input_pipeline
+from decoding import DecodeSettings
+from decoding.settings import setting
 from evaluation import attention, decode_report, error_analysis, sweep, translate
-from evaluation.loading import Run, Search, notice
-from experiment import RunError, metrics, programs
+from evaluation.loading import Run, notice
+from experiment import RunError, decode_programs, metrics
 from experiment import config as run_config
 from models import registry
+
+# The decoding settings taken from the run's config (`config.decoding`) unless a flag gives them;
+# the others are `DecodeSettings`' defaults.
+FROM_RUN = ("max_decode_len", "max_decode_len_a", "max_decode_len_b")
+# The defaults the decoding flags' help states where they are not the `DecodeSettings` field's.
+DEFAULTS_IN_HELP = {
+    **dict.fromkeys(FROM_RUN, "the run's"),
+    "alignment_layer": "-1 with --output_format jsonl",
+}
 
 
 @dataclasses.dataclass
 class Options:
-    """What to evaluate and how; the command-line flags of the same names."""
+    """What to evaluate: each field but `decoding` is the command-line flag of its name and help."""
 
-    split: str = "test"
-    decode: str = "beam"
-    beam_size: int = 4
-    alpha: float = 0.6
-    length_penalty: str = "gnmt"
-    max_decode_len: int | None = None  # None: the run's config
-    max_decode_len_a: float | None = None  # None: the run's config
-    max_decode_len_b: int | None = None  # None: the run's config
-    no_repeat_ngram_size: int | None = None  # None: off
-    nbest: int = 0  # > 0: also write each sentence's n best hypotheses (JSONL beside --output)
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    num_samples: int = 1  # > 1: every draw to <output stem>.samples.jsonl
-    seed: int = 0
-    input_format: str = "text"  # tsv: source<TAB>prefix lines
-    output_format: str = "text"  # jsonl: one object per sentence with token log-probs, alignments
-    alignment_layer: int = -1
-    batch_size: int | None = None  # None: the run's eval_batch_size
-    num_examples: int = 0  # 0: all
-    report: str | None = None  # None: <workdir>/eval_<split>.json
-    output: str | None = None  # None: <workdir>/hypotheses_<split>.txt (stdout with --input)
-    sweep: bool = False
-    error_analysis: bool = False
-    plot_attention: int = 0
-    input: str | None = None
-    average_checkpoints: int = 0  # > 0: the mean of the last N periodic checkpoints
-    quantize: str = "none"  # "int8": int8 weights (models/int8.py; transformer runs)
-
-
-def define_flags() -> None:
-    flags.DEFINE_string("workdir", "runs/default", "Run directory written by train.py.")
-    flags.DEFINE_enum("split", "test", ["validation", "test"], "Split to evaluate.")
-    flags.DEFINE_enum("decode", "beam", ["greedy", "beam", "sample"], "Search, or sampling.")
-    flags.DEFINE_integer("beam_size", 4, "Beam width B.")
-    flags.DEFINE_float("alpha", 0.6, "Length-normalization exponent.")
-    flags.DEFINE_enum(
-        "length_penalty", "gnmt", ["gnmt", "average", "none"], "Length normalization."
-    )
-    flags.DEFINE_integer("max_decode_len", None, "Generated tokens at most (default: the run's).")
-    flags.DEFINE_float(
-        "max_decode_len_a",
-        None,
-        "> 0: each sentence generates at most ceil(a * source tokens) + b tokens, and never more "
-        "than --max_decode_len (default: the run's; 0 turns it off).",
-    )
-    flags.DEFINE_integer(
-        "max_decode_len_b", None, "The b of --max_decode_len_a (default: the run's)."
-    )
-    flags.DEFINE_integer(
-        "no_repeat_ngram_size",
-        None,
-        "n >= 1: no n-gram occurs twice in an output (greedy and beam; off when not given).",
-    )
-    flags.DEFINE_integer(
-        "nbest",
+    split: str = setting("test", "Split to evaluate.", ("validation", "test"))
+    nbest: int = setting(
         0,
         "K > 0 (K <= --beam_size): also write each sentence's K best hypotheses with their score, "
         "log-probability and length, one JSON object per sentence, to <output stem>.nbest.jsonl.",
     )
-    flags.DEFINE_float("temperature", 1.0, "--decode sample: divides the log-probabilities (> 0).")
-    flags.DEFINE_integer("top_k", 0, "--decode sample: draw from the k likeliest tokens (0: all).")
-    flags.DEFINE_float(
-        "top_p", 1.0, "--decode sample: draw from the nucleus of this probability, in (0, 1]."
-    )
-    flags.DEFINE_integer(
-        "num_samples",
-        1,
-        "--decode sample: N draws per sentence; the first is the output, all N go to "
-        "<output stem>.samples.jsonl.",
-    )
-    flags.DEFINE_integer(
-        "seed", 0, "--decode sample: draw j of sentence i uses fold_in(fold_in(key(seed), j), i)."
-    )
-    flags.DEFINE_enum(
-        "input_format",
+    input_format: str = setting(
         "text",
-        ["text", "tsv"],
         "--input lines: text (one source per line) or tsv (source<TAB>target prefix: the output "
         "starts with the prefix).",
+        ("text", "tsv"),
     )
-    flags.DEFINE_enum(
-        "output_format",
+    output_format: str = setting(
         "text",
-        ["text", "jsonl"],
         "text: one hypothesis per line; jsonl: one JSON object per sentence with its tokens, their "
         "log-probabilities and, for attention models, each token's most attended source token.",
+        ("text", "jsonl"),
     )
-    flags.DEFINE_integer(
-        "alignment_layer",
-        -1,
-        "--output_format jsonl: the decoder cross-attention layer whose head-averaged weights give "
-        "the alignments (Python indexing: -1 is the last layer).",
-    )
-    flags.DEFINE_integer(
-        "batch_size",
+    batch_size: int | None = setting(
         None,
         "Sentences per decode batch (default: the run's), rounded up to a multiple of the devices.",
     )
-    flags.DEFINE_integer("num_examples", 0, "Evaluate only the first N examples (0 = all).")
-    flags.DEFINE_string("report", None, "JSON report path (default <workdir>/eval_<split>.json).")
-    flags.DEFINE_string(
-        "output", None, "Hypotheses file (default <workdir>/hypotheses_<split>.txt)."
+    num_examples: int = setting(0, "Evaluate only the first N examples (0 = all).")
+    report: str | None = setting(None, "JSON report path (default <workdir>/eval_<split>.json).")
+    output: str | None = setting(
+        None,
+        "Hypotheses file (default <workdir>/hypotheses_<split>.txt, .jsonl with --output_format "
+        "jsonl; stdout with --input). The n-best and the draws go beside it.",
     )
-    flags.DEFINE_bool("sweep", False, "Table of quality and speed for greedy and beam 1, 2, 4, 8.")
-    flags.DEFINE_bool("error_analysis", False, "Beam-search error analysis against the references.")
-    flags.DEFINE_integer("plot_attention", 0, "Write attention heatmaps for the first N examples.")
-    flags.DEFINE_string("input", None, "Translate the lines of this file ('-' = stdin) instead.")
-    flags.DEFINE_integer(
-        "average_checkpoints",
+    sweep: bool = setting(False, "Table of quality and speed for greedy and beam 1, 2, 4, 8.")
+    error_analysis: bool = setting(False, "Beam-search error analysis against the references.")
+    plot_attention: int = setting(0, "Write attention heatmaps for the first N examples.")
+    input: str | None = setting(None, "Translate the lines of this file ('-' = stdin) instead.")
+    average_checkpoints: int = setting(
         0,
         "Evaluate the mean of the last N periodic checkpoints (checkpoint averaging) instead of the "
         "best one.",
     )
-    flags.DEFINE_enum(
-        "quantize",
+    quantize: str = setting(
         "none",
-        ["none", "int8"],
         "int8: decode with int8 weights and int8 products (per-channel weight scales, activations "
         "quantized per row; transformer runs).",
+        ("none", "int8"),
     )
+    # The `DecodeSettings` fields set by flags (`--beam_size 8` -> {"beam_size": 8}).
+    decoding: dict = dataclasses.field(default_factory=dict)
+
+
+def define_flags() -> None:
+    """`--workdir`, a flag per field of `Options` (with its default) and of `DecodeSettings` (with
+    default None, not given: `decode_settings` fills in the run's or the field's default)."""
+    flags.DEFINE_string("workdir", "runs/default", "Run directory written by train.py.")
+    for field in dataclasses.fields(Options):
+        if field.metadata:
+            define_flag(Options, field, field.default, field.metadata["help"])
+    for field in dataclasses.fields(DecodeSettings):
+        default = DEFAULTS_IN_HELP.get(field.name, field.default)
+        define_flag(DecodeSettings, field, None, f"{field.metadata['help']} (default: {default})")
+
+
+def define_flag(cls, field: dataclasses.Field, default, help: str) -> None:
+    """The absl flag of dataclass `cls`'s `field`: an enum of its choices, or of its type."""
+    kind = typing.get_type_hints(cls)[field.name]
+    kind = next((k for k in typing.get_args(kind) if k is not type(None)), kind)  # X | None -> X
+    if field.metadata["choices"]:
+        flags.DEFINE_enum(field.name, default, list(field.metadata["choices"]), help)
+        return
+    define = {
+        bool: flags.DEFINE_bool,
+        int: flags.DEFINE_integer,
+        float: flags.DEFINE_float,
+        str: flags.DEFINE_string,
+    }
+    define[kind](field.name, default, help)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
-    options = Options(**{f.name: getattr(FLAGS, f.name) for f in dataclasses.fields(Options)})
+    given = {f.name: FLAGS[f.name].value for f in dataclasses.fields(DecodeSettings)}
+    options = Options(
+        **{f.name: FLAGS[f.name].value for f in dataclasses.fields(Options) if f.metadata},
+        decoding={name: value for name, value in given.items() if value is not None},
+    )
     try:
         evaluate(Path(FLAGS.workdir), options)
     except (RunError, ValueError) as e:  # DataError is a ValueError
         sys.exit(f"error: {e}")
 
 
+def decode_settings(config, options: Options) -> DecodeSettings:
+    """What eval.py decodes with: `options.decoding` over the run's `FROM_RUN` fields and
+    `DecodeSettings`' defaults; a one-line `RunError` naming the flag of a bad value."""
+    from_run = {name: config.decoding[name] for name in FROM_RUN}
+    try:
+        return DecodeSettings(**{**from_run, **options.decoding}).check("--")
+    except ValueError as e:
+        raise RunError(str(e)) from None
+
+
 def evaluate(workdir: Path, options: Options) -> dict | None:
     """Evaluates the run in `workdir` as `options` say; returns the report (None with --input)."""
     workdir = Path(workdir)
-    if options.beam_size < 1:
-        raise RunError(f"--beam_size={options.beam_size}: use a beam of 1 or more")
-    if options.no_repeat_ngram_size is not None and options.no_repeat_ngram_size < 1:
-        raise RunError(
-            f"--no_repeat_ngram_size={options.no_repeat_ngram_size}: use n >= 1 (e.g. 3), or leave "
-            "it out to allow repeats"
-        )
-    check_nbest(options)
-    check_sampling(options)
+    settings = decode_settings(run_config.load_config(workdir), options)
+    check_nbest(options, settings)
+    check_sampling(options, settings)
     check_formats(options)
     run = Run(workdir, options.average_checkpoints, options.quantize)
     config = run.config
     alignment_layer = None
     if options.output_format == "jsonl":
-        if programs.has_attention(run.model, run.params):
-            alignment_layer = options.alignment_layer
+        if decode_programs.has_attention(run.model, run.params):
+            alignment_layer = -1 if settings.alignment_layer is None else settings.alignment_layer
         else:
             notice(f"{config.model} has no attention over the source: jsonl without alignments")
+    settings = dataclasses.replace(settings, alignment_layer=alignment_layer)
     # Batches split over the devices: round the size up to a multiple of their number.
     batch_size = sharding.round_up(options.batch_size or config.eval_batch_size, run.mesh)
-    search = Search(
-        decode=options.decode,
-        beam_size=options.beam_size,
-        alpha=options.alpha,
-        length_penalty=options.length_penalty,
-        max_decode_len=options.max_decode_len or config.max_decode_len,
-        max_decode_len_a=_given(options.max_decode_len_a, config.max_decode_len_a),
-        max_decode_len_b=_given(options.max_decode_len_b, config.max_decode_len_b),
-        no_repeat_ngram_size=options.no_repeat_ngram_size or 0,
-        temperature=options.temperature,
-        top_k=options.top_k,
-        top_p=options.top_p,
-        num_samples=options.num_samples,
-        seed=options.seed,
-        alignment_layer=alignment_layer,
-    )
     if options.input:
-        translate_input(run, options, search, batch_size)
+        translate_input(run, options, settings, batch_size)
         return None
 
     eval_data = input_pipeline.get_eval_data(
@@ -219,7 +177,7 @@ def evaluate(workdir: Path, options: Options) -> dict | None:
     suffix = ".jsonl" if options.output_format == "jsonl" else ".txt"
     output = Path(options.output or workdir / f"hypotheses_{options.split}{suffix}")
     report, sequences, _ = decode_report.evaluate_split(
-        run, eval_data, search, output, options.nbest, jsonl=options.output_format == "jsonl"
+        run, eval_data, settings, output, options.nbest, jsonl=options.output_format == "jsonl"
     )
     checkpoint = run.checkpoint if options.average_checkpoints else f"{run.checkpoint}/{run.step}"
     report = {
@@ -235,16 +193,16 @@ def evaluate(workdir: Path, options: Options) -> dict | None:
     print(f"hypotheses: {output}")
     if options.nbest:
         print(f"n-best:     {decode_report.nbest_path(output)}")
-    if options.num_samples > 1:
+    if settings.num_samples > 1:
         print(f"samples:    {decode_report.samples_path(output)}")
     if "by_source_length" in report:
         metric = "exact_match" if config.eval_metric == "exact_match" else "bleu"
         print(metrics.format_by_source_length(report["by_source_length"], metric))
     if options.sweep:
-        report["sweep"] = sweep.run_sweep(run, eval_data, search, workdir)
+        report["sweep"] = sweep.run_sweep(run, eval_data, settings, workdir)
     if options.error_analysis:
         report["error_analysis"] = error_analysis.run_error_analysis(
-            run, eval_data, sequences, search
+            run, eval_data, sequences, settings
         )
     if options.plot_attention:
         paths = attention.plot_attention(
@@ -259,16 +217,16 @@ def evaluate(workdir: Path, options: Options) -> dict | None:
     return report
 
 
-def check_nbest(options: Options) -> None:
+def check_nbest(options: Options, settings: DecodeSettings) -> None:
     """One-line errors for an --nbest that cannot be written."""
     if not options.nbest:
         return
     if options.nbest < 0:
         raise RunError(f"--nbest={options.nbest}: use K >= 1 (or 0 for no n-best file)")
-    if options.decode != "beam" or options.nbest > options.beam_size:
+    if settings.decode != "beam" or options.nbest > settings.beam_size:
         raise RunError(
             f"--nbest={options.nbest} needs --decode beam with --beam_size >= {options.nbest} (got "
-            f"--decode {options.decode}, --beam_size {options.beam_size}): beam search returns "
+            f"--decode {settings.decode}, --beam_size {settings.beam_size}): beam search returns "
             "beam_size hypotheses per sentence"
         )
     if options.input and not options.output:
@@ -277,24 +235,14 @@ def check_nbest(options: Options) -> None:
         )
 
 
-def check_sampling(options: Options) -> None:
-    """One-line errors for sampling settings that cannot work."""
-    if options.temperature <= 0:
+def check_sampling(options: Options, settings: DecodeSettings) -> None:
+    """One-line errors for several draws that cannot be made or written."""
+    if settings.num_samples > 1 and settings.decode != "sample":
         raise RunError(
-            f"--temperature={options.temperature}: use a value > 0 (lower is closer to greedy)"
+            f"--num_samples={settings.num_samples} needs --decode sample (got --decode "
+            f"{settings.decode}); for beam search's several hypotheses use --nbest"
         )
-    if options.top_k < 0:
-        raise RunError(f"--top_k={options.top_k}: use k >= 1, or 0 to keep every token")
-    if not 0 < options.top_p <= 1:
-        raise RunError(f"--top_p={options.top_p}: use a value in (0, 1] (1 keeps every token)")
-    if options.num_samples < 1:
-        raise RunError(f"--num_samples={options.num_samples}: use N >= 1")
-    if options.num_samples > 1 and options.decode != "sample":
-        raise RunError(
-            f"--num_samples={options.num_samples} needs --decode sample (got --decode "
-            f"{options.decode}); for beam search's several hypotheses use --nbest"
-        )
-    if options.num_samples > 1 and options.input and not options.output:
+    if settings.num_samples > 1 and options.input and not options.output:
         raise RunError(
             "--num_samples with --input writes the draws beside the translations: give --output FILE"
         )
@@ -313,11 +261,7 @@ def check_formats(options: Options) -> None:
         )
 
 
-def _given(option, default):
-    return default if option is None else option
-
-
-def translate_input(run: Run, options: Options, search: Search, batch_size: int) -> None:
+def translate_input(run: Run, options: Options, settings: DecodeSettings, batch_size: int) -> None:
     """`--input`: the lines of a file (or stdin) translated to `--output` (or stdout), in order."""
     if registry.reads_images(run.model):
         raise RunError(
@@ -335,7 +279,7 @@ def translate_input(run: Run, options: Options, search: Search, batch_size: int)
     if options.output:
         Path(options.output).parent.mkdir(parents=True, exist_ok=True)
         out = decode_report.LineWriter(
-            options.output, options.nbest, options.num_samples > 1, jsonl
+            options.output, options.nbest, settings.num_samples > 1, jsonl
         )
     else:
         out = decode_report.StdoutWriter(jsonl)
@@ -344,7 +288,7 @@ def translate_input(run: Run, options: Options, search: Search, batch_size: int)
         translate.translate_lines(
             run,
             lines,
-            search,
+            settings,
             batch_size,
             out,
             options.nbest,

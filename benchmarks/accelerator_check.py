@@ -54,6 +54,7 @@ GPU_TESTS = [
     "tests/test_seq2seq_rnn.py",
     "tests/test_registry.py",
     "tests/test_programs.py",
+    "tests/test_decode_programs.py",
 ]
 SMOKE_TESTS = ["tests/test_greedy.py", "-k", "forced_prefix or alignments"]
 # What a compiled program would need to leave the device during a decoding loop.
@@ -273,18 +274,20 @@ def decode_loop(smoke: bool) -> dict:
     import numpy as np
 
     from benchmarks import decode_workload, jax_systems
-    from experiment import programs
+    from decoding import DecodeSettings
+    from experiment import decode_programs
 
     config = decode_workload.QUICK if smoke else decode_workload.CONFIG
     model, params = jax_systems.jax_model(config, "transformer")
-    params = programs.decoding_params(model, params)
+    params = decode_programs.decoding_params(model, params)
     counter = jax_systems.CompileCounter()
     out = {"status": "ok"}
     rng = np.random.default_rng(0)
     for name, beam in (("greedy", 1), ("beam4", 4)):
-        fn = programs.decode_fn(
-            model, "greedy" if beam == 1 else "beam", beam, config.gen_len, "gnmt"
+        settings = DecodeSettings(
+            decode="greedy" if beam == 1 else "beam", beam_size=beam, max_decode_len=config.gen_len
         )
+        fn = decode_programs.decode_fn(model, settings)
         src = jax.device_put(rng.integers(4, config.vocab_size, (8, config.src_len), np.int32))
         alpha = jax.device_put(jnp.float32(0.6))
         text = fn.lower(params, src, alpha).compile().as_text()

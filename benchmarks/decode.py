@@ -38,7 +38,7 @@ CTranslate2 `intra_threads` (and `inter_threads=1`).
 
 Systems:
 - seqzoo: `decoding.greedy` / `decoding.beam_search` in one jitted `lax.while_loop` around the
-  model's `decode_step`, as `programs.decode_fn` (and so train.py and eval.py) runs them.
+  model's `decode_step`, as `decode_programs.decode_fn` (and so train.py and eval.py) runs them.
 - python_loop: the course's beam search written plainly, one sentence at a time: a Python loop over
   steps and over the hypotheses of the beam, each a call of the same jitted `decode_step` on one row,
   numpy for the log-softmax and the top-k, `sorted` for the beam (greedy is its beam of 1).

@@ -15,8 +15,8 @@ its params, `--a` / `--b`:
 - `raw`: the model's params as initialized (the tied output projection reads the table as it lies);
 - `kernel`: plus the table's transposed copy (`transformer.with_output_kernel`);
 - `pages`: the copy, and every array on 2 MB pages (`host_memory.on_huge_pages`);
-- `decoding`: `programs.decoding_params` (those, and the kernels a step reads packed in column
-  panels, `models.packed`), what eval.py and `decode.py` decode with;
+- `decoding`: `decode_programs.decoding_params` (those, and the kernels a step reads packed in
+  column panels, `models.packed`), what eval.py and `decode.py` decode with;
 
 and its XLA compile options (`--a_option` / `--b_option NAME=VALUE`, repeatable). Prints each side's
 median ms per decode, the median of the per-pair ratios A time / B time (above 1: B is faster) and
@@ -39,11 +39,11 @@ PARAMS = ("raw", "kernel", "pages", "decoding")
 
 
 def side_params(kind: str, model, params):
-    from experiment import host_memory, programs
+    from experiment import decode_programs, host_memory
     from models import transformer
 
     if kind == "decoding":
-        return programs.decoding_params(model, params)
+        return decode_programs.decoding_params(model, params)
     if kind in ("kernel", "pages"):
         params = transformer.with_output_kernel(params, model.dtype)
     return host_memory.on_huge_pages(params) if kind == "pages" else params

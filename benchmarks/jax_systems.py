@@ -2,7 +2,7 @@
 subprocess): the JAX systems.
 
 - seqzoo: `decoding.greedy` / `decoding.beam_search` in one jitted `lax.while_loop` around the
-  model's `decode_step`, as `programs.decode_fn` (and so train.py and eval.py) runs them.
+  model's `decode_step`, as `decode_programs.decode_fn` (and so train.py and eval.py) runs them.
 - python_loop: the course's beam search written plainly, one sentence at a time, over the same
   jitted `decode_step` (see `run_python_loop`).
 
@@ -70,14 +70,14 @@ def jax_model(config: Config, family: str):
 
 def decoding_params(config: Config, model, params):
     """`params` as seqzoo decodes them, as eval.py's `Run` does: int8 kernels first with
-    `config.quantize="int8"` (`loading.int8_params`), then `programs.decoding_params`."""
-    from experiment import programs
+    `config.quantize="int8"` (`loading.int8_params`), then `decode_programs.decoding_params`."""
+    from experiment import decode_programs
 
     if config.quantize == "int8":
         from evaluation import loading
 
         params = loading.int8_params(model, params, "the benchmark's model")
-    return programs.decoding_params(model, params)
+    return decode_programs.decoding_params(model, params)
 
 
 def no_eos(logits, eos_id: int):
@@ -86,16 +86,16 @@ def no_eos(logits, eos_id: int):
 
 
 def seqzoo_decoder(model, beam: int, gen_len: int, ids: SpecialIds):
-    """A jitted `(params, src) -> best tokens [batch, gen_len]`: `programs.step_function`, the one
-    train.py and eval.py decode with, with EOS disabled (`no_eos`)."""
+    """A jitted `(params, src) -> best tokens [batch, gen_len]`: `decode_programs.step_function`,
+    the one train.py and eval.py decode with, with EOS disabled (`no_eos`)."""
     import jax
 
     import decoding
-    from experiment import programs
+    from experiment import decode_programs
 
     @jax.jit
     def run(params, src):
-        model_step, state = programs.step_function(model, params, src, gen_len)
+        model_step, state = decode_programs.step_function(model, params, src, gen_len)
 
         def step_fn(tokens, state):
             logits, state = model_step(tokens, state)

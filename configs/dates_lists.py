@@ -19,6 +19,6 @@ def get_config(model: str = "attention_rnn"):
     config = MODELS[model].get_config()  # the model of the single-date run of that name
     config.dataset = "dates/lists"
     config.max_len = 192  # sources run to ~180 characters
-    config.max_decode_len = 56  # 5 ISO dates, 4 spaces and EOS
+    config.decoding.max_decode_len = 56  # 5 ISO dates, 4 spaces and EOS
     config.num_eval_examples = 500
     return config

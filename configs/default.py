@@ -4,8 +4,13 @@
 `python train.py --config.num_train_steps=500 --config.model_hparams.hidden_dim=64`.
 """
 
+import dataclasses
+import typing
+
 import ml_collections
 from ml_collections import config_dict
+
+from decoding import DecodeSettings
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -65,15 +70,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_eval_examples = 1000  # Validation examples decoded at each eval (0 = all).
     config.num_samples_to_log = 3
     config.eval_metric = "exact_match"  # Selects the best checkpoint: "exact_match" | "bleu".
-    config.max_decode_len = 16  # Target tokens generated at most (EOS included).
-    # > 0: each sentence stops at min(max_decode_len, ceil(a * source tokens) + b) tokens
-    # (fairseq's --max-len-a/b).
-    config.max_decode_len_a = 0.0
-    config.max_decode_len_b = 0
-    config.decode = "greedy"  # Decoder used for validation during training.
-    config.beam_size = 4
-    config.alpha = 0.6
-    config.length_penalty = "gnmt"
+    # How validation decodes: a decoding.DecodeSettings (its fields' help says what each does), e.g.
+    # --config.decoding.beam_size=8; eval.py takes the run's max_decode_len, max_decode_len_a and
+    # max_decode_len_b unless its flags of the same names say otherwise.
+    config.decoding = decoding_config(DecodeSettings(decode="greedy", max_decode_len=16))
     config.checkpoint_every = 500
     # > 0: validate / checkpoint every this many epochs instead (the anchors' epoch checkpoints, so
     # average_last_checkpoints averages the last K epochs); updates per epoch come from the batches.
@@ -103,3 +103,18 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_processes = config_dict.placeholder(int)
     config.process_id = config_dict.placeholder(int)
     return config
+
+
+def decoding_config(settings: DecodeSettings) -> ml_collections.ConfigDict:
+    """`settings` as a sub-config: a field per `DecodeSettings` field (a None one a placeholder of its
+    type, so `--config.decoding.<field>=value` can set it); `DecodeSettings(**config.decoding)`
+    turns it back."""
+    types = typing.get_type_hints(DecodeSettings)
+    fields = {}
+    for field in dataclasses.fields(DecodeSettings):
+        value = getattr(settings, field.name)
+        if value is None:
+            kind = next(k for k in typing.get_args(types[field.name]) if k is not type(None))
+            value = config_dict.placeholder(kind)
+        fields[field.name] = value
+    return ml_collections.ConfigDict(fields)

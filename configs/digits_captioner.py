@@ -44,6 +44,6 @@ def get_config(decoder: str = "rnn"):
     config.eval_every = 500
     config.checkpoint_every = 500
     config.num_eval_examples = 500
-    config.max_decode_len = 48  # the longest caption (45 characters) and EOS fit
+    config.decoding.max_decode_len = 48  # the longest caption (45 characters) and EOS fit
     config.eval_metric = "exact_match"
     return config

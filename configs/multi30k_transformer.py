@@ -46,8 +46,8 @@ def get_config():
     config.keep_checkpoints = 5
     config.num_eval_examples = 500
     config.eval_metric = "bleu"
-    config.max_decode_len = 80
+    config.decoding.max_decode_len = 80
     # Each sentence stops at 1.5 x its source tokens + 10: 0.003% of training references are longer.
-    config.max_decode_len_a = 1.5
-    config.max_decode_len_b = 10
+    config.decoding.max_decode_len_a = 1.5
+    config.decoding.max_decode_len_b = 10
     return config

@@ -11,11 +11,13 @@ from decoding.error_analysis import error_analysis, format_error_analysis
 from decoding.greedy import DecodeResult, greedy
 from decoding.sampling import sample
 from decoding.scoring import ScoreResult, score
+from decoding.settings import DecodeSettings
 
 __all__ = [
     "BeamSearchResult",
     "BeamShared",
     "DecodeResult",
+    "DecodeSettings",
     "ScoreResult",
     "beam_search",
     "error_analysis",

@@ -1,6 +1,7 @@
 """eval.py's jobs, one module each.
 
-- `evaluation.loading`: a trained run loaded for evaluation (`Run`) and how to search (`Search`).
+- `evaluation.loading`: a trained run loaded for evaluation (`Run`); how to decode it is a
+  `decoding.DecodeSettings`.
 - `evaluation.decode_report`: decode a split and report its metrics and speed.
 - `evaluation.sweep`: greedy and beam 1/2/4/8, with and without length normalization.
 - `evaluation.error_analysis`: beam-search error analysis (blame the search or the model).

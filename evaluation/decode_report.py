@@ -8,8 +8,9 @@ import jax
 import numpy as np
 
 import sharding
-from evaluation.loading import Run, Search
-from experiment import metrics, programs
+from decoding import DecodeSettings
+from evaluation.loading import Run
+from experiment import decode_programs, metrics
 
 
 def one_line(text: str) -> str:
@@ -72,12 +73,14 @@ def token_record(run: Run, result, row: int, src_row: np.ndarray) -> dict:
     return record
 
 
-def decode_batches(run: Run, batches, search: Search, sink, nbest: int = 0, tokens: bool = False):
+def decode_batches(
+    run: Run, batches, settings: DecodeSettings, sink, nbest: int = 0, tokens: bool = False
+):
     """Decodes `batches` in order; returns (best sequences [n, max_decode_len], results, timing).
 
     Each sentence is passed to `sink(text, record)` as soon as its batch is done, so a failure later
     loses nothing already decoded. `record` is None, or a dict with: `hypotheses`, its `nbest` best
-    (beam search, `nbest_record`); `samples`, every draw when `search.num_samples > 1`
+    (beam settings, `nbest_record`); `samples`, every draw when `settings.num_samples > 1`
     (`sample_records`); `tokens` etc. when `tokens` (`token_record`). The text is the best
     hypothesis (beam), the greedy output, or the first draw (sampling).
 
@@ -87,7 +90,7 @@ def decode_batches(run: Run, batches, search: Search, sink, nbest: int = 0, toke
     is compiled ahead (`lower().compile()`, timed as `warmup_seconds`), so `decode_seconds` excludes
     compilation. Compiled programs are the jitted `decode_fn`'s own, reused by every later call.
     """
-    fn, alpha = search.decode_fn(run), search.alpha
+    fn, alpha = decode_programs.decode_fn(run.model, settings, run.mesh), settings.alpha
     compiled = _compiled.setdefault(fn, set())
     sequences, results = [], []
     decode_seconds = compile_seconds = 0.0
@@ -98,8 +101,8 @@ def decode_batches(run: Run, batches, search: Search, sink, nbest: int = 0, toke
         example_ids = batch.get("example_ids", seen + np.arange(rows))
         prefix = batch.get("prefix")
         draws = []
-        for draw in range(search.num_samples if search.decode == "sample" else 1):
-            kwargs = {"prefix": prefix, "sampling": search.sampling(draw, example_ids)}
+        for draw in range(settings.num_samples if settings.decode == "sample" else 1):
+            kwargs = {"prefix": prefix, "sampling": settings.sampling(draw, example_ids)}
             key = (src.shape, src.dtype, None if prefix is None else prefix.shape)
             if key not in compiled:
                 start = time.perf_counter()
@@ -112,7 +115,7 @@ def decode_batches(run: Run, batches, search: Search, sink, nbest: int = 0, toke
             mask = batch["mask"]
             draws.append(jax.tree.map(lambda x, mask=mask: np.asarray(x)[mask], result))
         result, real_src = draws[0], np.asarray(batch["src"])[batch["mask"]]
-        best = programs.best_sequences(result)
+        best = decode_programs.best_sequences(result)
         for i, row in enumerate(best):
             record = {}
             if nbest:
@@ -199,7 +202,7 @@ def json_line(index: int, text: str, record: dict) -> str:
 
 
 def evaluate_split(
-    run: Run, eval_data, search: Search, output: Path, nbest: int = 0, jsonl: bool = False
+    run: Run, eval_data, settings: DecodeSettings, output: Path, nbest: int = 0, jsonl: bool = False
 ):
     """Decodes a split, writing hypotheses to `output` (one line per sentence, as they are decoded;
     with `jsonl` one JSON object with its tokens), with `nbest` each sentence's n-best to
@@ -210,7 +213,7 @@ def evaluate_split(
     """
     output.parent.mkdir(parents=True, exist_ok=True)
     hypotheses: list[str] = []
-    writer = LineWriter(output, nbest, search.num_samples > 1, jsonl)
+    writer = LineWriter(output, nbest, settings.num_samples > 1, jsonl)
     try:
 
         def sink(text, record):
@@ -218,14 +221,14 @@ def evaluate_split(
             writer(text, record)
 
         sequences, results, timing = decode_batches(
-            run, eval_data.batches, search, sink, nbest, tokens=jsonl
+            run, eval_data.batches, settings, sink, nbest, tokens=jsonl
         )
     finally:
         writer.close()
     references = eval_data.references[: len(hypotheses)]
     exact_match = run.config.eval_metric == "exact_match"
     report = {
-        **search.report(),
+        **settings.report(),
         "num_examples": len(hypotheses),
         **metrics.text_metrics(hypotheses, references, exact_match=exact_match),
         "sentences_per_sec": len(hypotheses) / max(timing["decode_seconds"], 1e-9),

@@ -4,23 +4,27 @@ import numpy as np
 
 import decoding
 import sharding
-from evaluation.loading import Run, Search
-from experiment import programs
+from decoding import DecodeSettings
+from evaluation.loading import Run
+from experiment import decode_programs
 
 
-def run_error_analysis(run: Run, eval_data, sequences: np.ndarray, search: Search) -> dict:
+def run_error_analysis(
+    run: Run, eval_data, sequences: np.ndarray, settings: DecodeSettings
+) -> dict:
     """The course's analysis: the reference y* and the output ŷ scored by the model under the same
-    length normalization (`search.length_penalty`, `search.alpha`), then compared.
+    length normalization (`settings.length_penalty`, `settings.alpha`), then compared.
 
-    Both are scored teacher-forced (`programs.score_fn`), whatever decoder produced ŷ: for beam
-    search that is its own score; for greedy, whose search maximizes the raw log-probability, it puts
-    ŷ on the same scale as y*. A reference longer than its sentence's own length limit (`max_decode_len`, or
-    `ceil(a * source tokens) + b`) is counted as one no search could find.
+    Both are scored teacher-forced (`decode_programs.score_fn`), whatever decoder produced ŷ: for
+    beam search that is its own score; for greedy, whose search maximizes the raw log-probability,
+    it puts ŷ on the same scale as y*. A reference longer than its sentence's own length limit
+    (`settings.length_limits`: `max_decode_len`, or `ceil(a * source tokens) + b`) is counted as one
+    no search could find.
 
     Args:
       sequences: int `[n, max_decode_len]`, the decoder's best hypothesis per example (split order).
     """
-    score = programs.score_fn(run.model, search.length_penalty, run.mesh)
+    score = decode_programs.score_fn(run.model, settings.length_penalty, run.mesh)
     pad, eos = run.special_ids.pad, run.special_ids.eos
     reference_scores, hypothesis_scores, references, limits = [], [], [], []
     start = 0
@@ -37,10 +41,10 @@ def run_error_analysis(run: Run, eval_data, sequences: np.ndarray, search: Searc
             (arrays["tgt_out"], reference_scores),
             (arrays["hyp"], hypothesis_scores),
         ):
-            scored = score(run.decoding_params, arrays["src"], targets, search.alpha)
+            scored = score(run.decoding_params, arrays["src"], targets, settings.alpha)
             out.append(np.asarray(scored.scores)[mask])
         references.extend(batch["tgt_out"][mask].tolist())
-        limits.append(search.length_limits(batch["src"], pad)[mask])
+        limits.append(settings.length_limits(batch["src"], pad)[mask])
     width = max(len(r) for r in references)
     references = np.array([r + [pad] * (width - len(r)) for r in references], np.int32)
     report = decoding.error_analysis(

@@ -3,23 +3,24 @@
 import dataclasses
 from pathlib import Path
 
+from decoding import DecodeSettings
 from evaluation.decode_report import evaluate_split
-from evaluation.loading import Run, Search
+from evaluation.loading import Run
 
 
-def run_sweep(run: Run, eval_data, search: Search, workdir: Path) -> list[dict]:
+def run_sweep(run: Run, eval_data, settings: DecodeSettings, workdir: Path) -> list[dict]:
     """Greedy and beam 1, 2, 4, 8, each with (GNMT, alpha) and without length normalization; prints
     a table and returns one report per setting (hypotheses in `<workdir>/sweep/`)."""
-    settings = [("greedy", 1, "none")]
+    grid = [("greedy", 1, "none")]
     for beam_size in (1, 2, 4, 8):
-        settings += [("beam", beam_size, "gnmt"), ("beam", beam_size, "none")]
+        grid += [("beam", beam_size, "gnmt"), ("beam", beam_size, "none")]
     rows = []
-    for decode, beam_size, length_penalty in settings:
+    for decode, beam_size, length_penalty in grid:
         setting = dataclasses.replace(
-            search,
+            settings,
             decode=decode,
             beam_size=beam_size,
-            alpha=search.alpha if length_penalty != "none" else 0.0,
+            alpha=settings.alpha if length_penalty != "none" else 0.0,
             length_penalty=length_penalty,
             num_samples=1,
         )

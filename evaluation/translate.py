@@ -5,8 +5,9 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 from data import input_pipeline
+from decoding import DecodeSettings
 from evaluation.decode_report import decode_batches
-from evaluation.loading import Run, Search, notice
+from evaluation.loading import Run, notice
 from experiment import RunError
 
 
@@ -27,7 +28,7 @@ def utf8_lines(lines: Iterable[bytes], name: str):
 def translate_lines(
     run: Run,
     lines: Iterable[str],
-    search: Search,
+    settings: DecodeSettings,
     batch_size: int,
     sink: Callable[[str, dict | None], None],
     nbest: int = 0,
@@ -69,11 +70,11 @@ def translate_lines(
             )
             if tsv:
                 batch["prefix"] = prefix_array(
-                    [p for _, _, p in chunk], batch_size, search, run.special_ids.pad
+                    [p for _, _, p in chunk], batch_size, settings, run.special_ids.pad
                 )
             hyps: list[tuple[str, dict | None]] = []
             decode_batches(
-                run, batches, search, lambda *d, hyps=hyps: hyps.append(d), nbest, tokens
+                run, batches, settings, lambda *d, hyps=hyps: hyps.append(d), nbest, tokens
             )
             for (index, _, _), hyp in zip(chunk, hyps, strict=True):
                 outputs[index] = hyp
@@ -86,11 +87,11 @@ def translate_lines(
             line = line.rstrip("\r\n")
             prefix: list[int] = []
             if tsv and line.strip():  # an empty line is skipped below, in either format
-                line, prefix = split_prefix(run, line, number, search, name)
+                line, prefix = split_prefix(run, line, number, settings, name)
             text = line.strip()
             if not text:
                 notice(f"line {number + 1} is empty: skipped")
-                outputs[number] = ("", empty_record(nbest, search, tokens))
+                outputs[number] = ("", empty_record(nbest, settings, tokens))
                 flush()
                 continue
             ids = run.src_tokenizer.encode(text.lower() if run.config.lowercase else text)
@@ -108,7 +109,7 @@ def translate_lines(
     flush(force=True)
 
 
-def split_prefix(run: Run, line: str, number: int, search: Search, name: str):
+def split_prefix(run: Run, line: str, number: int, settings: DecodeSettings, name: str):
     """(source text, target prefix ids) of a `source<TAB>prefix` line; one-line `RunError`s for a
     line without exactly one tab or a prefix that leaves no room for EOS."""
     fields = line.split("\t")
@@ -121,36 +122,36 @@ def split_prefix(run: Run, line: str, number: int, search: Search, name: str):
     source, prefix_text = fields
     prefix_text = prefix_text.strip().lower() if run.config.lowercase else prefix_text.strip()
     prefix = run.tgt_tokenizer.encode(prefix_text) if prefix_text else []
-    if len(prefix) >= search.max_decode_len:
+    if len(prefix) >= settings.max_decode_len:
         raise RunError(
             f"{name} line {number + 1}: the prefix has {len(prefix)} tokens, which leaves no room "
-            f"for EOS under --max_decode_len={search.max_decode_len}: shorten it to at most "
-            f"{search.max_decode_len - 1} tokens or raise --max_decode_len; the lines before it "
+            f"for EOS under --max_decode_len={settings.max_decode_len}: shorten it to at most "
+            f"{settings.max_decode_len - 1} tokens or raise --max_decode_len; the lines before it "
             "are translated"
         )
     return source, prefix
 
 
 def prefix_array(
-    prefixes: list[list[int]], batch_size: int, search: Search, pad_id: int
+    prefixes: list[list[int]], batch_size: int, settings: DecodeSettings, pad_id: int
 ) -> np.ndarray:
     """int32 `[batch_size, P]`, the prefixes padded with `pad_id`; P the least of
     `input_pipeline.source_lengths` that fits them, below `max_decode_len`."""
     longest = max(map(len, prefixes), default=0)
-    widths = [w for w in input_pipeline.source_lengths(search.max_decode_len) if w >= longest]
-    width = min(min(widths, default=longest), search.max_decode_len - 1)
+    widths = [w for w in input_pipeline.source_lengths(settings.max_decode_len) if w >= longest]
+    width = min(min(widths, default=longest), settings.max_decode_len - 1)
     out = np.full((batch_size, max(width, 1)), pad_id, np.int32)
     for row, prefix in enumerate(prefixes):
         out[row, : len(prefix)] = prefix
     return out
 
 
-def empty_record(nbest: int, search: Search, tokens: bool) -> dict | None:
+def empty_record(nbest: int, settings: DecodeSettings, tokens: bool) -> dict | None:
     """The record of a skipped (empty) line: empty lists where `decode_batches` would fill them."""
     record = {}
     if nbest:
         record["hypotheses"] = []
-    if search.num_samples > 1:
+    if settings.num_samples > 1:
         record["samples"] = []
     if tokens:
         record.update(tokens=[], token_log_probs=[])

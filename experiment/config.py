@@ -46,6 +46,17 @@ DATA_PLAN_FIELDS = (
     "sp_model_type",
 )
 
+# The decoding settings that stood at the top level of a config before `config.decoding`.
+LEGACY_DECODING_FIELDS = (
+    "decode",
+    "beam_size",
+    "alpha",
+    "length_penalty",
+    "max_decode_len",
+    "max_decode_len_a",
+    "max_decode_len_b",
+)
+
 
 def save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -66,8 +77,11 @@ def load_config(workdir: Path) -> ml_collections.ConfigDict:
         saved = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise RunError(f"{path} is not valid JSON ({e}); restore it or retrain") from None
-    # A run written before a field existed gets the field's default (what the code used then).
+    # A run written before a field existed gets the field's default (what the code used then), and
+    # one written before `config.decoding` its decoding settings moved there from the top level.
     defaults = json.loads(default.get_config().to_json_best_effort())
+    legacy = {k: saved.pop(k) for k in LEGACY_DECODING_FIELDS if k in saved}
+    saved["decoding"] = {**defaults["decoding"], **legacy, **saved.get("decoding", {})}
     return ml_collections.ConfigDict({**defaults, **saved})
 
 

@@ -41,10 +41,10 @@ def run_config_for(hparams: dict, **fields) -> ml_collections.ConfigDict:
     config.tokenizer = tokenizers.MarianTokenizer.kind
     config.shared_vocab = bool(hparams.get("share_embeddings", True))
     config.eval_metric = "bleu"
-    config.decode = "beam"
+    config.decoding.decode = "beam"
     for key, value in fields.items():
-        if value is not None:
-            config[key] = value
+        if value is not None:  # a decoding setting (e.g. max_decode_len) is config.decoding's
+            (config.decoding if key in config.decoding else config)[key] = value
     return config
 
 

@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 import sharding
 from data import input_pipeline
-from experiment import RunError, checkpoints, metrics, plots, pretrained, programs
+from decoding import DecodeSettings
+from experiment import RunError, checkpoints, decode_programs, metrics, plots, pretrained, programs
 from experiment import config as run_config
 
 
@@ -133,23 +134,28 @@ def eval_step(params, batch, model):
     return {"loss_sum": loss_sum, "tokens": tokens}
 
 
+def validation_settings(config) -> DecodeSettings:
+    """How validation decodes: `config.decoding`, checked; a one-line error names a bad
+    `--config.decoding.<field>`, and sampling (validation scores one output per sentence)."""
+    settings = DecodeSettings(**config.decoding).check("--config.decoding.")
+    if settings.decode == "sample":
+        raise RunError(
+            "--config.decoding.decode=sample: validation decodes with greedy or beam search; "
+            "draw samples from the trained run with `eval.py --decode sample`"
+        )
+    return settings
+
+
 def evaluate(config, model, params, eval_data, tgt_tokenizer, num_examples, mesh):
-    """Validation loss (all examples) and decoding metrics (the first `num_examples`, 0 = all).
+    """Validation loss (all examples) and decoding metrics (the first `num_examples`, 0 = all),
+    decoded as `config.decoding` says.
 
     Each batch is split over the devices of `mesh` (its size must divide the eval batch size).
     """
-    decode = programs.decode_fn(
-        model,
-        config.decode,
-        config.beam_size,
-        config.max_decode_len,
-        config.length_penalty,
-        mesh,
-        config.max_decode_len_a,
-        config.max_decode_len_b,
-    )
+    settings = validation_settings(config)
+    decode = decode_programs.decode_fn(model, settings, mesh)
     limit = num_examples or len(eval_data.references)
-    decoding_params = programs.decoding_params(model, params)
+    decoding_params = decode_programs.decoding_params(model, params)
     loss_sum = tokens = 0.0
     hypotheses = []
     for batch in eval_data.batches:
@@ -158,8 +164,8 @@ def evaluate(config, model, params, eval_data, tgt_tokenizer, num_examples, mesh
         loss_sum += float(out["loss_sum"])
         tokens += float(out["tokens"])
         if len(hypotheses) < limit:
-            result = decode(decoding_params, arrays["src"], config.alpha)
-            ids = programs.best_sequences(result)[batch["mask"]]
+            result = decode(decoding_params, arrays["src"], settings.alpha)
+            ids = decode_programs.best_sequences(result)[batch["mask"]]
             hypotheses.extend(tgt_tokenizer.decode(row.tolist()) for row in ids)
     hypotheses = hypotheses[:limit]
     scores = {"loss": loss_sum / max(tokens, 1.0)}
@@ -186,6 +192,7 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None):
     """
     workdir = Path(workdir)
     config = pretrained.adopt_model(config)
+    validation_settings(config)  # a bad decoding setting stops the run before it trains
     sharding.initialize_distributed(config)
     mesh = sharding.mesh_from_config(config)
     is_main = jax.process_index() == 0

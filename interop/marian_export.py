@@ -5,8 +5,9 @@ Transformer (the built module, its params and its run's tokenizers, e.g. those o
 `evaluation.loading.Run`) as `model.safetensors`, `config.json`, `generation_config.json` and the
 tokenizer files (`source.spm`, `target.spm`, `vocab.json`, `target_vocab.json` for separate
 vocabularies, `tokenizer_config.json`) that transformers' `MarianMTModel` / `MarianTokenizer` load
-and CTranslate2's converter accepts. Everything is written to a temporary directory beside `out_dir`
-and renamed into place at the end (`interop.staging`).
+and CTranslate2's converter accepts; the weights go through safetensors' numpy API, without PyTorch.
+Everything is written to a temporary directory beside `out_dir` and renamed into place at the end
+(`interop.staging`).
 """
 
 import dataclasses

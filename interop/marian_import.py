@@ -9,8 +9,9 @@ seqzoo params. Nothing is downloaded: the user points at a directory (e.g. one t
 with it is one `InteropError` line naming the file and the fix. Writing it as a run directory is
 `experiment/pretrained.py`'s.
 
-Weights come from `model.safetensors`; a `pytorch_model.bin` is read only with `torch.load(...,
-weights_only=True)`, which refuses pickles that hold anything but tensors.
+Weights come from `model.safetensors` (numpy, no PyTorch needed); a `pytorch_model.bin` is read only
+with `torch.load(..., weights_only=True)`, which refuses pickles that hold anything but tensors, and
+only where torch is installed (without it: one line saying what to install).
 """
 
 import dataclasses
@@ -98,8 +99,9 @@ def read_weights(directory: Path) -> tuple[dict, str]:
         import torch
     except ImportError:
         raise InteropError(
-            f"{path} is a PyTorch pickle, which needs torch to read: install it (README, "
-            f"set-up), or convert the weights to {marian.SAFETENSORS}"
+            f"{path} is a PyTorch pickle, which needs torch to read: pip install torch (the CPU "
+            "build: --index-url https://download.pytorch.org/whl/cpu), or convert the weights to "
+            f"{marian.SAFETENSORS} where torch is installed"
         ) from None
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)

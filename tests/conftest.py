@@ -423,13 +423,15 @@ def until_eos(row, ids) -> list[int]:
 def marian_decode(run, tokenizer, decode, beam=1, alpha=0.0) -> list[list[str]]:
     """The target pieces (up to EOS) that `run` decodes for `MARIAN_SENTENCES` as transformers'
     `tokenizer` encodes them."""
-    from evaluation import loading
-    from experiment import programs
+    from decoding import DecodeSettings
+    from experiment import decode_programs
 
     src = marian_batch(tokenizer)["input_ids"].numpy().astype(np.int32)
-    search = loading.Search(
+    settings = DecodeSettings(
         decode, beam, alpha, "average", MARIAN_MAX_NEW, no_repeat_ngram_size=MARIAN_NGRAM
     )
-    result = search.decode_fn(run)(run.decoding_params, src, alpha)
-    sequences = programs.best_sequences(result)
+    result = decode_programs.decode_fn(run.model, settings, run.mesh)(
+        run.decoding_params, src, alpha
+    )
+    sequences = decode_programs.best_sequences(result)
     return [run.tgt_tokenizer.pieces(until_eos(row, run.special_ids)) for row in sequences]

@@ -19,7 +19,8 @@ import eval as eval_script
 from configs import tiny_digits_captioner
 from data import batching, digit_captions, tokenizers
 from data.examples import ImageCaptions
-from experiment import RunError, metrics, programs, training
+from decoding import DecodeSettings
+from experiment import RunError, decode_programs, metrics, programs, training
 from models import registry
 from models.captioner import RNNCaptioner
 
@@ -153,28 +154,30 @@ def test_overfits_a_tiny_batch(overfit, tiny_batch):
     model, _, params, losses = overfit
     batch, captions, tokenizer = tiny_batch
     assert losses[0] > 2.0 and losses[-1] < 0.01, losses[::25]
-    result = programs.decode_fn(model, "greedy", 1, 48, "none")(params, batch["src"], 0.0)
-    assert [tokenizer.decode(row) for row in programs.best_sequences(result)] == captions
+    greedy = DecodeSettings(decode="greedy", length_penalty="none", max_decode_len=48)
+    result = decode_programs.decode_fn(model, greedy)(params, batch["src"], 0.0)
+    assert [tokenizer.decode(row) for row in decode_programs.best_sequences(result)] == captions
 
 
 def test_beam_search_through_the_shared_interface(overfit, tiny_batch):
-    """`programs.decode_fn` (decoding.beam_search over programs.step_function, i.e. the model's
+    """`decode_programs.decode_fn` (decoding.beam_search over its step_function, i.e. the model's
     encode / init_decode_state / decode_step) returns the captions, with the scores decoding.score
     gives them; images of a batch do not leak into each other's beams."""
     model, _, params, _ = overfit
     batch, captions, tokenizer = tiny_batch
     src = jnp.asarray(batch["src"])
-    beam = programs.decode_fn(model, "beam", 3, 48, "none")
+    settings = DecodeSettings(beam_size=3, length_penalty="none", max_decode_len=48)
+    beam = decode_programs.decode_fn(model, settings)
     result = beam(params, src, 0.0)
-    best = programs.best_sequences(result)
+    best = decode_programs.best_sequences(result)
     assert [tokenizer.decode(row) for row in best] == captions
 
-    score = programs.score_fn(model, "none")
+    score = decode_programs.score_fn(model, "none")
     scored = score(params, src, jnp.asarray(best), 0.0)
     np.testing.assert_allclose(scored.scores, np.asarray(result.scores)[:, 0], atol=1e-4)
     # The same images in another order give the same captions in that order.
     order = np.array([3, 1, 7, 0, 5, 2, 6, 4])
-    again = programs.best_sequences(beam(params, src[order], 0.0))
+    again = decode_programs.best_sequences(beam(params, src[order], 0.0))
     assert [tokenizer.decode(r) for r in again] == [captions[i] for i in order]
 
 
@@ -230,7 +233,7 @@ def test_train_and_eval_run_unchanged_on_images(tiny_captioner_run, tmp_path):
         workdir,
         eval_script.Options(
             split="test",
-            decode="greedy",
+            decoding={"decode": "greedy"},
             num_examples=24,
             plot_attention=2,
             report=str(tmp_path / "report.json"),

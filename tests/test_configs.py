@@ -1,6 +1,8 @@
 """configs/: every field the code reads is in configs/default.py, and every config takes overrides."""
 
 import ast
+import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -9,6 +11,9 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs import default
+from decoding import DecodeSettings
+from experiment import RunError, training
+from experiment import config as run_config
 
 REPO = Path(__file__).resolve().parents[1]
 # The modules that read a run's config (named `config` there).
@@ -62,13 +67,15 @@ def test_every_field_the_code_reads_is_in_the_default_config():
 @pytest.mark.parametrize("config_file", CONFIGS)
 def test_every_config_takes_command_line_overrides_of_its_fields(config_file, monkeypatch):
     argv = ["train.py", f"--config={config_file}", "--config.num_buckets=8"]
-    argv.append("--config.max_decode_len_b=3")
+    argv += ["--config.decoding.max_decode_len_b=3", "--config.decoding.no_repeat_ngram_size=2"]
     monkeypatch.setattr(sys, "argv", argv)  # config_flags reads the overrides from sys.argv
     values = flags.FlagValues()
     config_flags.DEFINE_config_file("config", "configs/default.py", flag_values=values)
     values(argv)
-    assert values.config.num_buckets == 8 and values.config.max_decode_len_b == 3
+    assert values.config.num_buckets == 8 and values.config.decoding.max_decode_len_b == 3
     assert set(default.get_config().keys()) <= set(values.config.keys())
+    settings = DecodeSettings(**values.config.decoding)
+    assert (settings.max_decode_len_b, settings.no_repeat_ngram_size) == (3, 2)
 
 
 def test_the_hour_recipe_changes_only_the_pair_between_pairs():
@@ -80,3 +87,37 @@ def test_the_hour_recipe_changes_only_the_pair_between_pairs():
     assert fr.to_dict() == de.to_dict()
     with pytest.raises(ValueError, match="en-de, en-fr"):
         multi30k_hour.get_config("de-fr")
+
+
+def test_the_decoding_sub_config_is_decode_settings_whole():
+    config = default.get_config()
+    assert set(config.decoding.keys()) == {f.name for f in dataclasses.fields(DecodeSettings)}
+    assert DecodeSettings(**config.decoding) == DecodeSettings(decode="greedy", max_decode_len=16)
+
+
+def test_a_run_written_before_the_decoding_sub_config_loads_its_settings(tmp_path):
+    saved = json.loads(default.get_config().to_json_best_effort())
+    del saved["decoding"]
+    saved.update(decode="beam", beam_size=6, alpha=1.0, max_decode_len=40, max_decode_len_a=1.5)
+    (tmp_path / run_config.CONFIG_FILE).write_text(json.dumps(saved))
+    config = run_config.load_config(tmp_path)
+    assert "beam_size" not in config and "decode" not in config
+    settings = DecodeSettings(**config.decoding)
+    assert settings == DecodeSettings(
+        decode="beam", beam_size=6, alpha=1.0, max_decode_len=40, max_decode_len_a=1.5
+    )
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("beam_size", 0, r"--config.decoding.beam_size=0: use a beam of 1 or more"),
+        ("decode", "sample", r"--config.decoding.decode=sample: validation decodes with greedy"),
+    ],
+)
+def test_a_bad_validation_setting_stops_the_run_before_it_trains(tmp_path, field, value, message):
+    config = default.get_config()
+    config.decoding[field] = value
+    with pytest.raises((ValueError, RunError), match=message):
+        training.train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

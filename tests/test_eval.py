@@ -13,14 +13,21 @@ from conftest import damage_checkpoint
 
 import eval as eval_script
 from data import input_pipeline, tokenizers
+from decoding import DecodeSettings
 from evaluation import decode_report, loading, translate
-from experiment import RunError, checkpoints, metrics, programs
+from experiment import RunError, checkpoints, decode_programs, metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def options(**fields) -> eval_script.Options:
-    return eval_script.Options(**{"split": "validation", "num_examples": 40, **fields})
+    """eval.py's options as its flags would give them (decoding flags in `Options.decoding`)."""
+    names = {f.name for f in dataclasses.fields(DecodeSettings)}
+    decoding = {k: v for k, v in fields.items() if k in names and v is not None}
+    fields = {k: v for k, v in fields.items() if k not in names}
+    return eval_script.Options(
+        **{"split": "validation", "num_examples": 40, **fields}, decoding=decoding
+    )
 
 
 @pytest.fixture(scope="module")
@@ -324,17 +331,21 @@ def test_input_compiles_each_shape_once_and_decodes_each_batch_once(
         def lower(self, *args, **kwargs):
             return self.fn.lower(*args, **kwargs)
 
-    real = loading.Search.decode_fn
+    real = decode_programs.decode_fn
     monkeypatch.setattr(
-        loading.Search,
+        decode_programs,
         "decode_fn",
-        lambda self, run: wrapped.setdefault(id(run), Counting(real(self, run))),
+        lambda model, settings, mesh: wrapped.setdefault(
+            id(model), Counting(real(model, settings, mesh))
+        ),
     )
     lines = ["3 May 1979", "Thursday, May 3, 1979", "1979-05-03", "May 3rd, 1979, a Thursday"]
     source = tmp_path / "in.txt"
     source.write_text("\n".join(lines * 3) + "\n")  # 12 lines: 6 chunks of 2
-    search_options = options(input=str(source), output=str(tmp_path / "o.txt"), batch_size=2)
-    eval_script.evaluate(workdir, dataclasses.replace(search_options, beam_size=3))
+    search_options = options(
+        input=str(source), output=str(tmp_path / "o.txt"), batch_size=2, beam_size=3
+    )
+    eval_script.evaluate(workdir, search_options)
     [counting] = wrapped.values()
     assert len(calls) == 6  # each batch decoded once
     shapes = set(calls)
@@ -377,13 +388,11 @@ def test_source_length_limits_cut_each_sentence_at_its_own_length(tiny_run, tmp_
         run.config, "validation", run.src_tokenizer, run.tgt_tokenizer, batch_size=16
     ).batches[0]["src"]
     limits = np.ceil(a * np.sum(src != 0, axis=1)).astype(int) + b
-    max_len = run.config.max_decode_len
-    free = programs.decode_fn(run.model, "greedy", 1, max_len, "none")(
-        run.decoding_params, src, 0.0
-    )
-    cut = programs.decode_fn(run.model, "greedy", 1, max_len, "none", None, a, b)(
-        run.decoding_params, src, 0.0
-    )
+    max_len = run.config.decoding.max_decode_len
+    greedy = DecodeSettings("greedy", 1, 0.0, "none", max_len)
+    free = decode_programs.decode_fn(run.model, greedy)(run.decoding_params, src, 0.0)
+    limited = dataclasses.replace(greedy, max_decode_len_a=a, max_decode_len_b=b)
+    cut = decode_programs.decode_fn(run.model, limited)(run.decoding_params, src, 0.0)
     # Greedy with a limit is greedy without one, truncated at the limit.
     want = np.where(np.arange(max_len) < limits[:, None], free.sequences, 0)
     np.testing.assert_array_equal(cut.sequences, want)
@@ -391,9 +400,8 @@ def test_source_length_limits_cut_each_sentence_at_its_own_length(tiny_run, tmp_
     assert np.all(free.lengths > limits) and len(set(limits)) > 1, "the test needs varied cuts"
     hyps = (tmp_path / "h.txt").read_text().splitlines()
     assert hyps == [run.tgt_tokenizer.decode(row.tolist()) for row in want]
-    beam = programs.decode_fn(run.model, "beam", 4, max_len, "gnmt", None, a, b)(
-        run.decoding_params, src, 0.6
-    )
+    beam_settings = dataclasses.replace(limited, decode="beam", beam_size=4, length_penalty="gnmt")
+    beam = decode_programs.decode_fn(run.model, beam_settings)(run.decoding_params, src, 0.6)
     assert np.all(np.asarray(beam.lengths) <= limits[:, None])
 
 
@@ -459,7 +467,7 @@ def test_nbest_writes_each_sentences_k_best_with_their_scores(tiny_run, tmp_path
         return out
 
     # Each score is the normalized teacher-forced log-probability of its own text.
-    scored = programs.score_fn(run.model, "gnmt")(
+    scored = decode_programs.score_fn(run.model, "gnmt")(
         run.decoding_params, padded(sources), padded(targets), 0.6
     )
     for i, h in enumerate(hyps):
@@ -523,7 +531,7 @@ def test_sampling_from_the_command_line_is_reproducible_per_sentence(tiny_run, t
         ),
         4,
     )
-    score = programs.score_fn(run.model, "none")
+    score = decode_programs.score_fn(run.model, "none")
     for record, source in zip(records, data.sources, strict=False):
         src = np.array([run.src_tokenizer.encode(source) + [2]], np.int32)
         for draw in record["samples"]:
@@ -566,7 +574,7 @@ def test_tsv_input_forces_each_lines_prefix(tiny_run, tmp_path):
     assert records[0]["text"] != free[0] and records[2]["text"] != free[2]
     # The prefix's log-probabilities count: the record's equals the teacher-forced score.
     run = loading.Run(workdir)
-    score = programs.score_fn(run.model, "none")
+    score = decode_programs.score_fn(run.model, "none")
     for record, source in zip(records, sources, strict=True):
         src = np.array([run.src_tokenizer.encode(source) + [2]], np.int32)
         targets = np.array([run.tgt_tokenizer.encode(record["text"]) + [2]], np.int32)

@@ -9,7 +9,7 @@ import pytest
 from conftest import SRC, TGT_IN, TGT_OUT, TINY_TRANSFORMER, overfit
 
 import decoding
-from experiment import programs
+from experiment import decode_programs
 from models import int8
 from models.transformer import Transformer
 
@@ -127,7 +127,7 @@ def test_an_int8_transformer_decodes_what_the_float_one_does(tie_output):
 
     @jax.jit
     def greedy(params):
-        step_fn, state = programs.step_function(model, params, SRC, TGT_IN.shape[1])
+        step_fn, state = decode_programs.step_function(model, params, SRC, TGT_IN.shape[1])
         return decoding.greedy(
             step_fn,
             state,

@@ -139,6 +139,7 @@ def _flat(tree) -> dict:
 def _job_decode(workdir, out):
     """Decode the run's best checkpoint (greedy and beam 4) on this process's devices."""
     from data import input_pipeline
+    from decoding import DecodeSettings
     from evaluation import decode_report, loading
 
     run = loading.Run(Path(workdir))
@@ -148,7 +149,7 @@ def _job_decode(workdir, out):
     eval_data = input_pipeline.head(eval_data, 32)
     arrays = {"devices": jax.device_count()}
     for decode in ("greedy", "beam"):
-        search = loading.Search(decode, 4, 0.6, "gnmt", run.config.max_decode_len)
+        search = DecodeSettings(decode, 4, 0.6, "gnmt", run.config.decoding.max_decode_len)
         ids, _, _ = decode_report.decode_batches(run, eval_data.batches, search, lambda *_: None)
         arrays[decode] = ids
     # The decoding features together: forced prefixes (none for every third sentence), n-gram
@@ -158,12 +159,12 @@ def _job_decode(workdir, out):
     prefix[::3] = 0
     batches = [{**batch, "prefix": prefix} for batch in eval_data.batches]
     for decode in ("beam", "sample"):
-        search = loading.Search(
+        search = DecodeSettings(
             decode,
             4,
             0.6,
             "gnmt",
-            run.config.max_decode_len,
+            run.config.decoding.max_decode_len,
             1.0,
             4,
             no_repeat_ngram_size=3,

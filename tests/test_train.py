@@ -115,7 +115,7 @@ def test_bfloat16_run_trains_like_float32_and_resumes_exactly(
     assert bf16 != f32, "the run must really compute in bfloat16"
     report = eval_script.evaluate(
         tmp_path / "whole",
-        eval_script.Options(split="validation", num_examples=16, beam_size=4),
+        eval_script.Options(split="validation", num_examples=16, decoding={"beam_size": 4}),
     )
     assert report["decode"] == "beam" and report["num_examples"] == 16
 
@@ -221,10 +221,10 @@ def test_a_config_json_older_than_a_field_gets_its_default(tiny_run, tmp_path):
     old = tmp_path / "old"
     shutil.copytree(tiny_run[0], old)
     saved = json.loads((old / "config.json").read_text())
-    del saved["num_buckets"], saved["max_decode_len_a"]
+    del saved["num_buckets"], saved["decoding"]["max_decode_len_a"]
     (old / "config.json").write_text(json.dumps(saved))
     loaded = run_config.load_config(old)
-    assert loaded.num_buckets == 4 and loaded.max_decode_len_a == 0.0
+    assert loaded.num_buckets == 4 and loaded.decoding.max_decode_len_a == 0.0
     assert loaded.model_hparams.hidden_dim == saved["model_hparams"]["hidden_dim"]
 
 

@@ -13,7 +13,7 @@ import pytest
 from conftest import SRC, SRC_MASK, TGT_IN, TINY_TRANSFORMER, overfit
 
 import decoding
-from experiment import programs
+from experiment import decode_programs
 from models import int8, packed
 from models.transformer import TIED_OUTPUT_KERNEL, Transformer, sinusoidal_positions
 
@@ -145,7 +145,7 @@ BEAM_SEARCH = dict(bos_id=1, eos_id=2, batch_size=SRC.shape[0], beam_size=3, max
 def cached_beam_search(params, src):
     """The tiny Transformer's beam search over its KV cache, as train.py and eval.py run it."""
     model, _, _ = tiny()
-    step_fn, state = programs.step_function(model, params, src, BEAM_SEARCH["max_len"])
+    step_fn, state = decode_programs.step_function(model, params, src, BEAM_SEARCH["max_len"])
     return decoding.beam_search(step_fn, state, **{**BEAM_SEARCH, "batch_size": src.shape[0]})
 
 
@@ -179,12 +179,12 @@ def test_beam_search_with_the_kv_cache_matches_recomputing_every_prefix():
 
 
 def test_decoding_params_give_the_search_the_same_logits_through_the_transposed_table():
-    """`programs.decoding_params` adds the tied table transposed (a copy, packed), decoding steps
+    """`decode_programs.decoding_params` adds the tied table transposed (a copy, packed), decoding steps
     multiply by it and find what the table gives; untied, int8 and already-prepared params get no
     copy."""
     model, variables, _ = tiny()
     params = jax.tree.map(lambda p: 2.0 * p, variables["params"])
-    prepared = programs.decoding_params(model, params)
+    prepared = decode_programs.decoding_params(model, params)
     kernel = prepared[TIED_OUTPUT_KERNEL]
     assert isinstance(kernel, packed.PackedKernel)
     np.testing.assert_array_equal(kernel.kernel, np.asarray(params["tgt_embed"]["embedding"]).T)
@@ -193,14 +193,16 @@ def test_decoding_params_give_the_search_the_same_logits_through_the_transposed_
     np.testing.assert_allclose(got.log_probs, want.log_probs, rtol=1e-5)
     # The step reads the copy, not the table: a zero copy gives uniform logits.
     zero = jax.tree.map(jnp.zeros_like, kernel)
-    step_fn, state = programs.step_function(model, {**prepared, TIED_OUTPUT_KERNEL: zero}, SRC, 4)
+    step_fn, state = decode_programs.step_function(
+        model, {**prepared, TIED_OUTPUT_KERNEL: zero}, SRC, 4
+    )
     logits, _ = step_fn(jnp.ones((SRC.shape[0],), jnp.int32), state)
     np.testing.assert_array_equal(logits, 0.0)
-    assert set(programs.decoding_params(model, prepared)) == set(prepared)
+    assert set(decode_programs.decoding_params(model, prepared)) == set(prepared)
     untied = Transformer(11, 13, **TINY, tie_output=False)
-    assert set(programs.decoding_params(untied, params)) == set(params)
+    assert set(decode_programs.decoding_params(untied, params)) == set(params)
     quantized = int8.quantize_params(params, tied_output=True)
-    assert set(programs.decoding_params(model, quantized)) == set(quantized)
+    assert set(decode_programs.decoding_params(model, quantized)) == set(quantized)
 
 
 GREEDY = dict(bos_id=1, eos_id=2, max_len=7)
@@ -209,7 +211,7 @@ GREEDY = dict(bos_id=1, eos_id=2, max_len=7)
 def cached_greedy(params, src, model=None):
     """The tiny Transformer's (or `model`'s) greedy search over its KV cache."""
     model = model or tiny()[0]
-    step_fn, state = programs.step_function(model, params, src, GREEDY["max_len"])
+    step_fn, state = decode_programs.step_function(model, params, src, GREEDY["max_len"])
     return decoding.greedy(step_fn, state, batch_size=src.shape[0], **GREEDY)
 
 
@@ -241,13 +243,13 @@ def packed_paths(params) -> set:
 
 
 def test_decoding_steps_multiply_by_the_packed_kernels_and_decode_as_before():
-    """`programs.decoding_params` packs every dense kernel of a float32 Transformer and the tied
+    """`decode_programs.decoding_params` packs every dense kernel of a float32 Transformer and the tied
     table's copy; greedy and beam search at batch 1 and 4 find what the kernels as they lie give;
     steps read the panels (zeroed panels change one row's logits); int8 and bfloat16 params are not
     packed."""
     model, variables, _ = tiny()
     params = jax.tree.map(lambda p: 2.0 * p, variables["params"])
-    prepared = programs.decoding_params(model, params)
+    prepared = decode_programs.decoding_params(model, params)
     kernels = {
         "/".join(str(k.key) for k in path[:-1])
         for path, _ in jax.tree_util.tree_leaves_with_path(params)
@@ -263,7 +265,7 @@ def test_decoding_steps_multiply_by_the_packed_kernels_and_decode_as_before():
             np.testing.assert_allclose(got.log_probs, want.log_probs, rtol=1e-5)
 
     def first_logits(p):
-        step_fn, state = programs.step_function(model, p, SRC[:1], 4)
+        step_fn, state = decode_programs.step_function(model, p, SRC[:1], 4)
         return np.asarray(step_fn(jnp.ones((1,), jnp.int32), state)[0])
 
     inner = prepared[layers[0]]["ffn"]["inner"]
@@ -274,10 +276,12 @@ def test_decoding_steps_multiply_by_the_packed_kernels_and_decode_as_before():
     ffn = {**prepared[layers[0]]["ffn"], "inner": zeroed}
     changed = {**prepared, layers[0]: {**prepared[layers[0]], "ffn": ffn}}
     assert not np.allclose(first_logits(changed), first_logits(prepared))
-    quantized = programs.decoding_params(model, int8.quantize_params(params, tied_output=True))
+    quantized = decode_programs.decoding_params(
+        model, int8.quantize_params(params, tied_output=True)
+    )
     assert packed_paths(quantized) == set()
     half = Transformer(11, 13, **TINY, dtype=jnp.bfloat16)
-    assert packed_paths(programs.decoding_params(half, params)) == set()
+    assert packed_paths(decode_programs.decoding_params(half, params)) == set()
 
 
 @pytest.mark.parametrize("search, src", [("beam", SRC), ("greedy", SRC), ("greedy", SRC[:1])])
@@ -288,7 +292,7 @@ def test_the_decoding_loop_updates_the_kv_cache_in_place(search, src):
     model, variables, _ = tiny()
     params = variables["params"]
     state = jax.eval_shape(
-        lambda p: programs.step_function(model, p, src, BEAM_SEARCH["max_len"])[1], params
+        lambda p: decode_programs.step_function(model, p, src, BEAM_SEARCH["max_len"])[1], params
     )
     rows = src.shape[0] * (BEAM_SEARCH["beam_size"] if search == "beam" else 1)
     cache_shapes = {
