@@ -33,8 +33,8 @@ def main(argv):
     print(f"checkpoints: {workdir}/checkpoints (best: {workdir}/best)")
     print(f"metrics:     {workdir}/{metrics.METRICS_FILE}")
     print(f"plot:        {workdir}/learning_curves.png")
-    final = {k: v for k, v in last.items() if isinstance(v, float)}
-    print("validation:  " + ", ".join(f"{k} {v:.4g}" for k, v in final.items()))
+    if last:  # the run's metric first (its config's eval_metric), the others after it
+        print(f"validation:  {metrics.summary(last, FLAGS.config.eval_metric)}")
     print(f"next:        python eval.py --workdir {workdir}")
 
 

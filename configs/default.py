@@ -69,7 +69,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval_every = 500
     config.num_eval_examples = 1000  # Validation examples decoded at each eval (0 = all).
     config.num_samples_to_log = 3
-    config.eval_metric = "exact_match"  # Selects the best checkpoint: "exact_match" | "bleu".
+    # The metric the run is judged by: it selects the best checkpoint and leads the validation line
+    # and the learning curves. "exact_match" | "bleu" | "bleu_lc_tok" | "chrf".
+    config.eval_metric = "exact_match"
     # How validation decodes: a decoding.DecodeSettings (its fields' help says what each does), e.g.
     # --config.decoding.beam_size=8; eval.py takes the run's max_decode_len, max_decode_len_a and
     # max_decode_len_b unless its flags of the same names say otherwise.

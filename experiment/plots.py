@@ -21,14 +21,19 @@ def _pyplot():
 
 
 def learning_curves(records: list[dict], metric: str, path: Path) -> Path:
-    """Train/validation loss and the validation `metric` against steps.
+    """Train/validation loss, the validation `metric` (the one the run is judged by) and, beside
+    them, the run's other validation metrics, against steps.
 
     Args:
-      records: metrics.jsonl rows, `{"step", "split": "train" | "validation", "loss", metric...}`.
+      records: metrics.jsonl rows, `{"step", "split": "train" | "validation", "loss", metric...}`;
+        a validation row's other float fields (not loss or elapsed_s) are the other metrics.
     """
     train = [r for r in records if r.get("split") == "train"]
     valid = [r for r in records if r.get("split") == "validation"]
-    fig, (ax_loss, ax_metric) = _pyplot().subplots(1, 2, figsize=(10, 4))
+    others = list(dict.fromkeys(k for r in valid for k, v in r.items() if isinstance(v, float)))
+    others = [k for k in others if k not in ("loss", "elapsed_s", metric)]
+    panels = 3 if others else 2
+    fig, (ax_loss, ax_metric, *ax_others) = _pyplot().subplots(1, panels, figsize=(5 * panels, 4))
     if train:
         ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
     if valid:
@@ -41,6 +46,12 @@ def learning_curves(records: list[dict], metric: str, path: Path) -> Path:
     ax_loss.set(xlabel="step", ylabel="loss (per token)", title="Loss", yscale="log")
     ax_loss.legend()
     ax_metric.set(xlabel="step", ylabel=metric, title=f"Validation {metric}")
+    for ax in ax_others:
+        for name in others:
+            points = [(r["step"], r[name]) for r in valid if name in r]
+            ax.plot(*zip(*points), "o-", label=name)
+        ax.set(xlabel="step", title="Other validation metrics")
+        ax.legend()
     return save_figure(fig, path)
 
 

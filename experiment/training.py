@@ -295,7 +295,10 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None):
                     workdir, {"step": step, "split": "validation", **last_metrics, **elapsed}
                 )
                 report_validation(
-                    progress, step, last_metrics, samples[: config.num_samples_to_log]
+                    progress,
+                    step,
+                    metrics.summary(last_metrics, config.eval_metric),
+                    samples[: config.num_samples_to_log],
                 )
                 plots.learning_curves(
                     metrics.read_metrics(workdir),
@@ -365,8 +368,7 @@ def validate_average(config, model, state, data, mesh, workdir: Path, is_main: b
     }
     if is_main:
         metrics.append_metrics(workdir, record)
-        summary = ", ".join(f"{k} {v:.4g}" for k, v in scores.items() if isinstance(v, float))
-        print(f"{which} validation: {summary}")
+        print(f"{which} validation: {metrics.summary(scores, config.eval_metric)}")
     return record
 
 
@@ -473,8 +475,8 @@ class TrainWindow:
         return record
 
 
-def report_validation(progress, step, metrics, samples) -> None:
-    summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+def report_validation(progress, step, summary: str, samples) -> None:
+    """The validation line (`metrics.summary`: the run's metric first) and some decoded samples."""
     progress.write(f"step {step} validation: {summary}")
     for source, reference, hypothesis in samples:
         progress.write(f"  src: {source}\n  ref: {reference}\n  hyp: {hypothesis}")

@@ -2,6 +2,7 @@
 
 import ast
 import dataclasses
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from ml_collections import config_flags
 
 from configs import default
 from decoding import DecodeSettings
-from experiment import RunError, training
+from experiment import RunError, metrics, training
 from experiment import config as run_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,3 +122,22 @@ def test_a_bad_validation_setting_stops_the_run_before_it_trains(tmp_path, field
     with pytest.raises((ValueError, RunError), match=message):
         training.train_and_evaluate(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def load_config(config_file: str):
+    """The config that `--config=config_file` gives (`configs/x.py` or `configs/x.py:argument`)."""
+    path, _, argument = config_file.partition(":")
+    module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+    return module.get_config(argument) if argument else module.get_config()
+
+
+@pytest.mark.parametrize("config_file", CONFIGS)
+def test_every_config_is_judged_by_a_metric_validation_computes(config_file):
+    """eval_metric selects the best checkpoint and leads the validation line and the curves: a
+    metric that validation reports, and for a model that writes lowercase, lowercased BLEU."""
+    config = load_config(config_file)
+    exact_match = config.eval_metric == "exact_match"
+    reported = metrics.text_metrics(["a b"], ["a b"], exact_match=exact_match)
+    assert isinstance(reported.get(config.eval_metric), float)
+    if config.lowercase:
+        assert config.eval_metric == "bleu_lc_tok"

@@ -1,3 +1,5 @@
+import pytest
+
 from experiment import metrics
 
 
@@ -21,3 +23,17 @@ def test_a_resumed_runs_rows_read_as_one_uninterrupted_history():
         (40, "validation", 45.0),
     ]
     assert metrics.one_history(first) == first
+
+
+def test_the_validation_line_leads_with_the_metric_the_run_is_judged_by():
+    # The one-hour model writes lowercase: it is judged by bleu_lc_tok, not by its cased BLEU.
+    scores = {"loss": 1.931, "bleu": 9.069, "bleu_signature": "nrefs:1", "bleu_lc_tok": 42.51}
+    scores["chrf"] = 61.23
+    line = metrics.summary(scores, "bleu_lc_tok")
+    assert line == "bleu_lc_tok 42.51; loss 1.931, bleu 9.069, chrf 61.23"
+    assert metrics.summary({"loss": 0.5, "exact_match": 0.25}, "exact_match").startswith(
+        "exact_match 0.25; loss 0.5"
+    )
+    with pytest.raises(ValueError, match="eval_metric='bleu_lc' is not among") as error:
+        metrics.summary(scores, "bleu_lc")
+    assert "loss, bleu, bleu_lc_tok, chrf" in str(error.value) and "\n" not in str(error.value)

@@ -55,6 +55,30 @@ def test_learning_curves_plot_each_split_against_steps(tmp_path, drawn):
     assert metric.get_ylabel() == "bleu"
 
 
+def test_learning_curves_lead_with_the_runs_metric_and_plot_the_others_beside_it(tmp_path, drawn):
+    # metrics.jsonl rows of a lowercased run judged by bleu_lc_tok (its cased bleu is low).
+    records = [{"step": 10, "split": "train", "loss": 2.0, "tokens": 300, "elapsed_s": 3.0}]
+    for step, bleu, bleu_lc_tok, chrf in ((10, 6.5, 30.0, 50.0), (20, 9.1, 42.5, 60.0)):
+        scores = {
+            "loss": 1.0,
+            "bleu": bleu,
+            "bleu_signature": "nrefs:1",
+            "bleu_lc_tok": bleu_lc_tok,
+        }
+        scores.update(chrf=chrf, elapsed_s=float(step))
+        records.append({"step": step, "split": "validation", **scores})
+    plots.learning_curves(records, "bleu_lc_tok", tmp_path / "curves.png")
+    [fig] = drawn
+    _, metric, others = fig.axes
+    assert (metric.get_title(), metric.get_ylabel()) == ("Validation bleu_lc_tok", "bleu_lc_tok")
+    assert [line.get_xydata().tolist() for line in metric.lines] == [[[10, 30.0], [20, 42.5]]]
+    assert [line.get_label() for line in others.lines] == ["bleu", "chrf"]
+    assert [line.get_xydata().tolist() for line in others.lines] == [
+        [[10, 6.5], [20, 9.1]],
+        [[10, 50.0], [20, 60.0]],
+    ]
+
+
 def test_quality_curves_plot_validation_against_wall_time_and_tokens_seen(tmp_path, drawn):
     records = [
         {"step": 10, "split": "train", "loss": 2.0, "tokens": 300, "elapsed_s": 30.0},
