@@ -23,6 +23,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <thread>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -103,6 +104,23 @@ struct Work {
   std::atomic<int64_t> next{0}, done{0};
 };
 
+// One turn of a wait for a helper's last panels (a few microseconds when it runs): a pause
+// instruction for the first kSpins turns, then the core is given up on every turn, so a helper
+// pre-empted on a loaded machine does not make the caller burn a core until it runs again.
+constexpr int kSpins = 256;
+
+inline void WaitTurn(int turn) {
+  if (turn >= kSpins) {
+    std::this_thread::yield();
+    return;
+  }
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield" ::: "memory");
+#endif
+}
+
 constexpr int64_t kBytesPerThread = 128 << 10;  // a thread for each 128 KB of panels, up to the pool's
 
 std::string Shape(ffi::Span<const int64_t> dims) {
@@ -138,8 +156,8 @@ ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t threads = std::min({pool.num_threads(), P, P * K * kPanel * 4 / kBytesPerThread});
   for (int64_t t = 1; t < threads; ++t) pool.Schedule([run] { run(); });
   run();
-  while (work->done.load(std::memory_order_acquire) < P) {
-  }
+  for (int turn = 0; work->done.load(std::memory_order_acquire) < P; turn += turn < kSpins)
+    WaitTurn(turn);
   return ffi::Error::Success();
 }
 
