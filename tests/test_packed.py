@@ -1,5 +1,6 @@
 """models/packed.py: dense kernels in column panels and their FFI product on the CPU."""
 
+import math
 import subprocess
 import sys
 import textwrap
@@ -10,6 +11,8 @@ import numpy as np
 import pytest
 from conftest import REPO
 from flax import linen as nn
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from models import int8, packed
 
@@ -115,6 +118,59 @@ def test_panels_that_do_not_match_the_kernel_are_refused(change, problem):
     for rows in (1, packed.MAX_ROWS + 1):  # through the panels or not: a broken kernel is refused
         with pytest.raises(ValueError, match=problem):
             jax.jit(packed.matmul)(kernel(rows, weights.kernel.shape[0]), weights)
+
+
+# Sizes around a panel's edge (1, 63, 64, 65) and any other up to two panels and a bit.
+SIZES = st.sampled_from([1, 2, 63, 64, 65]) | st.integers(1, 130)
+PROPERTY = settings(max_examples=25, deadline=None, derandomize=True)  # ~0.3 s an example
+MATMUL = jax.jit(packed.matmul)  # one function: each new shape compiles once
+
+
+@st.composite
+def products(draw) -> tuple[tuple, tuple, int]:
+    """(x's shape, the kernel's shape, contracted axes): 1-70 rows in one or two leading axes,
+    K and F in one or two axes each."""
+    rows = draw(st.integers(1, 70))
+    lead = draw(st.sampled_from([(rows,), (1, rows)]))
+    contracted = draw(st.sampled_from([(draw(SIZES),), (draw(st.integers(1, 3)), draw(SIZES))]))
+    out = draw(st.sampled_from([(draw(SIZES),), (draw(st.integers(1, 3)), draw(SIZES))]))
+    return lead + contracted, contracted + out, len(contracted)
+
+
+@PROPERTY
+@given(products(), st.integers(0, 2**16))
+@example(((1, 1), (1, 1), 1), 0)
+@example(((70, 63), (63, 65), 1), 0)
+@example(((64, 64), (64, 64), 1), 0)
+@example(((1, 65, 3, 65), (3, 65, 1), 2), 0)
+@example(((1, 2, 64), (2, 64, 2, 63), 2), 0)
+def test_panels_multiply_as_jnp_dot_does_for_any_shape(shapes, seed):
+    x_shape, w_shape, contracting = shapes
+    x, w = kernel(*x_shape, seed=seed), kernel(*w_shape, seed=seed + 1)
+    got = MATMUL(x, packed.pack(w, contracting))
+    k = math.prod(w_shape[:contracting])
+    want = jnp.dot(x.reshape(-1, k), w.reshape(k, -1)).reshape(got.shape)
+    assert got.shape == x_shape[: x.ndim - contracting] + w_shape[contracting:]
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * math.sqrt(k))
+
+
+@PROPERTY
+@given(products(), products())
+def test_an_input_of_other_contracted_axes_is_refused_whatever_the_shapes(shapes, other):
+    """An input with the trailing axes of another kernel: a ValueError unless they are this
+    kernel's contracting axes (then the product is the dot) - never a call that reads wrongly."""
+    (_, w_shape, contracting), (x_shape, _, _) = shapes, other
+    x, w = kernel(*x_shape), kernel(*w_shape, seed=1)
+    weights = packed.pack(w, contracting)
+    if x_shape[len(x_shape) - contracting :] != w_shape[:contracting]:
+        with pytest.raises(ValueError, match="do not match the kernel's contracting axes"):
+            MATMUL(x, weights)
+    else:
+        k = math.prod(w_shape[:contracting])
+        want = jnp.dot(x.reshape(-1, k), w.reshape(k, -1))
+        np.testing.assert_allclose(
+            MATMUL(x, weights).reshape(want.shape), want, rtol=2e-5, atol=1e-4
+        )
 
 
 def test_panels_hold_64_columns_of_every_kernel_row():
