@@ -2,7 +2,8 @@
 
 - `experiment.config`: a run directory's config (write once, read, check on resume), flag errors.
 - `experiment.checkpoints`: periodic and best checkpoints with integrity records, resume, averaging.
-- `experiment.programs`: the model, its initial params, optimizer and loss, and the jitted decode and
+- `experiment.programs`: the model, its special ids, initial params, optimizer and loss.
+- `experiment.decode_programs`: the jitted decode (`decode_fn`, a `decoding.DecodeSettings` whole) and
   score programs that train.py, eval.py, the benchmarks and the tests all build the same way.
 - `experiment.metrics`: BLEU/chrF/exact match, quality by source length, `metrics.jsonl`.
 - `experiment.plots`: learning and quality curves, attention figures (PNG files).

@@ -9,6 +9,8 @@ fixtures that use it, so the model and decoding tests collect with jax, flax and
 - `tokenizer_dir`: a session tokenizer cache, so each tokenizer is trained once per session.
 - `dates_config()` / `multi30k_config()`: fresh ConfigDicts for `input_pipeline.get_datasets`.
 - `dates_data` / `multi30k_data`: `get_datasets` of those configs, built once per session.
+- `tiny_run`: a 20-step tiny dates run (once per session); `eval_options(**fields)`: eval.py's
+  options for it; `validation_head(run, count)`: a loaded run's first validation examples.
 - `damage_checkpoint(step_dir)`: flips bytes in a checkpoint's array data.
 - `SRC`, `TGT_IN`, `TGT_OUT`, `SRC_MASK`: four toy sentence pairs for the model tests,
   `TINY_TRANSFORMER`: the hyperparameters of a Transformer that compiles in seconds, and
@@ -219,6 +221,33 @@ def tiny_run(tmp_path_factory, tfds_data_dir, tokenizer_dir):
         tiny_run_config(tfds_data_dir, tokenizer_dir), workdir
     )
     return workdir, state, metrics
+
+
+def eval_options(**fields):
+    """eval.py's `Options` for the tiny run's tests, as its flags would give them: `fields` are
+    `Options` and `DecodeSettings` fields (the latter go to `Options.decoding`; None: not given);
+    the validation split and its first 40 examples unless they say otherwise."""
+    import dataclasses
+
+    import eval as eval_script
+    from decoding import DecodeSettings
+
+    names = {f.name for f in dataclasses.fields(DecodeSettings)}
+    decoding = {k: v for k, v in fields.items() if k in names and v is not None}
+    fields = {k: v for k, v in fields.items() if k not in names}
+    return eval_script.Options(
+        **{"split": "validation", "num_examples": 40, **fields}, decoding=decoding
+    )
+
+
+def validation_head(run, count: int):
+    """The first `count` validation examples of a loaded run (`evaluation.loading.Run`)."""
+    from data import input_pipeline
+
+    data = input_pipeline.get_eval_data(
+        run.config, "validation", run.src_tokenizer, run.tgt_tokenizer
+    )
+    return input_pipeline.head(data, count)
 
 
 def damage_checkpoint(step_dir: Path) -> Path:

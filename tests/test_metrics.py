@@ -37,3 +37,19 @@ def test_the_validation_line_leads_with_the_metric_the_run_is_judged_by():
     with pytest.raises(ValueError, match="eval_metric='bleu_lc' is not among") as error:
         metrics.summary(scores, "bleu_lc")
     assert "loss, bleu, bleu_lc_tok, chrf" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_by_source_length_groups_and_scores():
+    hypotheses = ["a", "b", "x", "d", "e", "y"]
+    references = ["a", "b", "c", "d", "e", "f"]
+    lengths = [5, 1, 9, 1, 5, 9]
+    rows = metrics.by_source_length(hypotheses, references, lengths, exact_match=True, bins=3)
+    assert [(r["min_len"], r["max_len"], r["count"]) for r in rows] == [
+        (1, 1, 2),
+        (5, 5, 2),
+        (9, 9, 2),
+    ]
+    assert [r["exact_match"] for r in rows] == [1.0, 1.0, 0.0]
+    # Ties never split: one length, one group.
+    rows = metrics.by_source_length(["a"] * 4, ["a"] * 4, [3, 3, 3, 3], exact_match=True)
+    assert [(r["min_len"], r["max_len"], r["count"]) for r in rows] == [(3, 3, 4)]
