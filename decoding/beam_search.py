@@ -1,15 +1,34 @@
 """Beam search in one `jax.lax.while_loop`, vectorized over sentences and beams.
 
 Each sentence keeps two sets of `beam_size` hypotheses:
-- alive: prefixes that may still grow. Each step extends every alive prefix by every token, and the
-  `beam_size` best extensions by log-probability (one top-k over `beam x vocab` candidates,
-  `common.top_k`, EOS extensions included) are kept;
+- alive: prefixes that may still grow. Each step extends every alive prefix by every token and ranks
+  the extensions by log-probability (one top-k over `beam x vocab` candidates, `common.top_k`, EOS
+  extensions included);
 - finished: the n-best complete hypotheses by normalized score. An extension that picks EOS, or that
   reaches `max_len`, leaves the alive set for good and competes for the n-best; a finished hypothesis is
   never extended, and leaves the n-best only for a better one.
 
-An EOS extension takes a place among the `beam_size` best, as in the classic algorithm (and in Marian
-and OpenNMT), so `beam_size=1` is exactly greedy decoding; the alive set fills up again at the next step.
+Two policies (`beam_policy`, static) decide which extensions are kept:
+- "classic": the `beam_size` best extensions; an EOS extension takes one of those places, as in the
+  classic algorithm (Marian, OpenNMT), so `beam_size=1` is exactly greedy decoding; the alive set
+  fills up again at the next step.
+- "full": the `2 x beam_size` best extensions are the candidates (as in transformers, fairseq and
+  CTranslate2); those among the first `beam_size` that end compete for the n-best (an ending one
+  ranked lower is dropped), and the `beam_size` best that do not end stay alive, so the alive set is
+  always full (each alive prefix has one EOS extension at most, so `beam_size` remain).
+
+A sentence stops (`stopping`, static; docs/design.md maps both options to the peers' settings):
+- "exact": when no alive hypothesis can beat the worst of its n-best: an alive prefix of length t and
+  log-probability lp <= 0 can only lose probability, so no completion scores above
+  `lp / max(penalty(t + 1), penalty(limit))` (the penalty is monotonic in T, for either sign of
+  alpha). Nothing the search would still find is lost (transformers' `early_stopping="never"`);
+- "heuristic": when the best alive hypothesis, scored at its current length t (`lp / penalty(t)`),
+  does not beat the worst of the n-best (transformers' default, `early_stopping=False`);
+- "nbest": as soon as the n-best holds `beam_size` finished hypotheses (transformers'
+  `early_stopping=True`, fairseq, CTranslate2 with a length penalty).
+Every sentence stops at its limit (`max_len`) at the latest, and the loop when every sentence has
+stopped. A stopped sentence is frozen, so what it returns does not depend on the other sentences of
+the batch.
 
 Ranking uses `log P(y|x) / penalty(T)` (see `decoding.length_penalty`), T counting EOS; a hypothesis that
 reaches `max_len` (or its sentence's own limit, `max_lengths`) without EOS is finished with T = that
@@ -19,12 +38,6 @@ hypothesis while it lasts) before the search goes free, its log-probabilities co
 in fairseq's `--prefix-size` and CTranslate2's `target_prefix`. Pad and BOS are never generated. Masks
 restrict the search without renormalizing, so returned log-probabilities are the model's own and equal
 `decoding.score`'s.
-
-A sentence stops when no alive hypothesis can beat the worst of its n-best: an alive prefix of length t
-and log-probability lp <= 0 can only lose probability, so no completion scores above
-`lp / max(penalty(t + 1), penalty(limit))` (the penalty is monotonic in T, for either sign of alpha).
-The loop stops when every sentence has stopped, at its limit (`max_len`) at the latest. A stopped sentence is frozen,
-so what it returns does not depend on the other sentences of the batch.
 
 Empty n-best slots (fewer than `beam_size` distinct hypotheses exist) have score and log-probability
 -inf, `valid` False, length 0 and all-pad tokens: -inf with `jnp.where`, never a finite sentinel that a
@@ -38,6 +51,9 @@ import jax.numpy as jnp
 
 from decoding import common
 from decoding import length_penalty as lp_lib
+
+POLICIES = ("classic", "full")  # `beam_policy`: which extensions are kept (module docstring)
+STOPPING = ("exact", "heuristic", "nbest")  # `stopping`: when a sentence stops (module docstring)
 
 
 class BeamSearchResult(NamedTuple):
@@ -99,6 +115,8 @@ def beam_search(
     prefix: jax.Array | None = None,
     prefix_lengths: jax.Array | None = None,
     with_alignment: bool = False,
+    beam_policy: str = "classic",
+    stopping: str = "exact",
 ) -> BeamSearchResult:
     """The `beam_size`-best hypotheses of each sentence under `length_penalty`.
 
@@ -131,6 +149,10 @@ def beam_search(
       with_alignment: static; `step_fn` then returns `(logits, new_state, alignment [N] int)`, the
         source position aligned with the token being predicted, kept per token (`alignments`).
         Off, nothing is collected and the loop is as without it.
+      beam_policy: "classic" (an EOS extension takes one of the `beam_size` places) or "full"
+        (`2 x beam_size` candidates, `beam_size` stay alive); static, see the module docstring.
+      stopping: "exact", "heuristic" or "nbest" (static): when a sentence stops, see the module
+        docstring.
 
     Returns:
       A `BeamSearchResult`. Usable under an outer `jax.jit` with the static arguments fixed.
@@ -142,6 +164,7 @@ def beam_search(
     common.check_positive(batch_size=batch_size, beam_size=beam_size, max_len=max_len)
     common.check_ngram_size(no_repeat_ngram_size)
     lp_lib.check_kind(length_penalty)
+    check_policy(beam_policy, stopping)
     if not common.is_int(min_len) or not 0 <= min_len < max_len:
         raise ValueError(f"min_len={min_len!r} must be an int in [0, max_len={max_len})")
     common.check_batch(init_state, batch_size)
@@ -165,6 +188,21 @@ def beam_search(
     max_penalty = lp_lib.penalty(limits, alpha, length_penalty)  # [batch]
     positions = jnp.arange(max_len)
     row_base = jnp.arange(batch)[:, None] * beam  # [batch, 1], the first row of each sentence
+    width = 2 * beam if beam_policy == "full" else beam  # extensions ranked per step
+
+    def stops(alive_log_probs: jax.Array, finished: _Hypotheses, length: jax.Array) -> jax.Array:
+        """bool `[batch]`: the sentences that `stopping` stops, given their alive hypotheses'
+        log-probabilities `[batch, beam]` (-inf: none) and length (a scalar), and their n-best
+        (the worst score is -inf while a slot is empty)."""
+        if stopping == "nbest":
+            return finished.scores[:, -1] > -jnp.inf
+        if stopping == "heuristic":
+            bound = jnp.max(alive_log_probs, axis=1) / lp_lib.penalty(length, alpha, length_penalty)
+        else:
+            bound = jnp.max(alive_log_probs, axis=1) / jnp.maximum(
+                lp_lib.penalty(length + 1, alpha, length_penalty), max_penalty
+            )
+        return bound <= finished.scores[:, -1]
 
     def empty(first_log_prob: float) -> _Hypotheses:
         log_probs = jnp.full((batch, beam), -jnp.inf).at[:, 0].set(first_log_prob)
@@ -196,7 +234,7 @@ def beam_search(
             allowed = common.force_prefix(allowed, log_probs, step, prefix)
         # One top-k over every extension of every alive prefix of a sentence.
         candidates = (alive.log_probs[:, :, None] + allowed).reshape(batch, beam * vocab)
-        top_log_probs, top_index = common.top_k(candidates, beam)  # [batch, beam]
+        top_log_probs, top_index = common.top_k(candidates, width)  # [batch, width]
         parent, token = top_index // vocab, top_index % vocab
         token_log_prob = jnp.take_along_axis(log_probs.reshape(batch, -1), top_index, axis=1)
         length = step + 1
@@ -207,7 +245,7 @@ def beam_search(
             token_log_probs=jnp.where(at_step, token_log_prob[..., None], parents.token_log_probs),
             log_probs=top_log_probs,
             scores=lp_lib.normalize(top_log_probs, length, alpha, length_penalty),
-            lengths=jnp.full((batch, beam), length, jnp.int32),
+            lengths=jnp.full((batch, width), length, jnp.int32),
         )
         if with_alignment:  # the alignment of each extension's new token: its parent row's
             aligned = jnp.take_along_axis(alignment[0].reshape(batch, beam), parent, axis=1)
@@ -217,21 +255,27 @@ def beam_search(
                 )
             )
         ends = (token == eos_id) | (length >= limits[:, None])
+        # "full": only the first `beam` candidates may finish; those ranked below them are dropped.
+        collected = ends & (jnp.arange(width) < beam) if beam_policy == "full" else ends
 
         # Finished: merge the new complete hypotheses into the n-best (old ones first, so ties keep them).
         merged = jax.tree.map(
             lambda old, new: jnp.concatenate([old, new], axis=1),
             finished,
-            extended._replace(scores=jnp.where(ends, extended.scores, -jnp.inf)),
+            extended._replace(scores=jnp.where(collected, extended.scores, -jnp.inf)),
         )
         finished = _take(merged, jax.lax.top_k(merged.scores, beam)[1])
 
-        # Alive: the extensions that did not end; a stopped sentence keeps no alive hypothesis.
+        # Alive: the extensions that did not end ("full": the `beam` best of them); a stopped
+        # sentence keeps no alive hypothesis.
         alive_log_probs = jnp.where(ends, -jnp.inf, top_log_probs)
-        bound = jnp.max(alive_log_probs, axis=1) / jnp.maximum(
-            lp_lib.penalty(length + 1, alpha, length_penalty), max_penalty
-        )
-        done = done | (bound <= finished.scores[:, -1]) | (length >= limits)
+        if beam_policy == "full":
+            kept = jax.lax.top_k(alive_log_probs, beam)[1]  # [batch, beam], best first
+            alive_log_probs = jnp.take_along_axis(alive_log_probs, kept, axis=1)
+            parent = jnp.take_along_axis(parent, kept, axis=1)
+            token = jnp.take_along_axis(token, kept, axis=1)
+            extended = _take(extended, kept)
+        done = done | stops(alive_log_probs, finished, length) | (length >= limits)
         alive = extended._replace(
             log_probs=jnp.where(done[:, None], -jnp.inf, alive_log_probs),
             scores=jnp.full((batch, beam), -jnp.inf),
@@ -266,3 +310,16 @@ def beam_search(
         if finished.alignments is None
         else jnp.where(valid[..., None], finished.alignments, -1),
     )
+
+
+def check_policy(beam_policy: str, stopping: str) -> None:
+    """Raises a one-line ValueError unless `beam_policy` is in `POLICIES` and `stopping` in
+    `STOPPING`."""
+    if beam_policy not in POLICIES:
+        raise ValueError(
+            f"beam_policy={beam_policy!r} is not supported: use one of {', '.join(POLICIES)}"
+        )
+    if stopping not in STOPPING:
+        raise ValueError(
+            f"stopping={stopping!r} is not supported: use one of {', '.join(STOPPING)}"
+        )
