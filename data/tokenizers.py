@@ -259,15 +259,19 @@ def load(directory: str | os.PathLike) -> Tokenizer:
     """The tokenizer saved in `directory` by `save`."""
     path = Path(directory)
     try:
-        meta = json.loads((path / _META).read_text())
+        meta = json.loads((path / _META).read_text(encoding="utf-8"))
         if meta["kind"] == CharTokenizer.kind:
-            return CharTokenizer(meta["chars"])
+            chars = meta["chars"]
+            if chars != sorted(set(chars)) or not all(len(c) == 1 for c in chars):
+                raise ValueError("its chars are not the sorted distinct characters `train` writes")
+            return CharTokenizer(chars)
         model = (path / meta["model"]).read_bytes()
         if meta["kind"] == MarianTokenizer.kind:
-            vocab = json.loads((path / meta["vocab"]).read_text())
+            vocab = json.loads((path / meta["vocab"]).read_text(encoding="utf-8"))
             return MarianTokenizer(model, vocab, meta["bos_id"])
         return SentencePieceTokenizer(model)
-    except (OSError, ValueError, KeyError) as e:
+    # TypeError: a file of another structure; RuntimeError: a SentencePiece model that does not parse
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         raise DataError(
             f"no readable tokenizer in {path} ({type(e).__name__}: {e}): point to a directory "
             "written by Tokenizer.save, or delete it to retrain"

@@ -74,9 +74,15 @@ def load_config(workdir: Path) -> ml_collections.ConfigDict:
             f"{path} is missing: {workdir} is not a seqzoo run directory (train.py writes it)"
         )
     try:
-        saved = json.loads(path.read_text())
+        saved = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise RunError(
+            f"{path} is not UTF-8 text (byte {e.start}); restore it or retrain"
+        ) from None
     except json.JSONDecodeError as e:
         raise RunError(f"{path} is not valid JSON ({e}); restore it or retrain") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("decoding", {}), dict):
+        raise RunError(f"{path} is not a config (a JSON object of fields); restore it or retrain")
     # A run written before a field existed gets the field's default (what the code used then), and
     # one written before `config.decoding` its decoding settings moved there from the top level.
     defaults = json.loads(default.get_config().to_json_best_effort())
@@ -130,7 +136,15 @@ def check_data_plan(workdir: Path, batch_shapes: list) -> None:
         if jax.process_index() == 0:
             path.write_text(json.dumps({"batch_shapes": shapes}) + "\n")
         return
-    saved = json.loads(path.read_text())["batch_shapes"]
+    try:
+        saved = json.loads(path.read_bytes().decode("utf-8"))["batch_shapes"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        saved = None
+    if not (isinstance(saved, list) and all(isinstance(s, list) for s in saved)):
+        raise RunError(
+            f'{path} is damaged (not {{"batch_shapes": [[batch, src_len, tgt_len], ...]}}): '
+            "restore it from a copy, or delete it to resume without checking the batch shapes"
+        )
     if saved != shapes:
         raise RunError(
             f"{workdir} was trained on batches of shapes {saved}, this resume would make {shapes} "
