@@ -10,7 +10,7 @@
 // (YNNPACK) and 40-60 GB/s at one (its matrix-vector loop); walking a panel stores its 64 columns
 // contiguously row after row, so the product is one sequential read of the weights with every
 // row's 64 sums held in registers: 40-45 GB/s at four rows, 70-85 at one, on the machine of
-// docs/benchmarks.md ("Batch 1 on the AMD EPYC"). Panels are shared out between the calling thread
+// docs/benchmarks_decoding.md ("Packed kernels"). Panels are shared out between the calling thread
 // and tasks on XLA's intra-op thread pool (a thread for each 128 KB of panels, up to the pool's
 // size: on two cores, both for every matrix of 256 KB or more, 1.4x one thread in a decode).
 //
