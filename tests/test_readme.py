@@ -267,3 +267,18 @@ def test_layout_paths_reads_folders_and_their_modules():
 )
 def test_markdown_links_resolve(doc):
     assert not broken_links(doc), f"{doc.relative_to(REPO)}: broken links {broken_links(doc)}"
+
+
+def test_docs_named_anywhere_exist():
+    pattern = re.compile(r"\bdocs/[\w-]+\.md\b")
+    named = {}
+    for path in REPO.rglob("*"):
+        parts = set(path.relative_to(REPO).parts)
+        if path.suffix not in {".py", ".md", ".cc", ".txt", ""} or not path.is_file():
+            continue
+        if parts & {".git", ".venv", "venv", "__pycache__", "runs", ".hypothesis"}:
+            continue
+        for doc in pattern.findall(path.read_text(errors="replace")):
+            if not (REPO / doc).is_file():
+                named.setdefault(doc, []).append(str(path.relative_to(REPO)))
+    assert not named, f"files that name docs that do not exist (update them): {named}"
