@@ -1,11 +1,14 @@
 """Fuzz the readers of a run folder: random truncations and byte flips of its config.json, tokenizer
 files, integrity records and data_plan.json, each read by the code that reads it (eval's `Run`, a
-resume's checks, `tokenizers.load`). Every case ends in a one-line `RunError` / `DataError`, a
-checkpoint set aside, or a run that still reads (the damage left what the reader needs as it was);
-never another exception, and the folder is left as it was (set-asides apart): nothing half-written.
+resume's checks, `tokenizers.load`). Every case ends in a one-line `RunError` / `DataError` naming
+the run folder (or, for a model field of config.json, the model registry's one-line ValueError), a
+checkpoint set aside, or a run that still reads; never another exception, and the folder is left as
+it was (set-asides apart): nothing half-written. What still reads is damage that no check sees
+without a checksum of the file: a flipped key of a field that then takes its default, a flipped piece
+score of a SentencePiece model.
 
 Seeded; SEQZOO_FUZZ_COUNT=<n> (default 50) and SEQZOO_FUZZ_SEED=<s> run more by hand, e.g.
-`SEQZOO_FUZZ_COUNT=2000 python -m pytest -q tests/test_fuzz_readers.py`.
+`SEQZOO_FUZZ_COUNT=2000 SEQZOO_FUZZ_SEED=1 python -m pytest -q tests/test_fuzz_readers.py`.
 """
 
 import hashlib
@@ -110,10 +113,14 @@ def test_a_damaged_run_file_is_a_one_line_error_or_a_set_aside(
     try:
         read(workdir, target, config)
     except (RunError, DataError) as e:
-        message = str(e)
-        assert "\n" not in message, message
-        names = (target, str(Path(target).parent), str(Path(target).parent.parent))
-        assert any(name in message for name in names), message
+        assert "\n" not in str(e) and str(workdir) in str(e), str(e)  # one line naming where
+    except ValueError as e:
+        # The model registry's own one-line errors for a model field of config.json that a flip
+        # changed (e.g. "unknown model 'attentiob_rnn': use one of ..."; eval.py and train.py print
+        # ValueErrors as one line). A parse error (UnicodeDecodeError, JSONDecodeError) that gets
+        # out is a reader's bug.
+        assert type(e) is ValueError and target == "config.json", repr(e)
+        assert "\n" not in str(e), str(e)
     assert contents(workdir) == before, "a reader wrote to the run folder"
     set_aside = [p.name for p in workdir.glob("*/*") if re.fullmatch(r"\d+\.\w+", p.name)]
     assert set_aside in ([], ["20.damaged"]), set_aside
