@@ -3,9 +3,9 @@
 The kill loop drives `experiment.checkpoints` in child processes forked from a server that has
 imported jax and orbax once (a fresh interpreter per kill would spend seconds importing): each child
 resumes from the newest intact checkpoint, "trains" a small params tree (a deterministic float32
-update per step), saves every step, and is killed with SIGKILL at a point of a save drawn from a
-seeded RNG. One end-to-end kill of the real tiny training config shows the same for `train.py`'s
-loop, bit for bit.
+update per step), saves every step, and is killed with SIGKILL at a point of a save (each kind of
+point in turn; the step, the delays and the moments from a seeded RNG). One end-to-end kill of the
+real tiny training config shows the same for `train.py`'s loop, bit for bit.
 """
 
 import hashlib
@@ -46,13 +46,6 @@ def train_step(params: dict, step: int) -> dict:
         "w": params["w"] - rate * np.tanh(params["w"] + np.float32(step)),
         "b": params["b"] + rate * np.cos(params["b"] * np.float32(step)),
     }
-
-
-def params_after(steps: int) -> dict:
-    params = initial_params()
-    for step in range(1, steps + 1):
-        params = train_step(params, step)
-    return params
 
 
 def digest(params: dict) -> str:
