@@ -103,7 +103,9 @@ def define_flags() -> None:
         if field.metadata:
             define_flag(Options, field, field.default, field.metadata["help"])
     for field in dataclasses.fields(DecodeSettings):
-        default = DEFAULTS_IN_HELP.get(field.name, field.default)
+        default = DEFAULTS_IN_HELP.get(
+            field.name, "unset" if field.default is None else field.default
+        )
         define_flag(DecodeSettings, field, None, f"{field.metadata['help']} (default: {default})")
 
 
