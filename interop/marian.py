@@ -20,8 +20,12 @@ alike), so feature `perm[j]` of every d_model-sized axis moves to position j, wh
 interleaved table into the halves one. Pre-LN models have no Marian form and are refused.
 """
 
+import functools
+import json
+
 import numpy as np
 
+from contracts import is_int
 from interop import InteropError
 from models.transformer import sinusoidal_positions
 
@@ -32,6 +36,8 @@ PICKLE = "pytorch_model.bin"  # or, in older uploads, these (a PyTorch pickle)
 ACTIVATIONS = {"swish": "silu", "silu": "silu", "relu": "relu", "gelu": "gelu_exact"}
 ACTIVATIONS.update({"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu"})
 EXPORT_ACTIVATIONS = {"silu": "swish", "relu": "relu", "gelu_exact": "gelu", "gelu": "gelu_new"}
+# Rows of a positions table, which seqzoo computes whole (opus-mt: 512).
+MIN_POSITIONS, MAX_POSITIONS = 16, 1 << 16
 LAYER_NORM_EPSILON = 1e-5  # torch.nn.LayerNorm's, fixed in MarianMTModel
 # Options of the BART family that MarianMTModel does not have: a config that turns one on is
 # another architecture.
@@ -47,7 +53,13 @@ FOREIGN_OPTIONS = (
 
 def hparams_from_config(config: dict, name: str = "config.json") -> dict:
     """Transformer hyperparameters (`registry.create_model("transformer", ...)` kwargs, with
-    `src_vocab_size` / `tgt_vocab_size`) of a Marian `config.json`; `InteropError` if unsupported."""
+    `src_vocab_size` / `tgt_vocab_size`) of a Marian `config.json`'s parsed JSON; `InteropError`
+    naming `name` and the field for anything unsupported, missing or of the wrong type or range."""
+    if not isinstance(config, dict):
+        raise InteropError(
+            f"{name} holds a JSON {type(config).__name__}, not an object of settings: it is not a "
+            "Marian config.json; restore the model's own"
+        )
     model_type = config.get("model_type")
     if model_type != "marian":
         raise InteropError(
@@ -60,65 +72,121 @@ def hparams_from_config(config: dict, name: str = "config.json") -> dict:
             f"{name} sets {on[0]}, which MarianMTModel does not have: this checkpoint is another "
             "architecture and cannot be imported"
         )
-    pairs = (
-        ("encoder_attention_heads", "decoder_attention_heads"),
-        ("encoder_ffn_dim", "decoder_ffn_dim"),
-    )
-    for encoder, decoder in pairs:
-        if config.get(encoder) != config.get(decoder):
-            raise InteropError(
-                f"{name} has {encoder}={config.get(encoder)} but {decoder}={config.get(decoder)}: "
-                "seqzoo's Transformer uses one value for both"
-            )
-    activation = config.get("activation_function", "gelu")
-    if activation not in ACTIVATIONS:
-        raise InteropError(
-            f"{name} has activation_function {activation!r}: supported are "
-            f"{', '.join(sorted(ACTIVATIONS))}"
-        )
-    shared = bool(config.get("share_encoder_decoder_embeddings", True))
-    vocab = int(config["vocab_size"])
-    decoder_vocab = int(config.get("decoder_vocab_size") or vocab)
+    eos = config.get("eos_token_id")
+    if isinstance(eos, list):
+        if len(eos) != 1:
+            raise InteropError(f"{name} has eos_token_id {eos}: seqzoo decodes to one EOS")
+        config = {**config, "eos_token_id": eos[0]}
+    field = functools.partial(_field, config, name)
+    shared = field("share_encoder_decoder_embeddings", _FLAG, True)
+    vocab = field("vocab_size", _COUNT)
+    decoder_vocab = field("decoder_vocab_size", _COUNT, vocab)
     if shared and decoder_vocab != vocab:
         raise InteropError(
             f"{name} shares embeddings but has vocab_size {vocab} and decoder_vocab_size "
             f"{decoder_vocab}: a shared vocabulary has one size"
         )
-    eos = config.get("eos_token_id")
-    if isinstance(eos, list):
-        if len(eos) != 1:
-            raise InteropError(f"{name} has several eos_token_id {eos}: seqzoo decodes to one EOS")
-        eos = eos[0]
-    pad = config.get("pad_token_id")
-    bos = config.get("decoder_start_token_id", pad)
-    if pad is None or eos is None or bos is None:
+    sizes = {}
+    for encoder, decoder in (
+        ("encoder_attention_heads", "decoder_attention_heads"),
+        ("encoder_ffn_dim", "decoder_ffn_dim"),
+    ):
+        sizes[encoder] = field(encoder, _COUNT)
+        if field(decoder, _COUNT) != sizes[encoder]:
+            raise InteropError(
+                f"{name} has {encoder}={config[encoder]} but {decoder}={config[decoder]}: "
+                "seqzoo's Transformer uses one value for both"
+            )
+    d_model, heads = field("d_model", _COUNT), sizes["encoder_attention_heads"]
+    if d_model % heads or d_model % 2:
         raise InteropError(
-            f"{name} lacks pad_token_id, eos_token_id or decoder_start_token_id: add them"
+            f"{name} has d_model {d_model}: seqzoo's Transformer needs it even and divisible by "
+            f"encoder_attention_heads ({heads}); use the config.json that came with the weights"
         )
+    activation = field("activation_function", _TEXT, "gelu")
+    if activation not in ACTIVATIONS:
+        raise InteropError(
+            f"{name} has activation_function {activation!r}: supported are "
+            f"{', '.join(sorted(ACTIVATIONS))}"
+        )
+    vocab_sizes = {"vocab_size": vocab, "decoder_vocab_size": decoder_vocab}
+    ids = {}  # pad and EOS end and pad sources and targets; decoding starts from BOS
+    for key, sides in (
+        ("pad_token_id", ("vocab_size", "decoder_vocab_size")),
+        ("eos_token_id", ("vocab_size", "decoder_vocab_size")),
+        ("decoder_start_token_id", ("decoder_vocab_size",)),
+    ):
+        default = ids["pad_token_id"] if key == "decoder_start_token_id" else _REQUIRED
+        ids[key] = field(key, _ID, default)
+        for side in sides:
+            if ids[key] >= vocab_sizes[side]:
+                raise InteropError(
+                    f"{name} has {key} {ids[key]}, beyond its {side} {vocab_sizes[side]}: use the "
+                    "config.json that came with the weights"
+                )
     return {
         "src_vocab_size": vocab,
         "tgt_vocab_size": decoder_vocab,
-        "d_model": int(config["d_model"]),
-        "num_heads": int(config["encoder_attention_heads"]),
-        "num_encoder_layers": int(config["encoder_layers"]),
-        "num_decoder_layers": int(config["decoder_layers"]),
-        "ffn_dim": int(config["encoder_ffn_dim"]),
-        "dropout_rate": float(config.get("dropout", 0.1)),
-        "attention_dropout_rate": float(config.get("attention_dropout", 0.0)),
-        "activation_dropout_rate": float(config.get("activation_dropout", 0.0)),
+        "d_model": d_model,
+        "num_heads": heads,
+        "num_encoder_layers": field("encoder_layers", _COUNT),
+        "num_decoder_layers": field("decoder_layers", _COUNT),
+        "ffn_dim": sizes["encoder_ffn_dim"],
+        "dropout_rate": field("dropout", _RATE, 0.1),
+        "attention_dropout_rate": field("attention_dropout", _RATE, 0.0),
+        "activation_dropout_rate": field("activation_dropout", _RATE, 0.0),
         "pre_ln": False,
         "share_embeddings": shared,
-        "tie_output": bool(config.get("tie_word_embeddings", True)),
+        "tie_output": field("tie_word_embeddings", _FLAG, True),
         "activation": ACTIVATIONS[activation],
-        "max_positions": int(config.get("max_position_embeddings", 512)),
-        "scale_embeddings": bool(config.get("scale_embedding", False)),
+        "max_positions": field("max_position_embeddings", _POSITIONS, 512),
+        "scale_embeddings": field("scale_embedding", _FLAG, False),
         "position_layout": "halves",
         "final_logits_bias": True,
         "layer_norm_epsilon": LAYER_NORM_EPSILON,
-        "pad_id": int(pad),
-        "bos_id": int(bos),
-        "eos_id": int(eos),
+        "pad_id": ids["pad_token_id"],
+        "bos_id": ids["decoder_start_token_id"],
+        "eos_id": ids["eos_token_id"],
     }
+
+
+def is_token_id(value) -> bool:
+    """True for an integer >= 0 (not a bool): what a Marian vocabulary or config.json holds as an
+    id."""
+    return is_int(value) and value >= 0
+
+
+# What a config.json field must be: (check, what it is called in the error).
+_COUNT = (lambda v: is_int(v) and v >= 1, "a positive integer")
+_ID = (is_token_id, "a token id (an integer >= 0)")
+_RATE = (
+    lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < 1,
+    "a rate in [0, 1)",
+)
+_POSITIONS = (
+    lambda v: is_int(v) and MIN_POSITIONS <= v <= MAX_POSITIONS,
+    f"a number of positions from {MIN_POSITIONS} to {MAX_POSITIONS}",
+)
+_FLAG = (lambda v: isinstance(v, bool), "true or false")
+_TEXT = (lambda v: isinstance(v, str), "a string")
+_REQUIRED = object()
+
+
+def _field(config: dict, name: str, key: str, kind: tuple, default=_REQUIRED):
+    """`config[key]` (`default` if absent, or null where the default is not `_REQUIRED`), checked
+    to be of `kind`; `InteropError` naming the file `name` and `key` otherwise."""
+    value = config.get(key)
+    if value is None and default is not _REQUIRED:
+        return default
+    if key not in config:
+        raise InteropError(f"{name} lacks {key!r}: it is not a complete Marian config")
+    check, what = kind
+    if not check(value):
+        raise InteropError(
+            f"{name} has {key} {json.dumps(value)}, not {what}: use the config.json that came "
+            "with the weights"
+        )
+    return value
 
 
 def config_from_hparams(hparams: dict) -> dict:
@@ -264,26 +332,70 @@ def _to_theirs(value: np.ndarray, kind: str) -> np.ndarray:
     return value
 
 
+def _stored(state: dict, theirs: str, name: str) -> str:
+    """The key of `state` that holds the weight `theirs`; `InteropError` if none does."""
+    key = theirs
+    if key not in state and theirs == "model.shared.weight":
+        key = "model.encoder.embed_tokens.weight"  # some exports keep only the tied copies
+    if key not in state:
+        raise InteropError(
+            f"{name} has no {theirs}, which its config.json needs: the weights are not of this "
+            "model (or not a Marian checkpoint)"
+        )
+    return key
+
+
+def check_sizes(state: dict, hparams: dict, name: str) -> None:
+    """`InteropError` unless the Marian state dict `state` (read from `name`) has the layers and the
+    embedding table that `hparams` (its config.json) say: checked before a model of that size is
+    built, so that a damaged config.json cannot make one that does not fit in memory."""
+    for side, field in (("encoder", "num_encoder_layers"), ("decoder", "num_decoder_layers")):
+        prefix = f"model.{side}.layers."
+        found = {key[len(prefix) :].split(".")[0] for key in state if key.startswith(prefix)}
+        count = hparams[field]  # compared first: it may be far too big to count up to
+        if len(found) != count or found != {str(i) for i in range(count)}:
+            raise InteropError(
+                f"{name} holds {len(found)} {side} layers, but config.json says {side}_layers "
+                f"{hparams[field]}: use the config.json that came with these weights"
+            )
+    shared = hparams["share_embeddings"]
+    key = _stored(
+        state, "model.shared.weight" if shared else "model.encoder.embed_tokens.weight", name
+    )
+    expected = (hparams["src_vocab_size"], hparams["d_model"])
+    if tuple(np.shape(state[key])) != expected:
+        raise InteropError(
+            f"{name}: {key} has shape {tuple(np.shape(state[key]))}, but config.json says "
+            f"vocab_size {expected[0]} and d_model {expected[1]}: use the config.json that came "
+            "with these weights"
+        )
+
+
 def params_from_state_dict(state: dict, hparams: dict, expected_shapes: dict, name: str) -> dict:
     """seqzoo params (nested dict of float32 numpy arrays) of a Marian state dict.
 
     `expected_shapes`: the model's param shapes (a nested dict like the params, e.g. from
-    `jax.eval_shape` of its init). Raises `InteropError` naming the first missing, unexpected or
-    mis-shaped weight of `name` (the weights file).
+    `jax.eval_shape` of its init). Raises `InteropError` naming the first missing, unexpected,
+    mis-shaped, non-float or non-finite weight of `name` (the weights file).
     """
     heads = hparams["num_heads"]
     params: dict = {}
     used = set()
     for theirs, path, kind in _entries(hparams):
-        key = theirs
-        if key not in state and theirs == "model.shared.weight":
-            key = "model.encoder.embed_tokens.weight"  # some exports keep only the tied copies
-        if key not in state:
+        key = _stored(state, theirs, name)
+        value = np.asarray(state[key])
+        if not np.issubdtype(value.dtype, np.floating):
             raise InteropError(
-                f"{name} has no {theirs}, which its config.json needs: the weights are not of this "
-                "model (or not a Marian checkpoint)"
+                f"{name}: {key} holds {value.dtype} values, not floating point: the weights are "
+                "damaged or not a model's; restore them"
             )
-        value = _to_ours(np.asarray(state[key], np.float32), kind, heads)
+        value = np.asarray(value, np.float32)
+        if not np.isfinite(value).all():
+            raise InteropError(
+                f"{name}: {key} holds non-finite values (NaN or infinity): the weights are "
+                "damaged; restore them"
+            )
+        value = _to_ours(value, kind, heads)
         expected = tuple(_lookup(expected_shapes, path))
         if value.shape != expected:
             raise InteropError(

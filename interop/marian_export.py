@@ -6,6 +6,9 @@ Transformer (the built module, its params and its run's tokenizers, e.g. those o
 tokenizer files (`source.spm`, `target.spm`, `vocab.json`, `target_vocab.json` for separate
 vocabularies, `tokenizer_config.json`) that transformers' `MarianMTModel` / `MarianTokenizer` load
 and CTranslate2's converter accepts; the weights go through safetensors' numpy API, without PyTorch.
+transformers' `MarianTokenizer` splits text into the run's own ids (tests/test_marian_export.py),
+with one exception that the format fixes: a sentence that starts with `>>xx<<` is a language code
+to a Marian tokenizer, one token (UNK unless the vocabulary has it).
 Everything is written to a temporary directory beside `out_dir` and renamed into place at the end
 (`interop.staging`).
 """
@@ -65,6 +68,8 @@ def write_directory(out_dir, model, params, src_tokenizer, tgt_tokenizer) -> Pat
             "unk_token": "<unk>",
             "pad_token": "<pad>",
             "model_max_length": hparams["max_positions"],
+            # Text is text, as to the run's own tokenizers: "</s>" in a sentence is not EOS.
+            "split_special_tokens": True,
         }
         (tmp / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n")
     return Path(out_dir)

@@ -45,7 +45,8 @@ class MarianDirectory:
 
 def read_directory(directory) -> MarianDirectory:
     """The Marian model in `directory`: its config, tokenizers and weights, in that order of
-    checking; `InteropError` for the first thing that is missing or wrong."""
+    checking (the weights' layers and embedding against the config before any model is built);
+    `InteropError` for the first thing that is missing or wrong."""
     directory = Path(directory)
     if not directory.is_dir():
         raise InteropError(
@@ -54,10 +55,12 @@ def read_directory(directory) -> MarianDirectory:
     hparams = read_config(directory)
     src_tokenizer, tgt_tokenizer = read_tokenizers(directory, hparams)
     state, weights_file = read_weights(directory)
+    marian.check_sizes(state, hparams, weights_file)
     return MarianDirectory(hparams, state, weights_file, src_tokenizer, tgt_tokenizer)
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path):
+    """The JSON value in `path` (of any type: the callers check it)."""
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -65,17 +68,29 @@ def _read_json(path: Path) -> dict:
             f"{path.parent} is not a Marian model directory: it has no {path.name} (point at the "
             "directory holding config.json, the weights and the tokenizer files)"
         ) from None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested too deep
         raise InteropError(f"{path} is not readable JSON ({e}): restore the file") from None
+
+
+def _read_object(path: Path, what: str, valid) -> dict:
+    """The JSON object in `path`, whose every value passes `valid` (it is `what`)."""
+    value = _read_json(path)
+    if not isinstance(value, dict):
+        raise InteropError(
+            f"{path} holds a JSON {type(value).__name__}, not an object: restore the model's own"
+        )
+    for key, item in value.items():
+        if not valid(item):
+            raise InteropError(
+                f"{path} has {key} {json.dumps(item)}, not {what}: restore the model's own"
+            )
+    return value
 
 
 def read_config(directory: Path) -> dict:
     """Transformer hyperparameters of `directory/config.json` (`marian.hparams_from_config`)."""
     path = directory / "config.json"
-    try:
-        return marian.hparams_from_config(_read_json(path), str(path))
-    except KeyError as e:
-        raise InteropError(f"{path} lacks {e}: it is not a complete Marian config") from None
+    return marian.hparams_from_config(_read_json(path), str(path))
 
 
 def read_weights(directory: Path) -> tuple[dict, str]:
@@ -123,8 +138,13 @@ def read_tokenizers(directory: Path, hparams: dict):
     """(source, target) `MarianTokenizer`s of a Marian directory."""
     settings = {}  # tokenizer_config.json is optional (older opus-mt uploads lack it)
     if (directory / "tokenizer_config.json").is_file():
-        settings = _read_json(directory / "tokenizer_config.json")
-    separate = bool(settings.get("separate_vocabs", not hparams["share_embeddings"]))
+        settings = _read_object(directory / "tokenizer_config.json", "a setting", lambda v: True)
+    separate = settings.get("separate_vocabs", not hparams["share_embeddings"])
+    if not isinstance(separate, bool):
+        raise InteropError(
+            f"{directory / 'tokenizer_config.json'} has separate_vocabs {json.dumps(separate)}, "
+            "not true or false: restore the model's own"
+        )
     files = ["source.spm", "target.spm", "vocab.json"]
     if separate:
         files.append("target_vocab.json")
@@ -134,9 +154,11 @@ def read_tokenizers(directory: Path, hparams: dict):
                 f"{directory} has no {name}: a Marian model directory holds its tokenizer files "
                 f"({', '.join(files)}) beside config.json; copy them from the model's source"
             )
-    source_vocab = _read_json(directory / "vocab.json")
     target_name = "target_vocab.json" if separate else "vocab.json"
-    target_vocab = _read_json(directory / target_name)
+    source_vocab, target_vocab = (
+        _read_object(directory / name, "a token id (an integer >= 0)", marian.is_token_id)
+        for name in ("vocab.json", target_name)
+    )
     bos = hparams["bos_id"]
     try:
         src = tokenizers.MarianTokenizer(

@@ -18,7 +18,7 @@ from conftest import (
 
 from evaluation import loading
 from experiment import pretrained, programs
-from interop import marian_export
+from interop import marian_export, marian_import
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -31,13 +31,22 @@ def export(run, out_dir: Path) -> Path:
     )
 
 
+@pytest.fixture(scope="module")
+def exported(converted, tmp_path_factory) -> dict:
+    """source -> (run, its export): "converted", an imported model (a round trip: import, export),
+    and "seqzoo", a seqzoo Transformer (interleaved positions, LayerNorm eps 1e-6, its own
+    SentencePiece tokenizer)."""
+    root = tmp_path_factory.mktemp("exported")
+    runs = {
+        "converted": converted["shared"][2],
+        "seqzoo": loading.Run(seqzoo_transformer_run(root / "seqzoo_run")),
+    }
+    return {source: (run, export(run, root / source)) for source, run in runs.items()}
+
+
 @pytest.mark.parametrize("source", ["converted", "seqzoo"])
-def test_export_loads_in_transformers_and_decodes_the_same(converted, tmp_path, source):
-    if source == "converted":  # round trip: import, export
-        run = converted["shared"][2]
-    else:  # a seqzoo Transformer: interleaved positions, LayerNorm eps 1e-6, its own tokenizer
-        run = loading.Run(seqzoo_transformer_run(tmp_path / "seqzoo"))
-    out = export(run, tmp_path / "exported")
+def test_export_loads_in_transformers_and_decodes_the_same(exported, source):
+    run, out = exported[source]
     hf, info = transformers.MarianMTModel.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     tokenizer = transformers.MarianTokenizer.from_pretrained(out)
@@ -96,10 +105,10 @@ def seqzoo_transformer_run(workdir: Path) -> Path:
     return workdir
 
 
-def test_ctranslate2_converts_an_export_and_translates_the_same(converted, tmp_path):
+def test_ctranslate2_converts_an_export_and_translates_the_same(converted, exported, tmp_path):
     ctranslate2 = pytest.importorskip("ctranslate2")  # benchmarks/requirements.txt
     hf, tokenizer, run = converted["shared"]
-    out = export(run, tmp_path / "exported")
+    out = exported["converted"][1]
     ctranslate2.converters.TransformersConverter(str(out)).convert(str(tmp_path / "ct2"))
     translator = ctranslate2.Translator(str(tmp_path / "ct2"), device="cpu")
     sources = [tokenizer.convert_ids_to_tokens(tokenizer(s)["input_ids"]) for s in MARIAN_SENTENCES]
@@ -109,3 +118,33 @@ def test_ctranslate2_converts_an_export_and_translates_the_same(converted, tmp_p
     theirs = [r.hypotheses[0] for r in results]
     mine = marian_decode(run, tokenizer, "greedy")
     assert [[p for p in row if p != "</s>"] for row in mine] == theirs
+
+
+# Rare characters (accents, CJK, Cyrillic, symbols, an emoji, a ligature), digits, punctuation,
+# whitespace runs and tabs, the empty sentence, and the special pieces' names as plain text.
+RARE_TEXT = [
+    "Zürich, 3:45 p.m. — «Ça va?» ½ € 100%!",
+    "naïve café résumé 2024-01-31 #42 (n=7)",
+    "日本語のテキスト и кириллица",
+    "x² + y² = z²; π ≈ 3.14159…",
+    "  two  spaces,\ta tab and 🙂 ",
+    "ﬁ ligature Ⅷ ＡＢＣ",
+    "",
+    "a </s> in the text, <unk> and <pad> too",
+]
+
+
+@pytest.mark.parametrize("source", ["converted", "seqzoo"])
+def test_the_exported_tokenizers_split_text_into_the_runs_own_ids(exported, source):
+    run, out = exported[source]
+    tokenizer = transformers.MarianTokenizer.from_pretrained(out)
+    eos = [run.special_ids.eos]
+    assert tokenizer(RARE_TEXT)["input_ids"] == [
+        run.src_tokenizer.encode(t) + eos for t in RARE_TEXT
+    ]
+    targets = tokenizer(text_target=RARE_TEXT)["input_ids"]
+    assert targets == [run.tgt_tokenizer.encode(t) + eos for t in RARE_TEXT]
+    imported = marian_import.read_directory(out)  # and seqzoo's own import of the export
+    for side in ("src_tokenizer", "tgt_tokenizer"):
+        theirs, ours = getattr(imported, side), getattr(run, side)
+        assert [theirs.encode(t) for t in RARE_TEXT] == [ours.encode(t) for t in RARE_TEXT]
