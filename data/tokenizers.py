@@ -269,6 +269,8 @@ def load(directory: str | os.PathLike) -> Tokenizer:
         if meta["kind"] == MarianTokenizer.kind:
             vocab = json.loads((path / meta["vocab"]).read_text(encoding="utf-8"))
             return MarianTokenizer(model, vocab, meta["bos_id"])
+        if meta["kind"] != SentencePieceTokenizer.kind:
+            raise ValueError(f"its kind {meta['kind']!r} is none of {KINDS} or 'marian'")
         return SentencePieceTokenizer(model)
     # TypeError: a file of another structure; RuntimeError: a SentencePiece model that does not parse
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:

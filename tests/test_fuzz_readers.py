@@ -126,3 +126,13 @@ def test_a_damaged_run_file_is_a_one_line_error_or_a_set_aside(
     assert set_aside in ([], ["20.damaged"]), set_aside
     if set_aside:
         assert "checkpoints/20 is damaged (" in capsys.readouterr().err
+
+
+def test_a_tokenizer_of_an_unknown_kind_is_refused(run_folder, tmp_path):
+    # One flipped letter of "sentencepiece" (the fuzz cases found it loading as SentencePiece).
+    folder = tmp_path / "sp"
+    shutil.copytree(run_folder / "tokenizer" / "sp", folder)
+    meta = folder / "tokenizer.json"
+    meta.write_text(meta.read_text().replace("sentencepiece", "sentencepiecf"))
+    with pytest.raises(DataError, match=r"no readable tokenizer in .*kind 'sentencepiecf' is none"):
+        tokenizers.load(folder)
