@@ -11,7 +11,6 @@ real tiny training config shows the same for `train.py`'s loop, bit for bit.
 import hashlib
 import multiprocessing
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -232,10 +231,13 @@ runpy.run_path("train.py", run_name="__main__")
 
 
 def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_checkpoints_before(tmp_path):
-    """A file size limit (`ulimit -f`, SIGXFSZ ignored: writes fail with EFBIG) that the small
-    checkpoints of steps 1 and 2 fit under and the large one of step 3 does not."""
+    """A file size limit (`ulimit -f`, SIGXFSZ ignored: writes fail with EFBIG, as on a full disk)
+    that the small checkpoints of steps 1 and 2 fit under and the large one of step 3 does not. The
+    script sets it on itself first thing (a preexec_fn would fork this multithreaded process)."""
     script = f"""
-import sys
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
 import numpy as np
 import orbax.checkpoint as ocp
 from experiment import RunError, checkpoints
@@ -247,18 +249,8 @@ with checkpoints.checkpoint_manager({str(tmp_path)!r}, keep=2) as manager:
         except RunError as e:
             sys.exit(f"error: {{e}}")
 """
-
-    def limit_file_size():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
-
     result = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        preexec_fn=limit_file_size,
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 1
     [line] = result.stderr.strip().splitlines()  # no orbax log, no traceback
