@@ -188,18 +188,14 @@ def evaluate(workdir: Path, options: Options) -> dict | None:
         "quantize": options.quantize,
         **report,
     }
-    print(
-        f"{options.split}: "
-        + ", ".join(f"{k} {v:.4g}" for k, v in report.items() if isinstance(v, float))
-    )
+    print(f"{options.split}: {metrics.summary(report, config.eval_metric)}")
     print(f"hypotheses: {output}")
     if options.nbest:
         print(f"n-best:     {decode_report.nbest_path(output)}")
     if settings.num_samples > 1:
         print(f"samples:    {decode_report.samples_path(output)}")
     if "by_source_length" in report:
-        metric = "exact_match" if config.eval_metric == "exact_match" else "bleu"
-        print(metrics.format_by_source_length(report["by_source_length"], metric))
+        print(metrics.format_by_source_length(report["by_source_length"], config.eval_metric))
     if options.sweep:
         report["sweep"] = sweep.run_sweep(run, eval_data, settings, workdir)
     if options.error_analysis:

@@ -27,11 +27,20 @@ def run_sweep(run: Run, eval_data, settings: DecodeSettings, workdir: Path) -> l
         output = workdir / "sweep" / f"{decode}{beam_size}_{length_penalty}.txt"
         report, _, _ = evaluate_split(run, eval_data, setting, output)
         rows.append(report)
-    metric = "exact_match" if run.config.eval_metric == "exact_match" else "bleu"
-    print(f"{'decode':<8}{'beam':>5}  {'length norm':<12}{metric:>12}{'BLEU':>8}{'sent/s':>10}")
-    for r in rows:
-        print(
-            f"{r['decode']:<8}{r['beam_size']:>5}  {r['length_penalty']:<12}"
-            f"{r[metric]:>12.4f}{r['bleu']:>8.2f}{r['sentences_per_sec']:>10.1f}"
-        )
+    print(sweep_table(rows, run.config.eval_metric))
     return rows
+
+
+def sweep_table(rows: list[dict], metric: str) -> str:
+    """The sweep's reports as a table led by `metric`, the run's `eval_metric` (then cased BLEU,
+    unless that is the metric, and speed)."""
+    columns = [metric] + (["bleu"] if metric != "bleu" else [])
+    head = f"{'decode':<8}{'beam':>5}  {'length norm':<12}"
+    lines = [head + "".join(f"{c:>13}" for c in columns) + f"{'sent/s':>10}"]
+    for r in rows:
+        lines.append(
+            f"{r['decode']:<8}{r['beam_size']:>5}  {r['length_penalty']:<12}"
+            + "".join(f"{r[c]:>13.4f}" for c in columns)
+            + f"{r['sentences_per_sec']:>10.1f}"
+        )
+    return "\n".join(lines)

@@ -16,7 +16,7 @@ from conftest import damage_checkpoint, eval_options, validation_head
 
 import eval as eval_script
 from data import tokenizers
-from evaluation import loading
+from evaluation import loading, sweep
 from experiment import RunError, checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,6 +152,26 @@ def test_sweep_covers_greedy_and_beams_with_and_without_normalization(tiny_run, 
         ("beam", b, lp) for b in (1, 2, 4, 8) for lp in ("gnmt", "none")
     }
     assert all(r["num_examples"] == 16 and r["sentences_per_sec"] > 0 for r in report["sweep"])
+
+
+def test_the_report_and_sweep_lead_with_the_runs_eval_metric(tiny_run, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_run[0], workdir)
+    saved = json.loads((workdir / "config.json").read_text())
+    (workdir / "config.json").write_text(json.dumps({**saved, "eval_metric": "chrf"}))
+    eval_script.evaluate(workdir, eval_options(num_examples=8, output=str(tmp_path / "h.txt")))
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("validation: chrf ") and "; " in printed[0]
+    assert "chrf" in next(line for line in printed if "source length" in line)
+    rows = [
+        dict(decode="greedy", beam_size=1, length_penalty="none", chrf=61.5, bleu=9.1),
+        dict(decode="beam", beam_size=4, length_penalty="gnmt", chrf=62.5, bleu=9.5),
+    ]
+    rows = [{**r, "sentences_per_sec": 10.0} for r in rows]
+    head, *lines = sweep.sweep_table(rows, "chrf").splitlines()
+    assert head.split()[-3:] == ["chrf", "bleu", "sent/s"]
+    assert lines[1].split()[-3:] == ["62.5000", "9.5000", "10.0"]
+    assert sweep.sweep_table(rows, "bleu").splitlines()[0].split()[-2:] == ["bleu", "sent/s"]
 
 
 def test_greedy_error_analysis_scores_both_sides_alike(tiny_run, tmp_path):
