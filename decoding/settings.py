@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from decoding import length_penalty
+from decoding.beam_search import POLICIES, STOPPING
 
 DECODES = ("greedy", "beam", "sample")
 
@@ -62,11 +63,32 @@ class DecodeSettings:
         "The decoder cross-attention layer whose head-averaged weights give each output token's "
         "most attended source token (Python indexing: -1 is the last layer); unset: none.",
     )
+    beam_policy: str = setting(
+        "classic",
+        "Beam search: the extensions kept at each step. classic: the beam_size best, an EOS one "
+        "taking a place (Marian, OpenNMT); full: the 2 x beam_size best are candidates, EOS ones "
+        "among the first beam_size finish and the beam_size best others stay alive (transformers, "
+        "fairseq, CTranslate2). docs/design.md, Beam policies, says which setting matches which.",
+        POLICIES,
+    )
+    beam_stopping: str = setting(
+        "exact",
+        "Beam search: when a sentence stops. exact: once no alive hypothesis can still win "
+        "(transformers' early_stopping='never'); heuristic: once the best alive one, scored at its "
+        "current length, would not (early_stopping=False, transformers' default); nbest: once "
+        "beam_size hypotheses have finished (early_stopping=True, fairseq, CTranslate2).",
+        STOPPING,
+    )
 
     def check(self, prefix: str = "") -> "DecodeSettings":
         """Returns the settings; raises a one-line ValueError naming the first bad field as
         `<prefix><field>=<value>` (e.g. prefix "--" for eval.py's flags) and its fix."""
-        for name, choices in (("decode", DECODES), ("length_penalty", length_penalty.KINDS)):
+        for name, choices in (
+            ("decode", DECODES),
+            ("length_penalty", length_penalty.KINDS),
+            ("beam_policy", POLICIES),
+            ("beam_stopping", STOPPING),
+        ):
             if getattr(self, name) not in choices:
                 raise ValueError(
                     f"{prefix}{name}={getattr(self, name)}: use one of {', '.join(choices)}"
@@ -124,7 +146,8 @@ class DecodeSettings:
         }
 
     def report(self) -> dict:
-        """The settings as a JSON report names them (the sampling fields only when sampling)."""
+        """The settings as a JSON report names them (the beam search fields only with beam search,
+        the sampling fields only when sampling)."""
         report = {
             "decode": self.decode,
             "beam_size": self.beam_size if self.decode == "beam" else 1,
@@ -135,6 +158,8 @@ class DecodeSettings:
             "max_decode_len_b": self.max_decode_len_b,
             "no_repeat_ngram_size": self.no_repeat_ngram_size or 0,
         }
+        if self.decode == "beam":
+            report.update(beam_policy=self.beam_policy, beam_stopping=self.beam_stopping)
         if self.decode == "sample":
             fields = ("temperature", "top_k", "top_p", "num_samples", "seed")
             report.update({f: getattr(self, f) for f in fields})

@@ -163,6 +163,8 @@ def _decode_program(model, settings: DecodeSettings, mesh: Mesh | None):
             beam_size=settings.beam_size,
             alpha=alpha,
             length_penalty=settings.length_penalty,
+            beam_policy=settings.beam_policy,
+            stopping=settings.beam_stopping,
             **common,
         )
 
