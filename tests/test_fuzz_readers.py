@@ -7,8 +7,8 @@ it was (set-asides apart): nothing half-written. What still reads is damage that
 without a checksum of the file: a flipped key of a field that then takes its default, a flipped piece
 score of a SentencePiece model.
 
-Seeded; SEQZOO_FUZZ_COUNT=<n> (default 50) and SEQZOO_FUZZ_SEED=<s> run more by hand, e.g.
-`SEQZOO_FUZZ_COUNT=2000 SEQZOO_FUZZ_SEED=1 python -m pytest -q tests/test_fuzz_readers.py`.
+Seeded; SEQZOO_FUZZ_CASES=<n> (default 50) and SEQZOO_FUZZ_SEED=<s> run more by hand, e.g.
+`SEQZOO_FUZZ_CASES=2000 SEQZOO_FUZZ_SEED=1 python -m pytest -q tests/test_fuzz_readers.py`.
 """
 
 import hashlib
@@ -25,7 +25,7 @@ from data import DataError, tokenizers
 from experiment import RunError, checkpoints
 from experiment import config as run_config
 
-COUNT = int(os.environ.get("SEQZOO_FUZZ_COUNT", "50"))
+COUNT = int(os.environ.get("SEQZOO_FUZZ_CASES", "50"))
 SEED = int(os.environ.get("SEQZOO_FUZZ_SEED", "0"))
 SAMPLE = "Thursday, March 3, 2001 -> 2001-03-03 (é)"
 
