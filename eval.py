@@ -27,18 +27,21 @@ import sharding
 from data import input_pipeline
 from decoding import DecodeSettings
 from decoding.settings import setting
-from evaluation import attention, decode_report, error_analysis, sweep, translate
+from evaluation import attention, decode_report, error_analysis, sweep, translate, translator
 from evaluation.loading import Run, notice
 from experiment import RunError, decode_programs, metrics
 from experiment import config as run_config
-from models import registry
+from interop import marian_generation
 
-# The decoding settings taken from the run's config (`config.decoding`) unless a flag gives them;
-# the others are `DecodeSettings`' defaults.
-FROM_RUN = ("max_decode_len", "max_decode_len_a", "max_decode_len_b")
-# The defaults the decoding flags' help states where they are not the `DecodeSettings` field's.
+# The defaults the decoding flags' help states where they are not the `DecodeSettings` field's:
+# a run's `config.decoding` fields named by its `config.eval_decoding` are its own (a trained run's
+# length limits; an imported model's generation settings, `interop.marian_generation`).
 DEFAULTS_IN_HELP = {
-    **dict.fromkeys(FROM_RUN, "the run's"),
+    **{
+        name: f"{DecodeSettings.__dataclass_fields__[name].default}, or an imported model's own"
+        for name in marian_generation.FIELDS
+    },
+    **dict.fromkeys(("max_decode_len", "max_decode_len_a", "max_decode_len_b"), "the run's"),
     "alignment_layer": "-1 with --output_format jsonl",
 }
 
@@ -141,13 +144,10 @@ def main(argv):
 
 
 def decode_settings(config, options: Options) -> DecodeSettings:
-    """What eval.py decodes with: `options.decoding` over the run's `FROM_RUN` fields and
-    `DecodeSettings`' defaults; a one-line `RunError` naming the flag of a bad value."""
-    from_run = {name: config.decoding[name] for name in FROM_RUN}
-    try:
-        return DecodeSettings(**{**from_run, **options.decoding}).check("--")
-    except ValueError as e:
-        raise RunError(str(e)) from None
+    """What eval.py decodes with: `options.decoding` over the run's own settings and
+    `DecodeSettings`' defaults (`translator.settings_for`, as `Translator` decodes); a one-line
+    `RunError` naming the flag of a bad value."""
+    return translator.settings_for(config, options.decoding, "--")
 
 
 def evaluate(workdir: Path, options: Options) -> dict | None:
@@ -169,8 +169,15 @@ def evaluate(workdir: Path, options: Options) -> dict | None:
     # Batches split over the devices: round the size up to a multiple of their number.
     batch_size = sharding.round_up(options.batch_size or config.eval_batch_size, run.mesh)
     if options.input:
-        translate_input(run, options, settings, batch_size)
+        translate_input(run, options, settings)
         return None
+    if not config.dataset:
+        raise RunError(
+            f"{workdir} names no dataset to evaluate (a model imported without --dataset): "
+            f"translate lines with `python eval.py --workdir {workdir} --input FILE` (- for stdin), "
+            "or import it again with `convert.py import MODEL_DIR NEW_RUN --dataset multi30k/en-de "
+            "--manual_dir DIR` to score a split"
+        )
 
     eval_data = input_pipeline.get_eval_data(
         config, options.split, run.src_tokenizer, run.tgt_tokenizer, batch_size=batch_size
@@ -217,17 +224,8 @@ def evaluate(workdir: Path, options: Options) -> dict | None:
 
 def check_nbest(options: Options, settings: DecodeSettings) -> None:
     """One-line errors for an --nbest that cannot be written."""
-    if not options.nbest:
-        return
-    if options.nbest < 0:
-        raise RunError(f"--nbest={options.nbest}: use K >= 1 (or 0 for no n-best file)")
-    if settings.decode != "beam" or options.nbest > settings.beam_size:
-        raise RunError(
-            f"--nbest={options.nbest} needs --decode beam with --beam_size >= {options.nbest} (got "
-            f"--decode {settings.decode}, --beam_size {settings.beam_size}): beam search returns "
-            "beam_size hypotheses per sentence"
-        )
-    if options.input and not options.output:
+    translator.check_nbest(options.nbest, settings, "--")
+    if options.nbest and options.input and not options.output:
         raise RunError(
             "--nbest with --input writes the n-best JSONL beside the translations: give --output FILE"
         )
@@ -259,13 +257,10 @@ def check_formats(options: Options) -> None:
         )
 
 
-def translate_input(run: Run, options: Options, settings: DecodeSettings, batch_size: int) -> None:
-    """`--input`: the lines of a file (or stdin) translated to `--output` (or stdout), in order."""
-    if registry.reads_images(run.model):
-        raise RunError(
-            f"--input translates text lines, but {run.config.model} reads images: "
-            "evaluate a split instead (--split)"
-        )
+def translate_input(run: Run, options: Options, settings: DecodeSettings) -> None:
+    """`--input`: the lines of a file (or stdin) translated to `--output` (or stdout), in order, by
+    a `translator.Translator` of the run (the Python API's path)."""
+    translating = translator.Translator(run, options.batch_size)
     if options.input == "-":
         stream, name = sys.stdin.buffer, "stdin"
     else:
@@ -283,12 +278,10 @@ def translate_input(run: Run, options: Options, settings: DecodeSettings, batch_
         out = decode_report.StdoutWriter(jsonl)
     try:
         lines = translate.utf8_lines(stream, name)
-        translate.translate_lines(
-            run,
+        translating.stream(
             lines,
-            settings,
-            batch_size,
             out,
+            settings,
             options.nbest,
             tsv=options.input_format == "tsv",
             tokens=jsonl,

@@ -73,9 +73,12 @@ def get_config() -> ml_collections.ConfigDict:
     # and the learning curves. "exact_match" | "bleu" | "bleu_lc_tok" | "chrf".
     config.eval_metric = "exact_match"
     # How validation decodes: a decoding.DecodeSettings (its fields' help says what each does), e.g.
-    # --config.decoding.beam_size=8; eval.py takes the run's max_decode_len, max_decode_len_a and
-    # max_decode_len_b unless its flags of the same names say otherwise.
+    # --config.decoding.beam_size=8.
     config.decoding = decoding_config(DecodeSettings(decode="greedy", max_decode_len=16))
+    # The config.decoding fields eval.py and the Translator decode with unless given (the others are
+    # DecodeSettings' defaults): a trained run's length limits; an imported model adds its own
+    # generation settings (beam size, length penalty, ...: convert.py import).
+    config.eval_decoding = ("max_decode_len", "max_decode_len_a", "max_decode_len_b")
     config.checkpoint_every = 500
     # > 0: validate / checkpoint every this many epochs instead (the anchors' epoch checkpoints, so
     # average_last_checkpoints averages the last K epochs); updates per epoch come from the batches.
