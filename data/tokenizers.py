@@ -238,7 +238,10 @@ class MarianTokenizer:
         return ids + [self.vocab.get(p, unk) for p in self._sp.encode(text, out_type=str)]
 
     def decode(self, ids: Iterable[int]) -> str:
-        pieces = self.pieces(content_ids(ids, self.special_ids))
+        # <unk> is dropped, as transformers' batch_decode(skip_special_tokens=True) drops it
+        # (`pieces` keeps it: eval.py's jsonl tokens show it).
+        unk = self.special_ids.unk
+        pieces = self.pieces([i for i in content_ids(ids, self.special_ids) if i != unk])
         # A shared vocabulary holds the other side's pieces too, which this side's SentencePiece
         # model leaves as they are: their word marks become spaces, as transformers does it.
         return self._sp.decode_pieces(pieces).replace("\u2581", " ").strip()

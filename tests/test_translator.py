@@ -115,7 +115,7 @@ def test_import_prints_a_next_command_that_runs(tiny_marian, tmp_path, capsys):
 def test_unk_is_dropped_as_transformers_skip_special_tokens_does(converted):
     _, tokenizer, run = converted["shared"]
     ids = run.tgt_tokenizer.encode("a man sits")
-    unk, eos = run.special_ids.unk, run.special_ids.eos
+    unk, eos = run.tgt_tokenizer.special_ids.unk, run.tgt_tokenizer.special_ids.eos
     with_unk = [ids[0], unk, *ids[1:], unk, eos]
     assert "\u2047" not in run.tgt_tokenizer.decode(with_unk)
     assert run.tgt_tokenizer.decode(with_unk) == tokenizer.decode(
