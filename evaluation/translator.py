@@ -89,7 +89,7 @@ class Translator:
     ) -> "Translator":
         """The run in `workdir` (its best checkpoint; eval.py's `--average_checkpoints`,
         `--quantize`)."""
-        return cls(Run(Path(workdir), average_checkpoints, quantize), batch_size)
+        return cls(Run(Path(workdir).expanduser(), average_checkpoints, quantize), batch_size)
 
     @classmethod
     def from_marian(
@@ -102,8 +102,9 @@ class Translator:
         if workdir is None:
             owns = tempfile.TemporaryDirectory(prefix="seqzoo-marian-")
             workdir = Path(owns.name) / "run"
-        pretrained.import_marian(marian_dir, workdir, **import_fields)
-        return cls(Run(Path(workdir)), batch_size, owns=owns)
+        workdir = Path(workdir).expanduser()
+        pretrained.import_marian(Path(marian_dir).expanduser(), workdir, **import_fields)
+        return cls(Run(workdir), batch_size, owns=owns)
 
     def settings(self, prefix: str = "", **options) -> DecodeSettings:
         """The settings `options` give on this run (`settings_for`)."""
