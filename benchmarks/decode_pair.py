@@ -1,7 +1,6 @@
 r"""Two ways of decoding one cell, called in turn in one process: what one change buys.
 
-  python benchmarks/decode_pair.py --beam 4 --a raw --b kernel       # the tied table transposed
-  python benchmarks/decode_pair.py --beam 1 --a kernel --b pages     # + the weights on 2 MB pages
+  python benchmarks/decode_pair.py --beam 1 --a raw --b pages        # the weights on 2 MB pages
   python benchmarks/decode_pair.py --beam 4 --a pages --b decoding   # + packed kernels
   python benchmarks/decode_pair.py --beam 4 \
       --b_option xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT   # an XLA option
@@ -12,15 +11,16 @@ alternately (`--pairs` times, the first of each pair alternating too) share the 
 is `benchmarks/decode.py`'s (same model, weights, sources, `gen_len`, EOS masked). Each side picks
 its params, `--a` / `--b`:
 
-- `raw`: the model's params as initialized (the tied output projection reads the table as it lies);
-- `kernel`: plus the table's transposed copy (`transformer.with_output_kernel`);
-- `pages`: the copy, and every array on 2 MB pages (`host_memory.on_huge_pages`);
-- `decoding`: `decode_programs.decoding_params` (those, and the kernels a step reads packed in
-  column panels, `models.packed`), what eval.py and `decode.py` decode with;
+- `raw`: the model's params as initialized (XLA's products on the kernels as they lie; the tied
+  output projection reads the table as it lies);
+- `pages`: those, every array on 2 MB pages (`host_memory.on_huge_pages`);
+- `decoding`: `decode_programs.decoding_params` (every dense kernel and the tied table packed in
+  column panels, `models.packed`, one copy of each weight, on 2 MB pages), what eval.py and
+  `decode.py` decode with;
 
 and its XLA compile options (`--a_option` / `--b_option NAME=VALUE`, repeatable). Prints each side's
-median ms per decode, the median of the per-pair ratios A time / B time (above 1: B is faster) and
-the fraction of tokens both return alike.
+median ms per decode, the median of the per-pair ratios A time / B time (above 1: B is faster) with
+their quartiles, and the fraction of tokens both return alike.
 """
 
 import argparse
@@ -35,17 +35,14 @@ if str(REPO) not in sys.path:  # run as a script (python benchmarks/decode_pair.
     sys.path.insert(0, str(REPO))
 from benchmarks import decode_workload, jax_systems  # noqa: E402
 
-PARAMS = ("raw", "kernel", "pages", "decoding")
+PARAMS = ("raw", "pages", "decoding")
 
 
 def side_params(kind: str, model, params):
     from experiment import decode_programs, host_memory
-    from models import transformer
 
     if kind == "decoding":
         return decode_programs.decoding_params(model, params)
-    if kind in ("kernel", "pages"):
-        params = transformer.with_output_kernel(params, model.dtype)
     return host_memory.on_huge_pages(params) if kind == "pages" else params
 
 
@@ -71,10 +68,12 @@ def compare(config, beam: int, batch: int, pairs: int, sides: dict) -> dict:
             start = time.perf_counter()
             jax.block_until_ready(fn(side, src))
             seconds[name].append(time.perf_counter() - start)
+    ratios = [a / b for a, b in zip(seconds["a"], seconds["b"])]
     return {
         "cell": decode_workload.cell_name(beam, batch),
         "ms": {name: 1e3 * statistics.median(s) for name, s in seconds.items()},
-        "a_over_b": statistics.median(a / b for a, b in zip(seconds["a"], seconds["b"])),
+        "a_over_b": statistics.median(ratios),
+        "a_over_b_quartiles": statistics.quantiles(ratios, n=4)[::2] if pairs > 1 else ratios * 2,
         "same_tokens": float(np.mean(tokens["a"] == tokens["b"])),
     }
 
@@ -103,11 +102,12 @@ def main(argv=None) -> None:
         parser.error("--a and --b decode the same way: change the params or an option of one")
     result = compare(config, args.beam, args.batch, args.pairs, sides)
     result.update(shape=args.shape, sides={s: [k, o] for s, (k, o) in sides.items()})
-    ms = result["ms"]
+    ms, (low, high) = result["ms"], result["a_over_b_quartiles"]
     label = {s: " ".join([k, *(f"{n}={v}" for n, v in o.items())]) for s, (k, o) in sides.items()}
     print(
         f"{args.shape} {result['cell']}: A ({label['a']}) {ms['a']:.2f} ms, B ({label['b']}) "
-        f"{ms['b']:.2f} ms; A/B {result['a_over_b']:.3f} (median of {args.pairs} pairs), "
+        f"{ms['b']:.2f} ms; A/B {result['a_over_b']:.3f} (median of {args.pairs} pairs; "
+        f"quartiles {low:.3f}-{high:.3f}), "
         f"same tokens {result['same_tokens']:.1%}"
     )
     if args.json:

@@ -23,11 +23,11 @@ from models import registry, transformer
 
 
 def decoding_params(model, params):
-    """`params` as decoding reads them fastest: a Transformer (or captioner) gets copies of some
-    kernels laid out for its decoding steps (`transformer.with_decoding_kernels`: the tied table
-    transposed, and on the CPU the kernels a step reads packed in column panels, `models.packed`),
-    and on the CPU every array moves onto 2 MB pages (`host_memory.on_huge_pages`). Decode and
-    score (`score_fn` runs the decoding step) with these; train and save the params themselves."""
+    """`params` as decoding reads them fastest, one copy of each weight: a float32 Transformer (or
+    captioner) on the CPU gets its dense kernels and its tied table laid out in column panels in
+    place of the kernels as they lie (`transformer.with_decoding_kernels`, `models.packed`), and
+    on the CPU every array moves onto 2 MB pages (`host_memory.on_huge_pages`). Decode and score
+    (`score_fn` runs the decoding step) with these; train and save the params themselves."""
     if isinstance(model, transformer.TransformerDecoder):
         params = transformer.with_decoding_kernels(model, params)
     return host_memory.on_huge_pages(params)

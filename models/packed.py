@@ -1,19 +1,21 @@
-"""Dense kernels packed in column panels for decoding at small batches on the CPU.
+"""Dense kernels stored in column panels for decoding on the CPU.
 
 A decoding step at batch 1 multiplies one row (greedy) or a beam's few rows by every weight of the
 decoder once, so its speed is the rate at which the small matmuls read the weights. XLA:CPU's
 kernels read a `[K, N]` matrix at 15-30 GB/s at four rows and 40-60 GB/s at one on the machine of
-docs/benchmarks_decoding.md; stored in panels of 64 columns, `[P, K, 64]`, the same product is one
-sequential read with each row's 64 sums held in registers (`packed_matmul.cc`, an XLA FFI call):
-40-45 GB/s at four rows, 70-85 at one. CTranslate2 packs its weights for the same reason. Up to
-`MAX_ROWS` = 64 rows the panels' product is the faster one (1.08-2.9x, docs/benchmarks_decoding.md), at 128
-level with XLA's.
+docs/benchmarks_decoding.md; stored in panels of 64 columns, the same product is one sequential
+read with each row's 64 sums held in registers (`packed_matmul.cc`, an XLA FFI call): 40-45 GB/s at
+four rows, 70-85 at one. CTranslate2 packs its weights for the same reason. The kernel serves every
+row count (at 128 rows level with XLA's GEMM, at 256-640 0.9x of it in a single product), so the
+panels are the only copy of a weight that decoding keeps.
 
 Packing is a transform of the params (as `models.int8`'s quantizing is): `pack_params` replaces every
-float dense kernel by a `PackedKernel`, which keeps the kernel as it was (for many rows, and for
-other platforms) beside its panels; the layers that pass this module's `dot_general` (and
-`int8.promote_dtype`) to flax's dense layers read the panels at up to `MAX_ROWS` rows on the CPU
-(`jax.lax.platform_dependent`: the same program runs XLA's product on a GPU or TPU).
+float dense kernel by a `PackedKernel`, its weights reordered panel after panel into an array of the
+kernel's own shape (no padding, no second copy); the layers that pass this module's `dot_general`
+(and `int8.promote_dtype`) to flax's dense layers multiply by it through the FFI kernel on the CPU
+(`jax.lax.platform_dependent`: on a GPU or TPU the same program puts the kernel back in order and
+runs XLA's product). `columns` reads a packed kernel's columns, so a tied output projection's table
+packed as `[d_model, vocab]` also serves the embedding lookups.
 
 The kernel is compiled on first use with the machine's C++ compiler (`$CXX`, `-O3 -march=native`),
 cached under `$SEQZOO_CACHE` or `~/.cache/seqzoo` by everything that shapes the build (`_key`), and
@@ -47,40 +49,78 @@ import numpy as np
 from models import int8
 
 PANEL = 64  # columns per panel (packed_matmul.cc's kPanel)
-MAX_ROWS = 64  # above this many rows a product reads the kernel as it lies (XLA's GEMM kernels)
 TARGET = "seqzoo_packed_matmul"
 SOURCE = Path(__file__).with_name("packed_matmul.cc")
 
 
 @flax.struct.dataclass
 class PackedKernel:
-    """A dense kernel `[K..., F...]` (its first `contracting` axes contracted) and the same weights
-    as float32 panels `[P, K, 64]` (K and F flattened, F zero-padded to 64 P columns).
+    """A dense kernel `[K..., F...]` (its first `contracting` axes contracted) as float32 column
+    panels: `panels` has the kernel's shape and holds, flattened, `W [K, N]` (K and F flattened)
+    panel after panel, each panel `[K, w]` row-major for its columns `64p .. 64p + w - 1` (`w` = 64,
+    the last `N - 64 (P - 1)`, P = ceil(N / 64)). One array the size of the kernel: decoding keeps
+    no other copy of the weights (`unpack` puts them back in order).
 
-    `kernel` is the first leaf, so flax's shape check of a param sees the kernel's shape.
+    `panels` has the kernel's shape, so flax's shape check of a param sees the kernel's shape.
     """
 
-    kernel: jax.Array
     panels: jax.Array
     contracting: int = flax.struct.field(pytree_node=False, default=1)
 
     @property
     def shape(self) -> tuple:
-        return self.kernel.shape
+        return self.panels.shape
 
 
 def pack(kernel: jax.Array, contracting: int = 1) -> PackedKernel:
-    """`kernel [K..., F...]` with its panels (float32 `[ceil(F / 64), K, 64]`)."""
-    return PackedKernel(kernel, _panels(jnp.asarray(kernel), contracting), contracting)
+    """`kernel [K..., F...]` as float32 panels (`PackedKernel`); a new array, the kernel is not kept."""
+    return PackedKernel(_panels(jnp.asarray(kernel), contracting), contracting)
+
+
+def _sizes(shape: tuple, contracting: int) -> tuple[int, int, int]:
+    """(K, N, the columns in full panels) of a kernel `shape` contracted on `contracting` axes."""
+    k, n = math.prod(shape[:contracting]), math.prod(shape[contracting:])
+    return k, n, n - n % PANEL
 
 
 @functools.partial(jax.jit, static_argnums=1)
 def _panels(kernel: jax.Array, contracting: int) -> jax.Array:
-    k = math.prod(kernel.shape[:contracting])
-    f = math.prod(kernel.shape[contracting:])
-    p = -(-f // PANEL)
-    matrix = jnp.pad(kernel.reshape(k, f).astype(jnp.float32), ((0, 0), (0, p * PANEL - f)))
-    return matrix.reshape(k, p, PANEL).transpose(1, 0, 2)
+    k, n, full = _sizes(kernel.shape, contracting)
+    matrix = kernel.reshape(k, n).astype(jnp.float32)
+    head = matrix[:, :full].reshape(k, full // PANEL, PANEL).transpose(1, 0, 2)
+    return jnp.concatenate([head.reshape(-1), matrix[:, full:].reshape(-1)]).reshape(kernel.shape)
+
+
+def unpack(weights: PackedKernel) -> jax.Array:
+    """The kernel `[K..., F...]` (float32) that `weights` holds in panels, in order (a copy)."""
+    k, n, full = _sizes(weights.shape, weights.contracting)
+    flat = weights.panels.reshape(-1)
+    head = flat[: k * full].reshape(full // PANEL, k, PANEL).transpose(1, 0, 2).reshape(k, full)
+    tail = flat[k * full :].reshape(k, n - full)
+    return jnp.concatenate([head, tail], axis=1).reshape(weights.shape)
+
+
+def columns(weights: PackedKernel, ids: jax.Array) -> jax.Array:
+    """`W[..., ids]` moved to the end: float32 `[*ids.shape, K]` of a kernel `[K, N]` (one axis
+    contracted) packed, column `ids` (int, in `[0, N)`) of every row: a tied output projection's
+    table `[d_model, vocab]` read as the embedding table `[vocab, d_model]` for lookups."""
+    k, n, full = _sizes(weights.shape, weights.contracting)
+    if weights.panels.ndim != 2 or weights.contracting != 1:
+        raise ValueError(
+            f"packed columns: want a kernel [K, N] with one contracted axis, got "
+            f"{tuple(weights.shape)} contracting {weights.contracting}: pack the table as [K, N]"
+        )
+    if k * n >= 2**31:
+        raise ValueError(
+            f"packed columns: a kernel of {k * n} weights is past int32 offsets: keep a table "
+            "over 2**31 weights unpacked"
+        )
+    ids = jnp.asarray(ids, jnp.int32)
+    panel, column = ids // PANEL, ids % PANEL
+    width = jnp.where(panel < full // PANEL, PANEL, n - full)  # the last panel may be narrower
+    rows = jnp.arange(k, dtype=jnp.int32)
+    offsets = (panel * (k * PANEL) + column)[..., None] + rows * width[..., None]
+    return weights.panels.reshape(-1)[offsets]
 
 
 def pack_params(params: dict) -> dict:
@@ -106,15 +146,13 @@ def pack_params(params: dict) -> dict:
 
 
 def check(x_shape: tuple, weights: PackedKernel) -> None:
-    """A one-line ValueError unless `weights.panels` are float32 `[ceil(F / 64), K, 64]` of its
-    kernel `[K..., F...]` and `x_shape` ends in the kernel's contracting axes `K...`."""
-    k, shape = weights.contracting, tuple(weights.kernel.shape)
-    rows, cols = math.prod(shape[:k]), math.prod(shape[k:])
-    want = (-(-cols // PANEL), rows, PANEL)
-    if tuple(weights.panels.shape) != want:
+    """A one-line ValueError unless `weights.panels` are float32 with `1 .. ndim - 1` contracted
+    axes and `x_shape` ends in the kernel's contracting axes `K...`."""
+    k, shape = weights.contracting, tuple(weights.shape)
+    if not 0 < k < len(shape):
         raise ValueError(
-            f"packed kernel's panels {tuple(weights.panels.shape)} do not match its kernel {shape} "
-            f"(want {want}): pack the kernel again (packed.pack) after changing it"
+            f"packed kernel {shape} with {k} contracted axes: want 1 to {len(shape) - 1} (pack "
+            "the kernel with its contracted axes, packed.pack(kernel, contracting))"
         )
     if weights.panels.dtype != jnp.float32:
         raise ValueError(
@@ -130,31 +168,31 @@ def check(x_shape: tuple, weights: PackedKernel) -> None:
 
 
 def matmul(x: jax.Array, weights: PackedKernel, preferred_element_type=None) -> jax.Array:
-    """`x [..., K...] . W` for W `[K..., F...]` packed: through the panels (float32) on the CPU at
-    up to `MAX_ROWS` rows, through the kernel as it lies otherwise. Shapes are checked first
-    (`check`): a kernel changed after packing, or an input of other trailing axes, is a ValueError."""
+    """`x [..., K...] . W` for W `[K..., F...]` packed: through the panels (float32, any row count)
+    on the CPU, through the kernel put back in order (`unpack`) elsewhere. Shapes are checked first
+    (`check`): an input of other trailing axes is a ValueError."""
     check(x.shape, weights)
     k = weights.contracting
-    lead, out = x.shape[: x.ndim - k], weights.kernel.shape[k:]
-    rows = math.prod(lead)
+    lead, out = x.shape[: x.ndim - k], weights.shape[k:]
+    rows, contracted, cols = math.prod(lead), math.prod(weights.shape[:k]), math.prod(out)
+    dtype = preferred_element_type or x.dtype
 
     def plain(x):
-        kernel = weights.kernel
-        axes = (tuple(range(x.ndim - k, x.ndim)), tuple(range(k)))
-        return jax.lax.dot_general(
-            x, kernel, (axes, ((), ())), preferred_element_type=preferred_element_type
-        )
+        kernel = unpack(weights).reshape(contracted, cols)
+        y = jnp.dot(x.reshape(rows, contracted), kernel, preferred_element_type=jnp.float32)
+        return y.reshape(*lead, *out).astype(dtype)
 
-    if rows > MAX_ROWS or rows == 0:
+    if rows == 0:
         return plain(x)
 
     def panels(x):
         if (why := available()) is not True:
             raise RuntimeError(why)
-        y = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows, math.prod(out)), jnp.float32))(
-            x.reshape(rows, -1).astype(jnp.float32), weights.panels
+        y = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows, cols), jnp.float32))(
+            x.reshape(rows, contracted).astype(jnp.float32),
+            weights.panels.reshape(contracted, cols),
         )
-        return y.reshape(*lead, *out).astype(preferred_element_type or x.dtype)
+        return y.reshape(*lead, *out).astype(dtype)
 
     return jax.lax.platform_dependent(x, cpu=panels, default=plain)
 

@@ -1,9 +1,10 @@
 // A few rows times a float32 weight matrix stored in column panels: the small matmul of a decoding
 // step at batch 1 (one row greedy, beam rows in beam search), as an XLA FFI custom call for the CPU.
 //
-//   y [M, N] = x [M, K] . W [K, N],   W stored as panels [P, K, 64], panels[p, k, j] = W[k, 64p + j]
-//   (P = ceil(N / 64); columns past N are zero padding; any other shapes are an InvalidArgument
-//   error, returned before any memory is touched).
+//   y [M, N] = x [M, K] . W [K, N],   W stored panel after panel in an array of its own size,
+//   [K, N]: panel p (columns 64p .. 64p + w - 1) at offset 64pK, row-major [K, w], w = 64 but for
+//   the last panel, N - 64 (P - 1) (P = ceil(N / 64)); no padding. Any other shapes are an
+//   InvalidArgument error, returned before any memory is touched.
 //
 // Why by hand: at a few rows a step is a stream of every weight once, and the speed is the rate at
 // which the product reads them. XLA:CPU's kernels read a [K, N] matrix at 15-30 GB/s at four rows
@@ -78,11 +79,19 @@ void PanelOneRow(const float* x, int64_t K, const float* panel, float* out) {
   for (int c = 0; c < 4; ++c) Store(out + c * 16, even[c] + odd[c]);
 }
 
-// Rows [0, M) times panel p, written into y [M, N] (only the panel's columns below N).
+// Rows [0, M) times panel p, written into y [M, N] (only the panel's columns below N). A last
+// panel narrower than 64 columns is read from a zero-padded copy (at most K x 64 floats, once).
 void Panel(const float* x, int64_t M, int64_t K, const float* panels, int64_t p, float* y,
            int64_t N) {
   const float* panel = panels + p * K * kPanel;
   const int64_t col = p * kPanel, width = std::min(kPanel, N - col);
+  std::unique_ptr<float[]> padded;
+  if (width < kPanel) {
+    padded.reset(new float[K * kPanel]());
+    for (int64_t k = 0; k < K; ++k)
+      std::memcpy(padded.get() + k * kPanel, panel + k * width, width * sizeof(float));
+    panel = padded.get();
+  }
   float tile[4 * kPanel];
   for (int64_t r0 = 0; r0 < M; r0 += 4) {
     const int64_t rows = std::min<int64_t>(4, M - r0);
@@ -129,12 +138,12 @@ std::string Shape(ffi::Span<const int64_t> dims) {
   return s + "]";
 }
 
-// Every shape is checked before a byte is read or written: the output loop writes exactly
-// y's M x N floats only when P == ceil(N / 64) and the x, panels and y agree on M and K.
+// Every shape is checked before a byte is read or written: the loops read exactly the panels'
+// K x N floats and write y's M x N only when x [M, K], panels [K, N] and y [M, N] agree.
 bool ShapesAgree(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> pd,
                  ffi::Span<const int64_t> yd) {
-  return xd.size() == 2 && pd.size() == 3 && yd.size() == 2 && pd[2] == kPanel &&
-         pd[1] == xd[1] && yd[0] == xd[0] && yd[1] >= 0 && pd[0] == (yd[1] + kPanel - 1) / kPanel;
+  return xd.size() == 2 && pd.size() == 2 && yd.size() == 2 && pd[0] == xd[1] &&
+         pd[1] == yd[1] && yd[0] == xd[0];
 }
 
 ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
@@ -142,9 +151,9 @@ ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const auto xd = x.dimensions(), pd = panels.dimensions(), yd = y->dimensions();
   if (!ShapesAgree(xd, pd, yd))
     return ffi::Error::InvalidArgument(
-        "packed_matmul: want x [M, K], panels [ceil(N / 64), K, 64], y [M, N]; got x " +
+        "packed_matmul: want x [M, K], panels [K, N], y [M, N]; got x " +
         Shape(xd) + ", panels " + Shape(pd) + ", y " + Shape(yd));
-  const int64_t M = xd[0], K = xd[1], P = pd[0], N = yd[1];
+  const int64_t M = xd[0], K = xd[1], N = yd[1], P = (N + kPanel - 1) / kPanel;
   const float* xp = x.typed_data();
   const float* wp = panels.typed_data();
   float* yp = y->typed_data();

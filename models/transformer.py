@@ -8,8 +8,7 @@ embeddings and output projection tied to the target embedding.
 
 The layers (attention, FFN, encoder and decoder layers) are in `models/transformer_layers.py`; here
 they become the model: embeddings, the decoder with its KV cache (`encode`, `init_decode_state`,
-`decode_step`), the output projection, and the copies of some kernels that decoding reads
-(`with_decoding_kernels`).
+`decode_step`), the output projection, and the kernels laid out as decoding reads them (`with_decoding_kernels`).
 
 Decoding speed (see benchmarks/decode.py): the self-attention cache is beam-shared, written in place
 and laid out head-major, and the encoder keys/values are read head-major too: `models/kv_cache.py`.
@@ -53,43 +52,37 @@ def sinusoidal_positions(max_len: int, d_model: int, layout: str = "interleaved"
     return table.astype(np.float32)
 
 
-# params key of a tied output projection's table transposed for decoding, [d_model, vocab]
+# params key of a tied output projection's table packed for decoding: `[d_model, vocab]` in panels
 TIED_OUTPUT_KERNEL = "tied_output_kernel"
-
-
-def with_output_kernel(params: dict, dtype: Any = jnp.float32) -> dict:
-    """`params` of a Transformer with a tied output projection plus `TIED_OUTPUT_KERNEL`: the target
-    embedding table transposed, `[d_model, vocab]` in the computation `dtype`, a copy made once.
-
-    Decoding steps multiply their rows by it instead of by the table (which lookups still use): on
-    XLA:CPU a `[N, d_model] x [d_model, vocab]` product reads the weights faster than the table as
-    it lies, `[vocab, d_model]`, contracted on its minor dimension (1.15x a beam 4, batch 1 decode
-    of the decode benchmark's model; docs/benchmarks_decoding.md, "Batch 1"). The price is
-    the copy: vocab x d_model more floats while decoding (8 MB at 8k x 256, 119 MB at 58k x 512).
-    """
-    return {**params, TIED_OUTPUT_KERNEL: _transposed(params["tgt_embed"]["embedding"], dtype)}
+# the params whose dense layers multiply through `packed.dot_general` (names or name prefixes)
+PACKED_LAYERS = ("encoder_layers_", "decoder_layers_", "output")
 
 
 def with_decoding_kernels(model: "TransformerDecoder", params: dict) -> dict:
-    """`model`'s `params` plus what decoding reads fastest: a tied table transposed
-    (`with_output_kernel`; not beside int8 params' own int8 table) and, for a float32 model on the
-    CPU, every dense kernel and that table packed in column panels (`packed.pack_params`: the
-    encoder's too, which a batch-1 source of up to `packed.MAX_ROWS` tokens multiplies by). Copies
-    already there are not made again."""
-    if model.tie_output and TIED_OUTPUT_KERNEL not in params and int8.TIED_OUTPUT not in params:
-        params = with_output_kernel(params, model.dtype)
+    """`model`'s `params` as decoding steps read them fastest, one float32 copy of each weight: for
+    a float32 model on the CPU, every dense kernel of its layers packed in column panels
+    (`packed.pack_params`; the encoder's too) and a tied output projection's table packed as
+    `[d_model, vocab]` under `TIED_OUTPUT_KERNEL` in place of `tgt_embed`: the output product
+    multiplies by it and the embedding lookups read its columns (`packed.columns`). Other dtypes
+    and platforms, and int8 params (`int8.TIED_OUTPUT`), come back as they are (a tied projection
+    then multiplies by the table as it lies); so do params already prepared."""
     if jnp.dtype(model.dtype) != jnp.float32 or packed.available() is not True:
         return params
-    params = packed.pack_params(params)
-    table = params.get(TIED_OUTPUT_KERNEL)
-    if table is not None and not isinstance(table, packed.PackedKernel):
-        params = {**params, TIED_OUTPUT_KERNEL: packed.pack(table)}
+    if int8.TIED_OUTPUT in params:
+        return params
+    layers = packed.pack_params({k: v for k, v in params.items() if k.startswith(PACKED_LAYERS)})
+    params = {**params, **layers}
+    if model.tie_output and "tgt_embed" in params:
+        table = params["tgt_embed"]["embedding"]
+        params = {k: v for k, v in params.items() if k != "tgt_embed"}
+        params[TIED_OUTPUT_KERNEL] = packed.PackedKernel(_packed_transpose(table))
     return params
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _transposed(table: jax.Array, dtype: Any) -> jax.Array:
-    return jnp.asarray(table, dtype).T
+@jax.jit
+def _packed_transpose(table: jax.Array) -> jax.Array:
+    """`table [vocab, d_model]` transposed and packed: `PackedKernel.panels` of `[d_model, vocab]`."""
+    return packed.pack(table.T).panels
 
 
 class TransformerDecoder(nn.Module):
@@ -189,10 +182,19 @@ class TransformerDecoder(nn.Module):
                 "model's max_positions"
             )
 
+    def _packed_table(self) -> packed.PackedKernel | None:
+        """A tied table packed for decoding (`with_decoding_kernels`), or None."""
+        if self.tie_output and self.has_variable("params", TIED_OUTPUT_KERNEL):
+            table = self.get_variable("params", TIED_OUTPUT_KERNEL)
+            return table if isinstance(table, packed.PackedKernel) else None
+        return None
+
     def _embed(self, embed: nn.Embed, tokens: jax.Array, positions: jax.Array, train: bool):
         """`[..., d_model]` = sqrt(d_model) * E[tokens] + PE[positions] (E[tokens] unscaled without
-        `scale_embeddings`), then dropout."""
-        x = embed(tokens)
+        `scale_embeddings`), then dropout. With a tied table packed for decoding, the target
+        table's rows are that kernel's columns (`packed.columns`)."""
+        table = self._packed_table() if embed is self.tgt_embed else None
+        x = embed(tokens) if table is None else packed.columns(table, tokens)
         if self.scale_embeddings:
             x = x * math.sqrt(self.d_model)
         x = x + jnp.asarray(self.positions)[positions]
@@ -209,21 +211,15 @@ class TransformerDecoder(nn.Module):
             logits = self.output(rows)
         elif decoding and self.has_variable("params", int8.TIED_OUTPUT):
             logits = int8.int8_logits(rows, self.get_variable("params", int8.TIED_OUTPUT))
-        elif decoding and self.has_variable("params", TIED_OUTPUT_KERNEL):
-            kernel = self.get_variable("params", TIED_OUTPUT_KERNEL)
-            logits = packed.dot_general(
-                rows.astype(self.dtype),
-                kernel,
-                (((1,), (0,)), ((), ())),
-                preferred_element_type=jnp.float32,
-            )
+        elif (table := self._packed_table()) is not None:
+            logits = packed.matmul(rows.astype(jnp.float32), table)
         elif decoding:
-            # Without `with_output_kernel`'s copy: rows [N, d_model] times the table [vocab,
-            # d_model] transposed. Written as rows . table^T, XLA either re-packs the table at every
-            # step or (behind a barrier) copies it transposed once per decode: 119 MB for opus-mt's
-            # 58k x 512, ~25% of a batch-1 decode there. With the table as the left operand,
-            # contracted on its minor dimension as it lies in memory, neither copy is made; only the
-            # small [vocab, rows] result is transposed.
+            # Rows [N, d_model] times the table [vocab, d_model] transposed. Written as
+            # rows . table^T, XLA either re-packs the table at every step or (behind a barrier)
+            # copies it transposed once per decode: 119 MB for opus-mt's 58k x 512, ~25% of a
+            # batch-1 decode there. With the table as the left operand, contracted on its minor
+            # dimension as it lies in memory, neither copy is made; only the small [vocab, rows]
+            # result is transposed.
             table = jnp.asarray(self.tgt_embed.embedding, self.dtype)
             logits = jax.lax.dot_general(
                 table,
