@@ -33,6 +33,9 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kPanel = 64;  // columns per panel
+// Rows per pass over a panel: 6 x 64 sums are 24 of AVX-512's 32 vector registers (1.1-1.5x four
+// rows from 8 rows up, docs/benchmarks_decoding.md, "One copy of each weight").
+constexpr int kBlock = 6;
 typedef float V16 __attribute__((vector_size(64), aligned(4)));  // 16 floats, unaligned loads
 
 inline V16 Load(const float* p) {
@@ -92,15 +95,17 @@ void Panel(const float* x, int64_t M, int64_t K, const float* panels, int64_t p,
       std::memcpy(padded.get() + k * kPanel, panel + k * width, width * sizeof(float));
     panel = padded.get();
   }
-  float tile[4 * kPanel];
-  for (int64_t r0 = 0; r0 < M; r0 += 4) {
-    const int64_t rows = std::min<int64_t>(4, M - r0);
+  float tile[kBlock * kPanel];
+  for (int64_t r0 = 0; r0 < M; r0 += kBlock) {
+    const int64_t rows = std::min<int64_t>(kBlock, M - r0);
     const float* xr = x + r0 * K;
     switch (rows) {
       case 1: PanelOneRow(xr, K, panel, tile); break;
       case 2: PanelRows<2>(xr, K, panel, tile); break;
       case 3: PanelRows<3>(xr, K, panel, tile); break;
-      default: PanelRows<4>(xr, K, panel, tile); break;
+      case 4: PanelRows<4>(xr, K, panel, tile); break;
+      case 5: PanelRows<5>(xr, K, panel, tile); break;
+      default: PanelRows<kBlock>(xr, K, panel, tile); break;
     }
     for (int64_t r = 0; r < rows; ++r)
       std::memcpy(y + (r0 + r) * N + col, tile + r * kPanel, width * sizeof(float));
