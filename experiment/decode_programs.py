@@ -26,11 +26,18 @@ def decoding_params(model, params):
     """`params` as decoding reads them fastest, one copy of each weight: a float32 Transformer (or
     captioner) on the CPU gets its dense kernels and its tied table laid out in column panels in
     place of the kernels as they lie (`transformer.with_decoding_kernels`, `models.packed`), and
-    on the CPU every array moves onto 2 MB pages (`host_memory.on_huge_pages`). Decode and score
-    (`score_fn` runs the decoding step) with these; train and save the params themselves."""
-    if isinstance(model, transformer.TransformerDecoder):
-        params = transformer.with_decoding_kernels(model, params)
-    return host_memory.on_huge_pages(params)
+    on the CPU every array moves onto 2 MB pages (`host_memory.on_huge_pages`), the panels written
+    there directly. Memory the allocator kept after frees goes back to the system first
+    (`host_memory.return_freed_memory`). Decode and score (`score_fn` runs the decoding step) with
+    these; train and save the params themselves."""
+    host_memory.return_freed_memory()
+    if not isinstance(model, transformer.TransformerDecoder):
+        return host_memory.on_huge_pages(params)
+    # Room for every weight as float32 (what is packed is): the panels are written straight onto
+    # the pages, one array at a time, so the process never holds a packed copy beside its place.
+    pages = host_memory.HugePages.fitting(jax.tree.leaves(params), jnp.float32)
+    prepared = transformer.with_decoding_kernels(model, params, pages.empty if pages else np.empty)
+    return host_memory.on_huge_pages(prepared, pages)
 
 
 def step_function(model, params, src: jax.Array, max_decode_len: int, alignment_layer=None):

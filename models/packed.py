@@ -72,23 +72,25 @@ class PackedKernel:
         return self.panels.shape
 
 
-def pack(kernel: jax.Array, contracting: int = 1) -> PackedKernel:
-    """`kernel [K..., F...]` as float32 panels (`PackedKernel`); a new array, the kernel is not kept."""
-    return PackedKernel(_panels(jnp.asarray(kernel), contracting), contracting)
+def pack(kernel: jax.Array, contracting: int = 1, empty=np.empty) -> PackedKernel:
+    """`kernel [K..., F...]` (any layout numpy can view, e.g. a table transposed) as float32 panels
+    (`PackedKernel`), written on the host into `empty(shape, float32)` (np.empty's signature;
+    `host_memory.HugePages.empty` puts them on 2 MB pages, where `jax.device_put` aliases them):
+    no other copy is made."""
+    host = np.asarray(kernel)
+    k, n, full = _sizes(host.shape, contracting)
+    matrix, out = host.reshape(k, n), empty(host.shape, np.float32)
+    flat = out.reshape(-1)
+    head = matrix[:, :full].reshape(k, full // PANEL, PANEL).transpose(1, 0, 2)
+    flat[: k * full].reshape(head.shape)[...] = head
+    flat[k * full :].reshape(k, n - full)[...] = matrix[:, full:]
+    return PackedKernel(jax.device_put(out), contracting)
 
 
 def _sizes(shape: tuple, contracting: int) -> tuple[int, int, int]:
     """(K, N, the columns in full panels) of a kernel `shape` contracted on `contracting` axes."""
     k, n = math.prod(shape[:contracting]), math.prod(shape[contracting:])
     return k, n, n - n % PANEL
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _panels(kernel: jax.Array, contracting: int) -> jax.Array:
-    k, n, full = _sizes(kernel.shape, contracting)
-    matrix = kernel.reshape(k, n).astype(jnp.float32)
-    head = matrix[:, :full].reshape(k, full // PANEL, PANEL).transpose(1, 0, 2)
-    return jnp.concatenate([head.reshape(-1), matrix[:, full:].reshape(-1)]).reshape(kernel.shape)
 
 
 def unpack(weights: PackedKernel) -> jax.Array:
@@ -123,9 +125,10 @@ def columns(weights: PackedKernel, ids: jax.Array) -> jax.Array:
     return weights.panels.reshape(-1)[offsets]
 
 
-def pack_params(params: dict) -> dict:
-    """`params` with every float dense kernel (a `kernel` beside a `bias`) as a `PackedKernel`;
-    other leaves unchanged. Nothing is packed when `available()` is not true."""
+def pack_params(params: dict, empty=np.empty) -> dict:
+    """`params` with every float dense kernel (a `kernel` beside a `bias`) as a `PackedKernel`
+    (written into `empty`'s arrays, see `pack`); other leaves unchanged. Nothing is packed when
+    `available()` is not true."""
     if available() is not True:
         return params
 
@@ -139,7 +142,7 @@ def pack_params(params: dict) -> dict:
             and isinstance(kernel, jax.Array | np.ndarray)
             and jnp.issubdtype(kernel.dtype, jnp.floating)
         ):
-            out["kernel"] = pack(kernel, contracting=kernel.ndim - bias.ndim)
+            out["kernel"] = pack(kernel, kernel.ndim - bias.ndim, empty)
         return out
 
     return walk(dict(params))

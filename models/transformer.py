@@ -58,31 +58,26 @@ TIED_OUTPUT_KERNEL = "tied_output_kernel"
 PACKED_LAYERS = ("encoder_layers_", "decoder_layers_", "output")
 
 
-def with_decoding_kernels(model: "TransformerDecoder", params: dict) -> dict:
+def with_decoding_kernels(model: "TransformerDecoder", params: dict, empty=np.empty) -> dict:
     """`model`'s `params` as decoding steps read them fastest, one float32 copy of each weight: for
     a float32 model on the CPU, every dense kernel of its layers packed in column panels
     (`packed.pack_params`; the encoder's too) and a tied output projection's table packed as
     `[d_model, vocab]` under `TIED_OUTPUT_KERNEL` in place of `tgt_embed`: the output product
-    multiplies by it and the embedding lookups read its columns (`packed.columns`). Other dtypes
-    and platforms, and int8 params (`int8.TIED_OUTPUT`), come back as they are (a tied projection
-    then multiplies by the table as it lies); so do params already prepared."""
+    multiplies by it and the embedding lookups read its columns (`packed.columns`). The panels
+    are written into `empty`'s arrays (`packed.pack`). Other dtypes and platforms, and int8 params
+    (`int8.TIED_OUTPUT`), come back as they are (a tied projection then multiplies by the table as
+    it lies); so do params already prepared."""
     if jnp.dtype(model.dtype) != jnp.float32 or packed.available() is not True:
         return params
     if int8.TIED_OUTPUT in params:
         return params
-    layers = packed.pack_params({k: v for k, v in params.items() if k.startswith(PACKED_LAYERS)})
-    params = {**params, **layers}
+    layers = {k: v for k, v in params.items() if k.startswith(PACKED_LAYERS)}
+    params = {**params, **packed.pack_params(layers, empty)}
     if model.tie_output and "tgt_embed" in params:
-        table = params["tgt_embed"]["embedding"]
+        table = np.asarray(params["tgt_embed"]["embedding"])
         params = {k: v for k, v in params.items() if k != "tgt_embed"}
-        params[TIED_OUTPUT_KERNEL] = packed.PackedKernel(_packed_transpose(table))
+        params[TIED_OUTPUT_KERNEL] = packed.pack(table.T, empty=empty)
     return params
-
-
-@jax.jit
-def _packed_transpose(table: jax.Array) -> jax.Array:
-    """`table [vocab, d_model]` transposed and packed: `PackedKernel.panels` of `[d_model, vocab]`."""
-    return packed.pack(table.T).panels
 
 
 class TransformerDecoder(nn.Module):

@@ -1,6 +1,7 @@
 """experiment/host_memory.py: decoding weights moved onto 2 MB pages, values and shardings kept."""
 
 import gc
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -75,3 +76,54 @@ def test_without_huge_pages_nothing_moves(monkeypatch):
     tree = {"w": jnp.ones((64, 64))}
     monkeypatch.setattr(host_memory, "huge_pages_available", lambda: False)
     assert host_memory.on_huge_pages(tree) is tree
+
+
+@needs_huge_pages
+def test_huge_pages_give_room_front_to_back_and_refuse_what_does_not_fit():
+    """`HugePages.fitting` makes room for arrays as wide as asked (an int8 array as float32), `empty`
+    hands out page-aligned numpy arrays on it that `jax.device_put` aliases, `put` copies into it;
+    past the room a one-line ValueError."""
+    small = jnp.arange(1000, dtype=jnp.int8)
+    pages = host_memory.HugePages.fitting([small, np.ones(3)], jnp.float32)  # numpy: no room
+    out = pages.empty((1000,), np.float32)
+    out[...] = np.arange(1000)
+    placed = jax.device_put(out)
+    assert placed.unsafe_buffer_pointer() == out.ctypes.data and pages.holds(placed)
+    assert placed.unsafe_buffer_pointer() % host_memory.HUGE_PAGE == 0
+    assert "hg" in mapping_flags(out.ctypes.data)
+    assert not pages.holds(small) and not pages.holds(jnp.ones(3))
+    with pytest.raises(ValueError, match="1000 bytes do not fit the 0 left on these pages"):
+        pages.put(small)
+    assert host_memory.HugePages.fitting([np.ones(3)]) is None  # nothing on a CPU device
+
+
+@needs_huge_pages
+def test_arrays_already_on_the_given_pages_stay_and_the_rest_join_them():
+    tree = {"a": jnp.ones((64, 64)), "b": jnp.arange(7)}
+    pages = host_memory.HugePages.fitting(jax.tree.leaves(tree))
+    placed = pages.put(tree["a"])
+    moved = host_memory.on_huge_pages({**tree, "a": placed}, pages)
+    assert moved["a"] is placed and pages.holds(moved["b"])
+    np.testing.assert_array_equal(moved["b"], tree["b"])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_freed_memory_that_the_allocator_kept_is_given_back():
+    """Arrays of 1 MB freed between blocks still in use stay in the process (glibc keeps them
+    once its mmap threshold has risen past their size) until `return_freed_memory`."""
+    np.ones(4 << 20, np.float32)  # a freed 16 MB block raises glibc's mmap threshold to 16 MB
+    kept, freed = [], []
+    for _ in range(64):
+        freed.append(np.ones(1 << 18, np.float32))  # 1 MB, on the heap now
+        kept.append(np.ones(1 << 12, np.float32))  # 16 KB between them, still in use
+    del freed
+    gc.collect()
+    before = resident_mib()
+    host_memory.return_freed_memory()
+    assert resident_mib() < before - 32, "the 64 MB freed stayed in the process"
+    assert len(kept) == 64
+
+
+def resident_mib() -> float:
+    line = next(line for line in open("/proc/self/status") if line.startswith("VmRSS"))
+    return int(line.split()[1]) / 1024

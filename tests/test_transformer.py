@@ -11,9 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import SRC, SRC_MASK, TGT_IN, TINY_TRANSFORMER, overfit
+from test_host_memory import mapping_flags
 
 import decoding
-from experiment import decode_programs
+from experiment import decode_programs, host_memory
 from models import int8, packed
 from models.transformer import TIED_OUTPUT_KERNEL, Transformer, sinusoidal_positions
 
@@ -238,6 +239,20 @@ def test_decoding_params_hold_one_float32_copy_of_each_weight():
     untied = Transformer(11, 13, **TINY, tie_output=False)
     params = jax.jit(untied.init)(jax.random.key(0), SRC, TGT_IN)["params"]
     assert nbytes(decode_programs.decoding_params(untied, params)) == nbytes(params)
+
+
+@pytest.mark.skipif(not host_memory.huge_pages_available(), reason="needs transparent huge pages")
+def test_decoding_params_are_written_straight_onto_one_mapping_of_2mb_pages():
+    """The panels are written onto the pages where they stay (aliased, not copied there), beside
+    the other arrays: one mapping, asking for 2 MB pages, no larger than the params in float32."""
+    model, variables, _ = tiny()
+    prepared = decode_programs.decoding_params(model, variables["params"])
+    arrays = sorted(jax.tree.leaves(prepared), key=lambda x: x.unsafe_buffer_pointer())
+    first, last = arrays[0].unsafe_buffer_pointer(), arrays[-1].unsafe_buffer_pointer()
+    room = sum(-(-x.nbytes // 4096) * 4096 for x in jax.tree.leaves(variables["params"]))
+    assert first % host_memory.HUGE_PAGE == 0 and last + arrays[-1].nbytes - first <= room
+    panels = prepared[TIED_OUTPUT_KERNEL].panels
+    assert "hg" in mapping_flags(panels.unsafe_buffer_pointer())
 
 
 def test_a_captioner_packs_its_decoder_and_leaves_its_image_encoder_as_it_is():
