@@ -33,8 +33,9 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kPanel = 64;  // columns per panel
-// Rows per pass over a panel: 6 x 64 sums are 24 of AVX-512's 32 vector registers (1.1-1.5x four
-// rows from 8 rows up, docs/benchmarks_decoding.md, "One copy of each weight").
+// Rows per pass over a panel: 6 x 64 sums are 24 of AVX-512's 32 vector registers (1.0-1.3x four
+// rows from 8 rows up; from 128 rows level with XLA's GEMM or ahead: docs/benchmarks_decoding.md,
+// "One copy of each weight").
 constexpr int kBlock = 6;
 typedef float V16 __attribute__((vector_size(64), aligned(4)));  // 16 floats, unaligned loads
 
